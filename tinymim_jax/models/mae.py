@@ -1,0 +1,74 @@
+"""MAE (He et al. 2022) in Flax NNX: a ViT encoder on the visible 25% of patches plus a light decoder.
+
+Used for the scratch-MIM baseline and to pretrain teachers. Parameter names mirror facebookresearch/mae
+(`encoder` holds the ViT; decoder_* / mask_token sit beside it) so the converter maps them one to one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tinymim_jax.models import vit as vit_lib
+
+
+def random_masking(rng, batch: int, length: int, mask_ratio: float):
+  """MAE's per-sample shuffle: argsort of uniform noise, keep the first int(L * (1 - ratio)).
+
+  Returns ids_keep (B, L_keep), mask (B, L) with 1 = removed, ids_restore (B, L).
+  """
+  len_keep = int(length * (1 - mask_ratio))
+  if len_keep < 1:
+    raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {length}")
+  noise = jax.random.uniform(rng, (batch, length))
+  ids_shuffle = jnp.argsort(noise, axis=1)
+  ids_restore = jnp.argsort(ids_shuffle, axis=1)
+  ids_keep = ids_shuffle[:, :len_keep]
+  mask = jnp.take_along_axis((jnp.arange(length) >= len_keep).astype(jnp.float32)[None].repeat(batch, 0),
+                             ids_restore, axis=1)
+  return ids_keep, mask, ids_restore
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  embed_dim: int = 512
+  depth: int = 8
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+
+
+class MAE(nnx.Module):
+
+  def __init__(self, encoder: vit_lib.ViTConfig, decoder: DecoderConfig, *, rngs: nnx.Rngs):
+    if encoder.pooling != "cls" or encoder.num_classes:
+      raise ValueError("the MAE encoder uses the pretraining layout: pooling='cls', num_classes=0")
+    self.config = (encoder, decoder)
+    self.encoder = vit_lib.ViT(encoder, rngs=rngs)
+    d, p, dt = decoder.embed_dim, encoder.patch_size, encoder.dtype
+    self.decoder_embed = nnx.Linear(encoder.embed_dim, d, dtype=dt, kernel_init=vit_lib.xavier_uniform,
+                                    rngs=rngs)
+    self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d)))
+    self.decoder_pos_embed = vit_lib.Constant(jnp.asarray(vit_lib.sincos_pos_embed(d, self.encoder.grid)))
+    self.decoder_blocks = nnx.List([vit_lib.Block(d, decoder.num_heads, decoder.mlp_ratio, 0.0, dtype=dt,
+                                                  rngs=rngs) for _ in range(decoder.depth)])
+    self.decoder_norm = vit_lib.layer_norm(d, dt, rngs)
+    self.decoder_pred = nnx.Linear(d, p * p * 3, dtype=dt, kernel_init=vit_lib.xavier_uniform, rngs=rngs)
+
+  def __call__(self, images, *, rng, mask_ratio: float = 0.75):
+    """Returns {'pred': (B, L, p*p*3) float32, 'mask': (B, L) 1 = masked, 'latent': (B, 1+L_keep, D)}."""
+    mask_rng, dp_rng = jax.random.split(rng)
+    b, length = images.shape[0], self.encoder.grid ** 2
+    ids_keep, mask, ids_restore = random_masking(mask_rng, b, length, mask_ratio)
+    has_dp = any(blk.drop_path for blk in self.encoder.blocks)
+    latent = self.encoder(images, keep_ids=ids_keep, rng=dp_rng if has_dp else None)["tokens"]
+    x = self.decoder_embed(latent)
+    masks = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, length + 1 - x.shape[1], x.shape[2]))
+    x_ = jnp.take_along_axis(jnp.concatenate([x[:, 1:], masks], axis=1), ids_restore[..., None], axis=1)
+    x = jnp.concatenate([x[:, :1], x_], axis=1) + self.decoder_pos_embed[...].astype(x.dtype)
+    for blk in self.decoder_blocks:
+      x, _ = blk(x)
+    pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
+    return {"pred": pred.astype(jnp.float32), "mask": mask, "latent": latent}

@@ -1,0 +1,298 @@
+"""ViT in Flax NNX, numerically equivalent to MAE's / timm's VisionTransformer.
+
+One model serves as MAE encoder, TinyMIM teacher, TinyMIM student and fine-tuned classifier. The forward
+returns a dict of named intermediates so that a loss can read the q/k/v of any block without hooks:
+
+  out = model(images)                       # images: (B, H, W, 3) float, NHWC
+  out['tokens']   (B, N, D)  final tokens (timm forward_features: after `norm`; raw for the 'avg' layout)
+  out['cls']      (B, D)     CLS token of out['tokens']
+  out['pooled']   (B, D)     pre-logits feature (timm forward_head(pre_logits=True))
+  out['logits']   (B, C)     only when num_classes > 0
+  out['blocks'][i] = {'hidden': (B, N, D) output of block i, 'q'|'k'|'v': (B, H_i, N, dh_i)}
+                              for each 1-based i in `capture`
+
+`depth=k` runs only blocks 1..k (a teacher never computes past its target block); then 'tokens' is the
+raw output of block k and no norm/pooling/head is computed. `qkv_only=True` additionally stops block k right
+after its qkv projection: the relation targets need nothing else of it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+
+class Constant(nnx.Variable):
+  """An array that is part of the model state but is never trained (e.g. the fixed sin-cos table)."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Positional table.
+# --------------------------------------------------------------------------------------------------------
+def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> np.ndarray:
+  """MAE's fixed 2-D sin-cos table, (1 [+1], grid*grid, dim) float32; CLS row all zeros.
+
+  First dim/2 channels encode the column (x) index, the last dim/2 the row (y) index; each half is
+  [sin | cos] over dim/4 frequencies 10000 ** (-k / (dim/4)). Computed in float64, stored as float32.
+  """
+  if dim % 4:
+    raise ValueError(f"sin-cos positional table needs embed_dim divisible by 4, got {dim}")
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
+  ys, xs = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+
+  def half(pos):
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  table = np.concatenate([half(xs), half(ys)], axis=1)
+  if cls_token:
+    table = np.concatenate([np.zeros((1, dim)), table], axis=0)
+  return table[None].astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Initialisers (MAE style).
+# --------------------------------------------------------------------------------------------------------
+xavier_uniform = jax.nn.initializers.xavier_uniform()
+
+
+def patch_kernel_init(key, shape, dtype=jnp.float32):
+  """xavier_uniform on the (D, 3*p*p) view of the conv weight, as MAE does, laid out (p, p, 3, D)."""
+  p1, p2, c, d = shape
+  return xavier_uniform(key, (p1 * p2 * c, d), dtype).reshape(shape)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Layers.
+# --------------------------------------------------------------------------------------------------------
+def drop_path(x, rate: float, rng):
+  """Stochastic depth per sample (timm DropPath); identity when rate == 0 or rng is None."""
+  if rate == 0.0 or rng is None:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+    if dim % num_heads:
+      raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
+    self.num_heads = num_heads
+    self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+
+  def split_qkv(self, x):
+    """x (B, N, D) -> q, k, v each (B, H, N, dh): qkv outputs are [q | k | v], head h owns [h*dh, (h+1)*dh)."""
+    b, n, d = x.shape
+    qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+    q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+    return q, k, v
+
+  def attend(self, q, k, v):
+    b, h, n, dh = q.shape
+    logits = jnp.einsum("bhnd,bhmd->bhnm", q, k) * dh**-0.5
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(v.dtype)  # softmax in float32
+    out = jnp.einsum("bhnm,bhmd->bnhd", probs, v).reshape(b, n, h * dh)
+    return self.proj(out)
+
+
+class Mlp(nnx.Module):
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+
+  def __call__(self, x):
+    return self.fc2(jax.nn.gelu(self.fc1(x), approximate=False))  # exact erf GELU, as torch's default
+
+
+def layer_norm(dim, dtype, rngs):
+  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+
+
+class Block(nnx.Module):
+  """Pre-norm transformer block: x + DropPath(Attn(LN1(x))), then x + DropPath(MLP(LN2(x)))."""
+
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs):
+    self.drop_path = drop_path
+    self.norm1 = layer_norm(dim, dtype, rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.norm2 = layer_norm(dim, dtype, rngs)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+
+  def __call__(self, x, *, rng=None, qkv_only: bool = False):
+    """Returns (x_out, (q, k, v)); with qkv_only, x_out is None and nothing past the qkv Linear runs."""
+    q, k, v = self.attn.split_qkv(self.norm1(x))
+    if qkv_only:
+      return None, (q, k, v)
+    r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
+    x = x + drop_path(self.attn.attend(q, k, v), self.drop_path, r1)
+    x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, r2)
+    return x, (q, k, v)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The model.
+# --------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+  img_size: int = 224
+  patch_size: int = 16
+  embed_dim: int = 768
+  depth: int = 12
+  num_heads: int = 12
+  mlp_ratio: float = 4.0
+  # Drop path: a constant rate for every block, or a linear ramp 0 -> rate over depth (timm's default).
+  drop_path: float = 0.0
+  drop_path_mode: str = "linear"  # 'linear' | 'constant'
+  # Per-block overrides, 1-based block index -> value (e.g. a relation block with another head count,
+  # or a relation block without drop path).
+  head_overrides: Mapping[int, int] = dataclasses.field(default_factory=dict)
+  drop_path_overrides: Mapping[int, float] = dataclasses.field(default_factory=dict)
+  # 'cls': final `norm`, pooled = CLS (MAE pretrain / TinyMIM layout). 'avg': no `norm`, pooled = mean of
+  # patch tokens -> `fc_norm` (MAE fine-tuning / timm global_pool='avg' layout).
+  pooling: str = "cls"
+  num_classes: int = 0
+  # 'sincos': fixed table (a Constant, never trained). 'learn': a Param initialised to the same table.
+  pos_embed: str = "sincos"
+  dtype: Any = jnp.float32  # compute dtype; parameters are always float32
+
+  def block_heads(self, i: int) -> int:
+    return int(self.head_overrides.get(i, self.num_heads))
+
+  def block_drop_path(self, i: int) -> float:
+    if i in self.drop_path_overrides:
+      return float(self.drop_path_overrides[i])
+    if self.drop_path_mode == "constant":
+      return float(self.drop_path)
+    if self.drop_path_mode == "linear":
+      return float(self.drop_path * (i - 1) / max(self.depth - 1, 1))
+    raise ValueError(f"drop_path_mode must be 'linear' or 'constant', got {self.drop_path_mode!r}")
+
+
+class ViT(nnx.Module):
+
+  def __init__(self, config: ViTConfig, *, rngs: nnx.Rngs):
+    c = self.config = config
+    if c.img_size % c.patch_size:
+      raise ValueError(f"img_size {c.img_size} is not a multiple of patch_size {c.patch_size}")
+    if c.pooling not in ("cls", "avg"):
+      raise ValueError(f"pooling must be 'cls' or 'avg', got {c.pooling!r}")
+    for i in list(c.head_overrides) + list(c.drop_path_overrides):
+      if not 1 <= i <= c.depth:
+        raise ValueError(f"per-block override names block {i}, but the model has blocks 1..{c.depth}")
+    d, p = c.embed_dim, c.patch_size
+    self.grid = c.img_size // p
+    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=c.dtype,
+                                kernel_init=patch_kernel_init, rngs=rngs)
+    self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d)))
+    table = jnp.asarray(sincos_pos_embed(d, self.grid))
+    if c.pos_embed == "sincos":
+      self.pos_embed = Constant(table)
+    elif c.pos_embed == "learn":
+      self.pos_embed = nnx.Param(table)
+    else:
+      raise ValueError(f"pos_embed must be 'sincos' or 'learn', got {c.pos_embed!r}")
+    self.blocks = nnx.List([
+        Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs)
+        for i in range(1, c.depth + 1)])
+    if c.pooling == "cls":
+      self.norm = layer_norm(d, c.dtype, rngs)
+    else:
+      self.fc_norm = layer_norm(d, c.dtype, rngs)
+    if c.num_classes:
+      head_init = jax.nn.initializers.truncated_normal(2e-5)  # MAE fine-tuning: trunc_normal(std=2e-5)
+      self.head = nnx.Linear(d, c.num_classes, dtype=c.dtype, kernel_init=head_init, rngs=rngs)
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    return 1
+
+  def embed(self, images, keep_ids=None):
+    """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then CLS in front."""
+    c = self.config
+    if images.ndim != 4 or images.shape[1:] != (c.img_size, c.img_size, 3):
+      raise ValueError(f"expected NHWC images (B, {c.img_size}, {c.img_size}, 3), got {images.shape}")
+    pos = self.pos_embed[...]
+    x = self.patch_embed(images.astype(c.dtype))
+    x = x.reshape(x.shape[0], -1, x.shape[-1]) + pos[:, 1:].astype(c.dtype)
+    if keep_ids is not None:
+      x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
+    cls = (self.cls_token[...] + pos[:, :1]).astype(c.dtype)
+    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+
+  def __call__(self, images, *, rng=None, depth: int | None = None, capture: Sequence[int] = (),
+               qkv_only: bool = False, keep_ids=None) -> dict[str, Any]:
+    """See the module docstring. `rng` enables drop path (training); None means eval mode."""
+    c = self.config
+    depth = c.depth if depth is None else int(depth)
+    if not 1 <= depth <= c.depth:
+      raise ValueError(f"depth must be in 1..{c.depth}, got {depth}")
+    capture = sorted(set(int(i) for i in capture) | ({depth} if qkv_only else set()))
+    if capture and not (1 <= capture[0] and capture[-1] <= depth):
+      raise ValueError(f"capture={capture} must name blocks in 1..{depth}")
+    x = self.embed(images, keep_ids)
+    out: dict[str, Any] = {"blocks": {}}
+    rngs = jax.random.split(rng, depth) if rng is not None else [None] * depth
+    for i in range(1, depth + 1):
+      last_qkv_only = qkv_only and i == depth
+      y, (q, k, v) = self.blocks[i - 1](x, rng=rngs[i - 1], qkv_only=last_qkv_only)
+      if i in capture:
+        out["blocks"][i] = {"q": q, "k": k, "v": v}
+        if y is not None:
+          out["blocks"][i]["hidden"] = y
+      if last_qkv_only:
+        return out
+      x = y
+    if depth < c.depth:
+      out["tokens"] = x
+      return out
+    if c.pooling == "cls":
+      x = self.norm(x)
+      pooled = x[:, 0]
+    else:
+      pooled = self.fc_norm(x[:, self.num_prefix_tokens:].mean(axis=1))
+    out.update(tokens=x, cls=x[:, 0], pooled=pooled)
+    if c.num_classes:
+      out["logits"] = self.head(pooled)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# Variants (MAE / timm sizes).
+# --------------------------------------------------------------------------------------------------------
+VARIANTS: dict[str, dict[str, Any]] = {
+    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+}
+
+
+def _int_keys(mapping) -> dict[int, Any]:
+  return {int(k): v for k, v in dict(mapping or {}).items()}
+
+
+def vit_config(name: str, **overrides) -> ViTConfig:
+  """The named variant's ViTConfig with any field overridden (unknown fields are an error)."""
+  if name not in VARIANTS:
+    raise ValueError(f"unknown model {name!r}; known: {', '.join(VARIANTS)}")
+  fields = {f.name for f in dataclasses.fields(ViTConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f"unknown model field(s) {unknown} for {name!r}; known: {sorted(fields)}")
+  kw = {**VARIANTS[name], **overrides}
+  kw["head_overrides"] = _int_keys(kw.get("head_overrides"))
+  kw["drop_path_overrides"] = _int_keys(kw.get("drop_path_overrides"))
+  if isinstance(kw.get("dtype"), str):
+    kw["dtype"] = jnp.dtype(kw["dtype"])
+  return ViTConfig(**kw)
