@@ -25,7 +25,8 @@ BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES = (("pos_embed|decoder_pos_embed|cls_token|mask_token", "replicate"), (".*", "fsdp"))
 
 # Variables that ask for a multi-process start. TPU pods are detected by jax itself (the worker env).
-_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
+_CLUSTER_ENV = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+                "TINYMIM_DISTRIBUTED")
 
 
 def initialize_distributed(force: bool | None = None) -> None:
@@ -33,6 +34,7 @@ def initialize_distributed(force: bool | None = None) -> None:
 
   Explicit: JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID (optionally JAX_LOCAL_DEVICE_IDS).
   SLURM (srun, one task per GPU), Open MPI and TPU pods are auto-detected by jax's cluster plugins.
+  TINYMIM_DISTRIBUTED=1 forces the call (e.g. on a TPU pod whose workers lack the variables above).
   Must run before anything touches a device. A single SLURM task (e.g. an interactive allocation) stays
   single-process.
   """

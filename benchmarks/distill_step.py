@@ -1,0 +1,363 @@
+"""Distillation step throughput: our jitted step vs the PyTorch reference step, interleaved A/B.
+
+Each implementation runs in its own fresh worker process (so each has its own peak RSS); the driver
+alternates rounds of steps between them (A B C A B C ..., order rotated every round) and reports medians.
+The same run measures each side's matmul peak (a 4096^3 matmul in float32, and in bfloat16 for a bf16
+variant) and derives the utilisation: analytic matmul FLOPs per step / step time / matmul peak. XLA's own
+count (`compiled.cost_analysis()['flops']`) is shown as a cross-check.
+
+  python benchmarks/distill_step.py                       # CPU: ViT-S from ViT-B, 224 px, batch 8 (~8 min)
+  python benchmarks/distill_step.py --profile             # + time of the pieces (teacher fwd, student fwd, ...)
+  # GPU (not run here): the paper's sizes, reference under fp16 autocast as the original code runs on CUDA
+  python benchmarks/distill_step.py --device gpu --size b_from_l --batch 128 --variants bfloat16
+  python benchmarks/distill_step.py --device gpu --size s_from_b --batch 256 --variants bfloat16,bfloat16/bfloat16
+
+Variants are `teacher_dtype[/student_dtype]` compute dtypes of our step (parameters stay float32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks import common  # noqa: E402
+
+HERE = os.path.abspath(__file__)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Our step (imported by scaling.py and compile_time.py too).
+# --------------------------------------------------------------------------------------------------------
+def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float32", student_dtype: str = "float32",
+          abstract: bool = False, mesh=None, seed: int = 0):
+  """-> dict(step=jitted step, state, batch, rng, pair, jit=...) for the named size.
+
+  The student / teacher / optimizer are built exactly as the trainer builds them (builders.make_model's
+  relation-block overrides, distill_frozen_patterns, make_optimizer with the recipe's AdamW, jit_step with
+  donation). abstract=True: every array is a ShapeDtypeStruct (with its sharding), nothing is allocated,
+  so the paper's sizes can be lowered and compiled anywhere.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from flax import nnx
+
+  from tinymim_jax import create_model, optim, sharding as sh, train_steps as ts
+
+  pair = common.SIZES[size]
+  spec = ts.DistillSpec(teacher_block=pair.teacher_block, student_block=pair.student_block)
+  t_heads = common.VIT[pair.teacher][2]
+
+  def make_student():
+    return create_model(pair.student, img_size=img, num_heads=pair.student_heads,
+                        head_overrides={pair.student_block: pair.relation_heads}, drop_path=0.1,
+                        drop_path_mode="constant", drop_path_overrides={pair.student_block: 0.0},
+                        dtype=student_dtype, seed=seed)
+
+  def make_teacher():
+    return create_model(pair.teacher, img_size=img, num_heads=t_heads, dtype=teacher_dtype, seed=seed + 1)
+
+  schedule = optim.lr_schedule(base_lr=1.5e-4, global_batch_size=4096, total_steps=312 * 300,
+                               warmup_steps=312 * 15)
+  if abstract:
+    student, teacher = nnx.eval_shape(make_student), nnx.eval_shape(make_teacher)
+  else:
+    student, teacher = make_student(), make_teacher()
+  _, params, _ = ts.split_model(student)
+  tx = optim.make_optimizer(params, schedule=schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+                            frozen=ts.distill_frozen_patterns(spec, params))
+  if abstract:
+    graphdef, tgraph = ts.split_model(student)[0], nnx.split(teacher)[0]
+    state = jax.eval_shape(lambda: ts.init_state(make_student(), tx, teacher=make_teacher())[2])
+  else:
+    graphdef, tgraph, state = ts.init_state(student, tx, teacher=teacher)
+  step = ts.make_distill_step(graphdef, tgraph, tx, schedule, spec)
+
+  mesh = mesh if mesh is not None else sh.make_mesh(fsdp=1, devices=jax.devices()[:1])
+  state_sharding = sh.tree_sharding(state, mesh)
+  shape = (batch, img, img, 3)
+  if abstract:
+    state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sharding)
+    bsh = sh.batch_sharding(mesh)
+    batch_arrays = {k: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh) for k in ("teacher", "student")}
+    rng = jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=sh.replicated(mesh))
+  else:
+    state = jax.device_put(state, state_sharding)
+    r = np.random.default_rng(seed)
+    batch_arrays = jax.device_put({k: r.standard_normal(shape, np.float32) for k in ("teacher", "student")},
+                                  sh.batch_sharding(mesh))
+    rng = jax.random.PRNGKey(seed)
+  return dict(step=ts.jit_step(step, state_sharding, mesh), raw_step=step, state=state, batch=batch_arrays,
+              rng=rng, pair=pair, spec=spec, graphdef=graphdef, tgraph=tgraph, mesh=mesh)
+
+
+def cost_flops(compiled) -> float | None:
+  ca = compiled.cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0] if ca else {}
+  return None if not ca else float(ca.get("flops", float("nan")))
+
+
+def memory_stats(compiled) -> dict:
+  m = compiled.memory_analysis()
+  if m is None:
+    return {}
+  d = {k: int(getattr(m, k + "_size_in_bytes")) for k in ("argument", "output", "alias", "temp")}
+  d["peak_estimate"] = d["argument"] + d["output"] - d["alias"] + d["temp"]
+  return d
+
+
+# --------------------------------------------------------------------------------------------------------
+# The JAX worker.
+# --------------------------------------------------------------------------------------------------------
+def jax_worker(args) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from tinymim_jax import losses, train_steps as ts
+
+  teacher_dtype, _, student_dtype = args.variant.partition("/")
+  t0 = time.perf_counter()
+  b = build(args.size, args.batch, img=args.img, teacher_dtype=teacher_dtype,
+            student_dtype=student_dtype or "float32")
+  build_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  lowered = b["step"].lower(b["state"], b["batch"], b["rng"])
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  compile_s = time.perf_counter() - t0
+  box = {"state": b["state"], "metrics": None}
+  dev = jax.devices()[0]
+
+  def one():
+    box["state"], box["metrics"] = compiled(box["state"], b["batch"], b["rng"])
+    jax.block_until_ready(box["metrics"])
+
+  def device_peak():
+    try:
+      return (dev.memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # CPU devices may not report
+      return None
+
+  def info():
+    return {"build_s": build_s, "lower_s": lower_s, "compile_s": compile_s, "xla_flops": cost_flops(compiled),
+            "memory": memory_stats(compiled), "device": f"{dev.platform}:{dev.device_kind}",
+            "xla_flags": os.environ.get("XLA_FLAGS", ""), "peak_rss": common.peak_rss_bytes()}
+
+  def steps(n: int):
+    times = common.timed(one, n)
+    return {"times": times, "peak_rss": common.peak_rss_bytes(), "peak_device_bytes": device_peak(),
+            "loss": float(box["metrics"]["loss"])}
+
+  def matmul(n: int = 4096, dtype: str = "float32", reps: int = 5):
+    dt = jnp.dtype(dtype)
+    x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
+    y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
+    f = jax.jit(jnp.matmul)
+    f(x, y).block_until_ready()
+    ts_ = common.timed(lambda: f(x, y).block_until_ready(), reps)
+    return {"gflops": 2.0 * n**3 / common.median(ts_) / 1e9}
+
+  # Pieces of the step, each its own jitted program over the same state.
+  spec, pair = b["spec"], b["pair"]
+
+  def teacher_fwd(state, batch):
+    teacher = nnx.merge(b["tgraph"], state["teacher"])
+    return teacher(batch["teacher"], depth=spec.teacher_block, capture=(spec.teacher_block,),
+                   qkv_only=True)["blocks"][spec.teacher_block]
+
+  def loss_fn(params, state, batch, rng):
+    t = jax.lax.stop_gradient(teacher_fwd(state, batch))
+    student = ts.merge_model(b["graphdef"], params, state["consts"])
+    s = student(batch["student"], rng=rng, depth=spec.student_block, capture=(spec.student_block,),
+                qkv_only=True)["blocks"][spec.student_block]
+    return losses.relation_loss(t, s)[0]
+
+  piece_fns = {
+      "teacher_fwd": jax.jit(teacher_fwd),
+      "student_fwd": jax.jit(lambda st, bt, r: loss_fn(st["params"], st, bt, r)),
+      "student_fwd_bwd": jax.jit(lambda st, bt, r: jax.value_and_grad(loss_fn)(st["params"], st, bt, r)),
+  }
+
+  def pieces(names, n: int):
+    res = {}
+    for name in names:
+      if name == "step":
+        fn = one
+      else:
+        f = piece_fns[name]
+        args_ = (box["state"], b["batch"]) + ((b["rng"],) if name != "teacher_fwd" else ())
+        fn = lambda: jax.block_until_ready(f(*args_))  # noqa: E731
+        fn()
+      res[name] = common.timed(fn, n)
+    return res
+
+  def profile(n: int = 1, trace_dir: str = ""):
+    """A jax.profiler trace of n steps (view it with TensorBoard / Perfetto)."""
+    one()
+    with jax.profiler.trace(trace_dir):
+      for _ in range(n):
+        one()
+    return {"trace_dir": trace_dir}
+
+  for _ in range(args.warmup):
+    one()
+  return {"info": info, "steps": steps, "matmul": matmul, "pieces": pieces, "profile": profile}
+
+
+def torch_worker_argv(args) -> list[str]:
+  dev = {"cpu": "cpu", "gpu": "cuda"}.get(args.device, args.device)
+  return [os.path.join(os.path.dirname(HERE), "torch_reference.py"), "--worker", "--size", args.size, "--batch",
+          str(args.batch), "--img", str(args.img), "--device", dev, "--amp", args.amp, "--threads",
+          str(args.torch_threads)]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Driver.
+# --------------------------------------------------------------------------------------------------------
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--size", default="s_from_b", choices=sorted(common.SIZES))
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--img", type=int, default=224)
+  p.add_argument("--device", default="cpu", help="cpu | gpu | tpu (JAX_PLATFORMS for ours; cuda for torch)")
+  p.add_argument("--variants", default=None,
+                 help="comma-separated teacher_dtype[/student_dtype] of our step (default: CPU "
+                      "'float32,bfloat16', accelerators 'bfloat16')")
+  p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (e.g. on TPU)")
+  p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="reference's fp16 autocast")
+  p.add_argument("--torch-threads", type=int, default=2)
+  p.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+  p.add_argument("--steps", type=int, default=3, help="steps per worker per round")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--matmul-rounds", type=int, default=2)
+  p.add_argument("--profile", action="store_true", help="also time the pieces of each step")
+  p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's table of one step")
+  p.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
+  p.add_argument("--title", default="Distillation step")
+  # Worker mode (internal).
+  p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  p.add_argument("--variant", default="float32", help=argparse.SUPPRESS)
+  args = p.parse_args()
+
+  if args.worker:
+    common.serve(jax_worker(args))
+    return
+
+  accel = args.device != "cpu"
+  variants = (args.variants or ("bfloat16" if accel else "float32,bfloat16")).split(",")
+  env = {"JAX_PLATFORMS": {"gpu": "cuda"}.get(args.device, args.device)}
+  names = [f"jax {v}" for v in variants] + ([] if args.no_torch else ["torch reference"])
+  workers: dict[str, common.Worker] = {}
+  infos: dict[str, dict] = {}
+  for name in names:  # one at a time: compiles do not overlap
+    if name.startswith("jax"):
+      argv = [HERE, "--worker", "--variant", name[4:], "--size", args.size, "--batch", str(args.batch), "--img",
+              str(args.img), "--warmup", str(args.warmup), "--device", args.device]
+      workers[name] = common.Worker(name, argv, env)
+    else:
+      workers[name] = common.Worker(name, torch_worker_argv(args))
+    infos[name] = workers[name].call("info")
+    if name == "torch reference":
+      workers[name].call("steps", n=args.warmup)
+    print(f"{name}: ready {infos[name]}", file=sys.stderr)
+
+  times = {n: [] for n in names}
+  last = {}
+  for r in range(args.rounds):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for name in order:
+      res = workers[name].call("steps", n=args.steps)
+      times[name] += res["times"]
+      last[name] = res
+    print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {common.median(times[n]):.3f}s" for n in names) +
+          f" (load {common.loadavg()})", file=sys.stderr)
+
+  peaks = {n: {} for n in names}
+  for r in range(args.matmul_rounds):
+    for name in names:
+      dts = ["float32"] + (["bfloat16"] if "bfloat16" in name else [])
+      if name == "torch reference" and accel and args.amp != "off":
+        dts.append("float16")
+      for dt in dts:
+        peaks[name].setdefault(dt, []).append(workers[name].call("matmul", dtype=dt)["gflops"])
+  peak = {n: {dt: max(v) for dt, v in d.items()} for n, d in peaks.items()}
+
+  piece_rows = []
+  if args.profile:
+    pieces = ["teacher_fwd", "student_fwd", "student_fwd_bwd", "step"]
+    pt = {n: {k: [] for k in pieces} for n in names}
+    for r in range(2):
+      for name in names:
+        for k, v in workers[name].call("pieces", names=pieces, n=2).items():
+          pt[name][k] += v
+    for name in names:
+      m = {k: common.median(v) for k, v in pt[name].items()}
+      piece_rows.append([name, *(f"{m[k]:.3f}" for k in pieces),
+                         f"{m['step'] - m['student_fwd_bwd']:.3f}", f"{m['student_fwd_bwd'] - m['student_fwd']:.3f}",
+                         f"{m['student_fwd'] - m['teacher_fwd']:.3f}"])
+  torch_table = ""
+  if args.torch_profile and "torch reference" in workers:
+    torch_table = workers["torch reference"].call("profile")["table"]
+  closing = {n: w.close() for n, w in workers.items()}
+
+  # ---- report
+  flops = common.distill_flops(common.SIZES[args.size], args.batch, args.img)
+  ref_name = None if args.no_torch else "torch reference"
+  ref_ips = args.batch / common.median(times[ref_name]) if ref_name else None
+  rows = []
+  for name in names:
+    med = common.median(times[name])
+    ips = args.batch / med
+    achieved = flops["total"] / med / 1e9
+    mm = peak[name]["float32"]
+    pct = f"{100 * achieved / mm:.0f}%"
+    if "bfloat16" in name and "bfloat16" in peak[name]:
+      pct += f" (of bf16 peak {100 * achieved / peak[name]['bfloat16']:.0f}%)"
+    if name == ref_name and "float16" in peak[name]:
+      pct += f" (of fp16 peak {100 * achieved / peak[name]['float16']:.0f}%)"
+    rss = last[name]["peak_rss"]
+    dev_peak = last[name].get("peak_device_bytes")
+    mem = infos[name].get("memory", {})
+    rows.append([
+        name, f"{med:.3f}", f"{min(times[name]):.3f}", f"{ips:.2f}",
+        "1.00" if name == ref_name else (f"{ips / ref_ips:.2f}" if ref_ips else "-"),
+        f"{achieved:.0f}", f"{mm:.0f}", pct, common.gib(rss), common.gib(dev_peak) if dev_peak else "-",
+        common.gib(mem.get("peak_estimate")) if mem else "-",
+        f"{infos[name]['xla_flops'] / 1e9:.0f}" if infos[name].get("xla_flops") else "-",
+        f"{infos[name]['compile_s']:.1f}" if "compile_s" in infos[name] else "-"])
+  headers = ["implementation", "step s (median)", "min s", "img/s", "vs ref", "GFLOP/s", "f32 matmul GFLOP/s",
+             "% of f32 matmul peak", "peak RSS GiB", "device peak GiB", "XLA mem estimate GiB", "XLA GFLOP/step",
+             "compile s"]
+  pair = common.SIZES[args.size]
+  n_steps = args.rounds * args.steps
+  body = (f"{pair.label}, {args.img} px, batch {args.batch}, device {args.device}; {n_steps} timed steps per "
+          f"implementation in {args.rounds} interleaved rounds after {args.warmup} warm-up steps. Analytic "
+          f"matmul FLOPs per step: {flops['total'] / 1e9:.1f} G (teacher fwd {flops['teacher_fwd'] / 1e9:.1f}, "
+          f"student fwd {flops['student_fwd'] / 1e9:.1f}, student bwd {flops['student_bwd'] / 1e9:.1f}). "
+          f"Variants: `jax T[/S]` = teacher[/student] compute dtype. Matmul peak: {4096}^3 matmul in the "
+          f"same process.\n\n" + common.table(headers, rows))
+  if piece_rows:
+    body += ("\n\nPieces (seconds, medians; each piece its own program, so the differences are estimates):\n\n" +
+             common.table(["implementation", "teacher fwd", "+ student fwd + loss", "+ student bwd",
+                           "full step", "= optimizer etc.", "= student bwd", "= student fwd + loss"], piece_rows))
+  if torch_table:
+    body += "\n\ntorch.profiler, one reference step:\n\n```\n" + torch_table + "\n```"
+  ws = [f"{n}: {[round(t, 3) for t in times[n]]}" for n in names]
+  body += "\n\nAll step times (s): " + "; ".join(ws)
+  print(body)
+  del closing
+  if not args.no_append:
+    dev = infos[names[0]].get("device", args.device)
+    common.append_section(f"{args.title}: {pair.label}, batch {args.batch}, {args.device}", body, devices=dev,
+                          with_torch=not args.no_torch)
+
+
+if __name__ == "__main__":
+  main()

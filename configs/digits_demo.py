@@ -1,0 +1,84 @@
+r"""The demo on the embedded digits data (scikit-learn's 1,797 handwritten digits, upsampled to 16 px).
+
+Five stages, each a normal run of the main job (`python -m tinymim_jax.demo` runs them in order):
+  teacher_mae        MAE-pretrain a small ViT teacher (D 128, 6 blocks, 4 heads)
+  student_distill    TinyMIM: distill a smaller student (D 64, 4 blocks, 2 heads; 4 in its relation block)
+                     from the teacher's intermediate block 4 with Q-K / V-V relation KL
+  student_finetune   fine-tune that student on the labels
+  baseline_mae       the same student MAE-pretrained from scratch (same epochs as the distillation)
+  baseline_finetune  fine-tune the baseline the same way
+One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
+                     --workdir workdirs/demo/teacher_mae
+All five take ~10 minutes on 2 CPU cores; the student reaches ~0.9+ top-1 on the held-out 20% either way, with
+the TinyMIM student ahead of the MAE baseline (see the README for the table of a reference run).
+"""
+
+import os
+
+from tinymim_jax import config_base
+
+STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune")
+IMG, PATCH = 16, 4
+TEACHER = dict(name="vit_tiny_patch16", embed_dim=128, depth=6, num_heads=4)
+STUDENT = dict(name="vit_tiny_patch16", embed_dim=64, depth=4, num_heads=2)
+
+
+def _model(c, spec, **kw):
+  for k, v in {**spec, **kw}.items():
+    c[k] = v
+  c.img_size, c.patch_size = IMG, PATCH
+
+
+def get_config(arg=None):
+  a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
+                            finetune_epochs=15.0)
+  if a.stage not in STAGES:
+    raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
+  c = config_base.base_config()
+  c.seed = 0
+  c.data.name = "digits"
+  c.data.image_size = IMG
+  c.data.crop_pct = 1.0
+  # Small, centred digits: milder crops than ImageNet's, no flips or colour tricks that change a digit.
+  c.data.distill_crop_scale = (0.5, 1.0)
+  c.data.mae_crop_scale = (0.5, 1.0)
+  c.data.ft_crop_scale = (0.5, 1.0)
+  c.data.randaug = ""
+  c.data.reprob = 0.0
+  c.data.color_jitter = 0.4
+  c.batch_size = 128
+  c.total_epochs = a.pretrain_epochs
+  c.warmup_epochs = 3.0
+  c.optim.base_lr = 1.5e-4 * 8         # tiny models and ~300 steps: a higher lr than ImageNet's
+  c.log_every_steps = 10
+  c.ckpt_every_steps = 100
+  c.eval_every_steps = 100
+  c.knn.k = 10
+  c.knn.max_train = 2000
+
+  if a.stage in ("teacher_mae", "baseline_mae"):
+    c.objective = "mae_pretrain"
+    _model(c.model, TEACHER if a.stage == "teacher_mae" else STUDENT)
+    c.mae.decoder_embed_dim, c.mae.decoder_depth, c.mae.decoder_num_heads = 64, 2, 4
+    c.mae.mask_ratio = 0.75
+  elif a.stage == "student_distill":
+    c.objective = "distill"
+    _model(c.model, STUDENT, drop_path=0.1, drop_path_mode="constant")
+    _model(c.teacher, TEACHER)
+    c.teacher.dtype = "float32"
+    c.teacher.source = os.path.join(a.root, "teacher_mae")
+    c.distill.teacher_block = 4          # an intermediate teacher block (of 6)
+    c.distill.student_block = STUDENT["depth"]
+  else:
+    c.objective = "finetune"
+    _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
+    c.init = os.path.join(a.root, "student_distill" if a.stage == "student_finetune" else "baseline_mae")
+    c.total_epochs = a.finetune_epochs
+    c.optim.base_lr = 1e-3
+    c.optim.b2 = 0.999
+    c.optim.layer_decay = 0.75
+    c.optim.min_lr = 1e-6
+    c.optim.no_decay = ("pos_embed", "cls_token")
+    c.finetune.mixup, c.finetune.cutmix, c.finetune.label_smoothing = 0.2, 0.0, 0.1
+    c.knn.enabled = False
+  return c

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The main job on the embedded default data (scikit-learn digits): MAE teacher -> TinyMIM student ->
+# fine-tune, against an MAE-from-scratch baseline. ~10 minutes on 2 CPU cores. Extra args go to the demo
+# (e.g. --workdir DIR). A rerun skips finished stages and resumes an interrupted one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh core
+export TF_CPP_MIN_LOG_LEVEL=2 HF_HUB_OFFLINE=1
+exec .venv/bin/python -m tinymim_jax.demo "$@"

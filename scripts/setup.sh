@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Creates / updates the repo's virtual environment (.venv). Usage: scripts/setup.sh core|dev
+#   core: what the main job needs (requirements.txt); dev: + torch, timm and pytest (requirements-dev.txt).
+# Re-running is cheap: it reinstalls only when the requirement files changed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+set_name="${1:-core}"
+case "$set_name" in
+  core) req=requirements.txt ;;
+  dev) req=requirements-dev.txt ;;
+  *) echo "usage: $0 core|dev" >&2; exit 2 ;;
+esac
+PY="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip
+fi
+stamp=".venv/.installed-$set_name"
+want="$(cat requirements*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "installing the $set_name requirements into .venv (first time: a few minutes)..."
+  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
+  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+  echo "$want" > "$stamp"
+fi

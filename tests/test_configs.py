@@ -1,0 +1,115 @@
+"""Every config loads and builds abstractly; the paper configs' resolved values match the SPEC."""
+
+import glob
+import os
+
+import jax
+import pytest
+from flax import nnx
+
+from tinymim_jax import builders, config_base, optim, train_steps as ts
+from tinymim_jax.demo import load_config_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
+ARGS = {
+    "tinymim_distill": ["student=tiny", "student=small", "student=base", "student=small,target=feature",
+                        "student=tiny,target=cls,teacher_block=9,relation_heads=6,mask_ratio=0.5"],
+    "finetune": ["model=tiny", "model=small", "model=base"],
+    "mae_pretrain": ["model=tiny", "model=base", "model=large"],
+    "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
+                                           "baseline_finetune")],
+}
+
+
+def load(name, arg):
+  c = load_config_module(CONFIGS[name]).get_config(arg)
+  if c.objective == "distill" and not c.teacher.source:
+    c.teacher.source = "teacher.pth"
+  if c.objective == "eval" and not c.init:
+    c.init = "model.safetensors"
+  return config_base.finalize(c)
+
+
+def test_every_config_file_is_covered():
+  assert set(CONFIGS) == set(ARGS)
+
+
+@pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
+def test_config_builds_abstractly(name, arg):
+  c = load(name, arg)
+  model = nnx.eval_shape(lambda: builders.make_model(c, num_classes=1000))
+  _, params, _ = ts.split_model(model)
+  extra = jax.eval_shape(lambda: builders.extra_params(c, model))
+  params = {**params, **(extra or {})}
+  frozen = tuple(c.optim.frozen)
+  if c.objective == "distill":
+    teacher = nnx.eval_shape(lambda: builders.make_teacher(c))
+    assert teacher.config.depth >= c.distill.teacher_block
+    frozen += ts.distill_frozen_patterns(builders.distill_spec(c), params)
+  schedule = optim.lr_schedule(base_lr=c.optim.base_lr, global_batch_size=c.batch_size, total_steps=100,
+                               warmup_steps=10)
+  tx = optim.make_optimizer(params, schedule=schedule, no_decay=tuple(c.optim.no_decay), frozen=frozen,
+                            layer_decay=c.optim.layer_decay, depth=len(params["blocks"]) if "blocks" in params else None)
+  opt_state = jax.eval_shape(tx.init, params)
+  assert jax.tree.leaves(opt_state)
+
+
+def test_unknown_field_in_a_config_is_an_error():
+  c = load("finetune", "model=base")
+  with pytest.raises(AttributeError, match="bse_lr"):
+    c.optim.bse_lr = 1.0
+
+
+# SPEC 2-3: distillation recipe and student layouts.
+@pytest.mark.parametrize("student,name,heads,rel_heads,teacher,tblock", [
+    ("tiny", "vit_tiny_patch16", 6, 12, "vit_base_patch16", 12),
+    ("small", "vit_small_patch16", 6, 12, "vit_base_patch16", 12),
+    ("base", "vit_base_patch16", 12, 16, "vit_large_patch16", 18),
+])
+def test_distill_configs_match_spec(student, name, heads, rel_heads, teacher, tblock):
+  c = load("tinymim_distill", f"student={student}")
+  assert (c.objective, c.model.name, c.model.num_heads, c.teacher.name) == ("distill", name, heads, teacher)
+  assert (c.distill.target, c.distill.teacher_block, c.distill.student_block) == ("relation", tblock, 12)
+  assert (c.distill.w_qk, c.distill.w_vv, c.distill.student_mask_ratio) == (1.0, 1.0, 0.0)
+  model = nnx.eval_shape(lambda: builders.make_model(c))
+  assert model.config.block_heads(12) == rel_heads and all(model.config.block_heads(i) == heads for i in range(1, 12))
+  assert model.config.embed_dim // rel_heads == {"tiny": 16, "small": 32, "base": 48}[student]
+  assert [model.config.block_drop_path(i) for i in (1, 11, 12)] == [0.1, 0.1, 0.0]
+  assert (c.model.img_size, c.model.pos_embed, c.teacher.img_size) == (224, "sincos", 224)
+  assert (c.batch_size, c.total_epochs, c.warmup_epochs) == (4096, 300.0, 15.0)
+  o = c.optim
+  assert (o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip_norm, o.min_lr) == (0.9, 0.95, 1e-8, 0.05, None, 0.0)
+  assert optim.peak_lr(base_lr=o.base_lr, global_batch_size=c.batch_size, lr_scaling_batch=o.lr_scaling_batch) == \
+      pytest.approx(2.4e-3)
+  assert tuple(o.no_decay) == ()  # cls_token decayed, 1-D params never, pos_embed fixed (not a param)
+  d = c.data
+  assert (d.name, d.image_size, tuple(d.distill_crop_scale), d.color_jitter) == ("imagenet2012", 224, (0.2, 1.0), 0.4)
+  assert tuple(map(tuple, d.teacher_norm)) == tuple(map(tuple, d.student_norm)) == (
+      (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def test_finetune_config_matches_spec():
+  c = load("finetune", "model=base")
+  assert (c.objective, c.model.name, c.model.num_heads, c.model.pooling, c.model.pos_embed) == (
+      "finetune", "vit_base_patch16", 12, "avg", "learn")
+  assert (c.model.drop_path, c.model.drop_path_mode, c.model.num_classes) == (0.2, "linear", 1000)
+  assert (c.total_epochs, c.warmup_epochs, c.batch_size) == (100.0, 5.0, 1024)
+  o = c.optim
+  assert (o.base_lr, o.min_lr, o.layer_decay, o.weight_decay, o.b1, o.b2) == (5e-4, 1e-6, 0.65, 0.05, 0.9, 0.999)
+  assert set(o.no_decay) == {"pos_embed", "cls_token"} and o.grad_clip_norm is None
+  f = c.finetune
+  assert (f.mixup, f.cutmix, f.switch_prob, f.label_smoothing) == (0.8, 1.0, 0.5, 0.1)
+  d = c.data
+  assert (tuple(d.ft_crop_scale), d.randaug, d.reprob) == ((0.08, 1.0), "rand-m9-mstd0.5-inc1", 0.25)
+  assert round(d.image_size / d.crop_pct) == 256
+  for model, heads in (("tiny", 3), ("small", 6)):
+    assert load("finetune", f"model={model}").model.num_heads == heads
+
+
+def test_mae_config_matches_spec():
+  c = load("mae_pretrain", "model=base")
+  assert (c.mae.mask_ratio, c.mae.norm_pix) == (0.75, True)
+  assert (c.mae.decoder_embed_dim, c.mae.decoder_depth, c.mae.decoder_num_heads) == (512, 8, 16)
+  assert (c.optim.b1, c.optim.b2, c.optim.base_lr, c.optim.weight_decay) == (0.9, 0.95, 1.5e-4, 0.05)
+  assert (c.batch_size, c.warmup_epochs, tuple(c.data.mae_crop_scale)) == (4096, 40.0, (0.2, 1.0))

@@ -1,0 +1,174 @@
+"""The main job end to end on tiny configs: resume (SIGKILL / SIGTERM), NaN stop, evals, export, configs."""
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from tinymim_jax import config_base, main as trainer
+from tinymim_jax.demo import load_config_module
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = os.path.join(ROOT, "configs", "digits_demo.py")
+
+
+def tiny_args(stage, root, steps=12, ckpt=4):
+  return [f"--config={DEMO}:stage={stage},root={root}", f"--config.total_steps={steps}",
+          f"--config.ckpt_every_steps={ckpt}", "--config.log_every_steps=2", "--config.eval_every_steps=0",
+          "--config.batch_size=32", "--config.knn.max_train=256"]
+
+
+def tiny_config(stage, root, **overrides):
+  c = load_config_module(DEMO).get_config(f"stage={stage},root={root}")
+  c.batch_size, c.log_every_steps, c.eval_every_steps, c.knn.max_train = 32, 2, 0, 256
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return config_base.finalize(c)
+
+
+def run_cli(args, workdir, **popen):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=1",
+         "PYTHONPATH": ROOT}
+  return subprocess.Popen([sys.executable, "-m", "tinymim_jax.main", *args, f"--workdir={workdir}"],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT, **popen)
+
+
+def wait_for(path_glob, proc, timeout=300):
+  t = time.time()
+  while time.time() - t < timeout:
+    found = [p for p in glob.glob(path_glob) if not p.endswith("tmp")]
+    if found:
+      return found
+    if proc.poll() is not None:
+      raise AssertionError(f"process ended before {path_glob} appeared:\n{proc.stdout.read()[-3000:]}")
+    time.sleep(0.02)
+  raise AssertionError(f"timeout waiting for {path_glob}")
+
+
+@pytest.fixture(scope="module")
+def teacher_root(tmp_path_factory):
+  """A tiny MAE teacher run (the first demo stage), trained uninterrupted, in-process."""
+  root = str(tmp_path_factory.mktemp("demo"))
+  res = trainer.train_and_evaluate(tiny_config("teacher_mae", root, total_steps=12, ckpt_every_steps=4),
+                                   os.path.join(root, "teacher_mae"))
+  assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
+  return root
+
+
+def test_run_leaves_checkpoints_metrics_plots_and_export(teacher_root):
+  wd = os.path.join(teacher_root, "teacher_mae")
+  for name in ("config.json", "metrics.jsonl", "curves.png", "model.safetensors", "done.json", "run.json"):
+    assert os.path.exists(os.path.join(wd, name)), name
+  assert glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
+  assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*"))) == [4, 8, 12]
+  lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
+  losses = [l["train/loss"] for l in lines if "train/loss" in l]
+  assert len(losses) == 6 and losses[-1] < losses[0]
+  # A rerun of a finished run does nothing.
+  t = time.time()
+  again = trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12), wd)
+  assert again["step"] == 12 and time.time() - t < 5
+
+
+def test_sigkill_between_saves_then_resume_equals_uninterrupted(teacher_root, tmp_path):
+  ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
+  args = tiny_args("student_distill", teacher_root, steps=40, ckpt=5)
+  ref = run_cli(args, ref_root / "student_distill")
+  cut = run_cli(args, cut_root / "student_distill")
+  wait_for(str(cut_root / "student_distill/checkpoints/10"), cut)
+  cut.send_signal(signal.SIGKILL)
+  cut.wait()
+  assert not os.path.exists(cut_root / "student_distill/done.json")
+  resumed = run_cli(args, cut_root / "student_distill")
+  out = resumed.communicate(timeout=600)[0]
+  assert resumed.returncode == 0, out[-3000:]
+  assert "resumed from" in out
+  assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
+  a = load_file(str(ref_root / "student_distill/model.safetensors"))
+  b = load_file(str(cut_root / "student_distill/model.safetensors"))
+  assert a.keys() == b.keys()
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def test_sigterm_saves_and_exits_cleanly(teacher_root, tmp_path):
+  wd = tmp_path / "student_distill"
+  proc = run_cli(tiny_args("student_distill", teacher_root, steps=400, ckpt=1000), wd)
+  wait_for(str(wd / "metrics.jsonl"), proc)
+  proc.send_signal(signal.SIGTERM)
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 0, out[-3000:]
+  assert "SIGTERM: saved step" in out
+  steps = [int(os.path.basename(p)) for p in glob.glob(str(wd / "checkpoints/[0-9]*"))]
+  assert len(steps) == 1 and 0 < steps[0] < 400 and not os.path.exists(wd / "done.json")
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(teacher_root, tmp_path):
+  wd = str(tmp_path / "nan")
+  config = tiny_config("student_distill", teacher_root, total_steps=30, ckpt_every_steps=2, warmup_steps=0)
+  with config.unlocked():
+    config.optim.base_lr = 1e12
+  with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step"):
+    trainer.train_and_evaluate(config, wd)
+  from tinymim_jax import checkpoint
+  model = checkpoint.restore_model(wd)  # the last checkpoint is complete and finite
+  from flax import nnx
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+
+
+def test_unknown_config_field_is_an_error_naming_it(tmp_path):
+  proc = run_cli([f"--config={DEMO}:stage=teacher_mae", "--config.optim.bse_lr=1.0"], tmp_path / "x")
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode != 0 and "bse_lr" in out
+  with pytest.raises(ValueError, match="unknown config argument 'stag'"):
+    load_config_module(DEMO).get_config("stag=x")
+
+
+def test_finetune_from_distilled_student_then_eval_and_export(teacher_root, tmp_path):
+  root = str(tmp_path)
+  os.symlink(os.path.join(teacher_root, "teacher_mae"), os.path.join(root, "teacher_mae"))
+  trainer.train_and_evaluate(tiny_config("student_distill", root, total_steps=6, ckpt_every_steps=6),
+                             os.path.join(root, "student_distill"))
+  res = trainer.train_and_evaluate(tiny_config("student_finetune", root, total_steps=8, ckpt_every_steps=8),
+                                   os.path.join(root, "student_finetune"))
+  assert 0 <= res["eval/top1"] <= 1
+  ev = tiny_config("student_finetune", root, objective="eval", init=os.path.join(root, "student_finetune"))
+  res2 = trainer.train_and_evaluate(ev, os.path.join(root, "eval"))
+  assert res2["eval/top1"] == pytest.approx(res["eval/top1"])
+  # The export loads into timm's fine-tuning layout with strict=True (see tests/test_convert.py for parity).
+  sd = load_file(os.path.join(root, "student_finetune", "model.safetensors"))
+  assert "fc_norm.weight" in sd and "head.weight" in sd and "norm.weight" not in sd
+  # ...and the converter CLI exports the same weights from the workdir.
+  out = os.path.join(root, "cli.safetensors")
+  subprocess.run([sys.executable, "-m", "tinymim_jax.convert", "export", "--workdir",
+                  os.path.join(root, "student_finetune"), "--out", out], check=True, cwd=ROOT,
+                 env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}, capture_output=True)
+  sd2 = load_file(out)
+  assert sd.keys() == sd2.keys() and all(np.array_equal(sd[k], sd2[k]) for k in sd)
+
+
+def test_two_process_run_through_the_slurm_code_path(teacher_root, tmp_path):
+  wd = tmp_path / "mp"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}
+  env.pop("XLA_FLAGS", None)
+  cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes", "2", "--",
+         sys.executable, "-m", "tinymim_jax.main", *tiny_args("teacher_mae", teacher_root, steps=6, ckpt=3),
+         f"--workdir={wd}"]
+  proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+  done = json.load(open(wd / "done.json"))
+  assert done["step"] == 6
+  meta = json.load(open(wd / "run.json"))
+  assert meta["versions"]["devices"].startswith("2 x")

@@ -1,0 +1,90 @@
+"""Checkpoints: Orbax CheckpointManager (async), keep-last-K plus keep-every-M, restore onto any mesh.
+
+A checkpoint at step s holds three items:
+  model  {'params', 'consts'}: the trained model (never the teacher)
+  opt    the optimizer state
+  meta   JSON: the resolved config, the step (the data position is derived from it), the seed, the
+         teacher's source and weight hash
+Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash or a
+SIGKILL mid-save never replaces a good checkpoint with a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from flax import nnx
+
+CKPT_DIR = "checkpoints"
+
+
+class Checkpointer:
+
+  def __init__(self, workdir: str, *, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
+                                           enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
+    self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+    self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("model", "opt", "meta"))
+
+  def latest_step(self) -> int | None:
+    return self.mngr.latest_step()
+
+  def save(self, step: int, state: dict, meta: dict, *, force: bool = True) -> None:
+    """Starts an async save of `state` (a train state; the teacher is left out) at `step`."""
+    self.mngr.save(int(step), force=force, args=ocp.args.Composite(
+        model=ocp.args.StandardSave({"params": state["params"], "consts": state["consts"]}),
+        opt=ocp.args.StandardSave(state["opt"]),
+        meta=ocp.args.JsonSave(meta)))
+
+  def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
+    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
+    step = self.latest_step() if step is None else step
+    abstract_model = {"params": abstract_state["params"], "consts": abstract_state["consts"]}
+    r = self.mngr.restore(step, args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_model), opt=ocp.args.StandardRestore(abstract_state["opt"]),
+        meta=ocp.args.JsonRestore()))
+    state = {**r.model, "opt": r.opt, "step": jax.numpy.asarray(step, jax.numpy.int32)}
+    return state, r.meta
+
+  def restore_meta(self, step: int | None = None) -> dict:
+    step = self.latest_step() if step is None else step
+    return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+  def wait(self) -> None:
+    self.mngr.wait_until_finished()
+
+  def close(self) -> None:
+    self.mngr.wait_until_finished()
+    self.mngr.close()
+
+
+def abstract(tree: Any, shardings: Any = None) -> Any:
+  """ShapeDtypeStructs of `tree` (optionally carrying shardings), for restoring without allocating."""
+  if shardings is None:
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def restore_model(workdir: str, step: int | None = None) -> nnx.Module:
+  """The trained model of a tinymim-jax run (latest checkpoint), rebuilt from the config it saved."""
+  from tinymim_jax import builders, train_steps as ts
+  ckpt = Checkpointer(workdir, async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
+  meta = ckpt.restore_meta(step)
+  config = ml_collections.ConfigDict(meta["config"])
+  model = nnx.eval_shape(lambda: builders.make_model(config, num_classes=meta.get("num_classes")))
+  graphdef, params, consts = ts.split_model(model)
+  extra = jax.eval_shape(lambda: builders.extra_params(config, model))
+  if extra:
+    params = {**params, **extra}
+  step = ckpt.latest_step() if step is None else step
+  r = ckpt.mngr.restore(step, args=ocp.args.Composite(
+      model=ocp.args.StandardRestore({"params": abstract(params), "consts": abstract(consts)})))
+  ckpt.close()
+  return ts.merge_model(graphdef, r.model["params"], r.model["consts"])

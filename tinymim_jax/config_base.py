@@ -1,0 +1,125 @@
+"""The config schema: every field a run may set, with its default.
+
+Config files in configs/ start from `base_config()` and change what they need; the result is locked, so a
+misspelt field in a file or on the command line (`--config.optim.base_lr=...`) is an error that names it.
+Placeholders (None by default) are typed so they can still be overridden from the command line.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+OBJECTIVES = ("distill", "mae_pretrain", "finetune", "eval")
+
+
+def model_config(name: str = "vit_base_patch16") -> ml_collections.ConfigDict:
+  """A ViT: a variant name plus per-field overrides (None = the variant's value)."""
+  ph = config_dict.placeholder
+  return ml_collections.ConfigDict(dict(
+      name=name,
+      img_size=ph(int), patch_size=ph(int), embed_dim=ph(int), depth=ph(int), num_heads=ph(int),
+      mlp_ratio=ph(float),
+      drop_path=0.0, drop_path_mode="linear",   # 'linear' ramp over depth | 'constant'
+      pooling="cls",                            # 'cls' (pretrain layout, `norm`) | 'avg' (fine-tune, `fc_norm`)
+      num_classes=0,
+      pos_embed="sincos",                       # 'sincos' (fixed) | 'learn'
+      dtype="float32",                          # compute dtype; params stay float32
+  ))
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.objective = "distill"
+  c.seed = 0
+  c.batch_size = 4096                 # global, over all processes
+  c.total_epochs = 300.0
+  c.total_steps = config_dict.placeholder(int)    # overrides total_epochs when set
+  c.warmup_epochs = 15.0
+  c.warmup_steps = config_dict.placeholder(int)
+
+  c.model = model_config("vit_small_patch16")     # the model being trained (student / MAE / classifier)
+  c.init = ""    # weights to start from: a .pth / .safetensors file or a tinymim-jax workdir ('' = random)
+  c.init_skip = ()                                 # extra regexes of source keys to skip (timm names)
+
+  # Distillation (objective 'distill').
+  c.teacher = model_config("vit_base_patch16")
+  c.teacher.source = ""               # .pth / .safetensors (official MAE / TinyMIM / timm) or a workdir
+  c.teacher.dtype = "bfloat16"        # the teacher only runs forward
+  c.distill = ml_collections.ConfigDict(dict(
+      target="relation",              # 'relation' | 'feature' | 'cls'
+      teacher_block=12, student_block=12,   # 1-based; the teacher runs only up to teacher_block
+      relation_heads=config_dict.placeholder(int),  # heads of the student's relation block; None = teacher's
+      w_qk=1.0, w_vv=1.0,
+      feature_loss="smooth_l1", normalize_target=False,
+      student_mask_ratio=0.0,
+  ))
+
+  # MAE pretraining (objective 'mae_pretrain').
+  c.mae = ml_collections.ConfigDict(dict(mask_ratio=0.75, norm_pix=True,
+                                         decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16))
+
+  # Fine-tuning (objective 'finetune').
+  c.finetune = ml_collections.ConfigDict(dict(mixup=0.8, cutmix=1.0, switch_prob=0.5, label_smoothing=0.1))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      base_lr=1.5e-4, lr_scaling_batch=256, min_lr=0.0,
+      b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
+      no_decay=(), frozen=(),           # regexes over param names ('blocks/3/attn/qkv/kernel')
+      layer_decay=config_dict.placeholder(float),
+      grad_clip_norm=config_dict.placeholder(float),
+      grad_accum_steps=1,
+  ))
+
+  c.mesh = ml_collections.ConfigDict(dict(fsdp=1))   # devices along the fsdp axis; the rest is data
+
+  from tinymim_jax.data import default_config as data_default_config  # no TF import at this point
+  c.data = data_default_config()
+
+  c.log_every_steps = 50
+  c.ckpt_every_steps = 1000
+  c.keep_ckpts = 3
+  c.keep_every_steps = config_dict.placeholder(int)   # also keep every M-th step for good
+  c.eval_every_steps = 5000
+  c.knn = ml_collections.ConfigDict(dict(enabled=True, k=20, temperature=0.07, max_train=50000))
+  c.export = True                      # write the student as timm-named .safetensors at the end
+  return c
+
+
+def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks the values a schema cannot, then locks the config."""
+  if c.objective not in OBJECTIVES:
+    raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
+  if c.objective == "distill" and not c.teacher.source:
+    raise ValueError("config.teacher.source is empty: name a .pth/.safetensors file or a tinymim-jax workdir")
+  if c.objective == "eval" and not c.init:
+    raise ValueError("config.init is empty: objective 'eval' needs weights to evaluate")
+  c.lock()
+  return c
+
+
+def parse_arg(arg: str | None, **defaults):
+  """'key=value,key2=value2' (the `:arg` of `--config file.py:arg`) -> ConfigDict with typed defaults.
+
+  Values take the type of their default; a key without a default, or an unparsable value, is an error.
+  """
+  out = ml_collections.ConfigDict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise ValueError(f"config argument {item!r} is not key=value (in {arg!r})")
+    if key not in defaults:
+      raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
+    default = defaults[key]
+    if isinstance(default, bool):
+      if value.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(f"config argument {key}={value!r} is not a boolean")
+      out[key] = value.lower() in ("true", "1")
+    elif default is None:
+      out[key] = value
+    else:
+      try:
+        out[key] = type(default)(value)
+      except ValueError as e:
+        raise ValueError(f"config argument {key}={value!r}: expected {type(default).__name__}") from e
+  return out

@@ -1,0 +1,123 @@
+"""The `data` sub-config: defaults, and the checked form the pipeline reads."""
+import dataclasses
+from typing import Optional
+
+import ml_collections
+from ml_collections import config_dict
+
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+NAMES = ('digits', 'imagenet2012', 'folder')
+AUTOTUNE = -1  # == tf.data.AUTOTUNE, spelled out so that configs need not import TF.
+
+
+def default_config():
+  """All data fields with their defaults; experiment configs start from this."""
+  c = ml_collections.ConfigDict()
+  c.name = 'digits'  # 'digits' (scikit-learn, embedded) | 'imagenet2012' (TFDS) | 'folder'.
+  c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default.
+  c.manual_dir = config_dict.placeholder(str)  # Holds ILSVRC2012_img_{train,val}.tar to prepare from.
+  c.folder = config_dict.placeholder(str)  # Root of root/train/<class>/* and optional root/val/<class>/*.
+  c.image_size = 224
+  c.crop_pct = 0.875  # Eval: resize the shorter side to round(image_size / crop_pct), center crop.
+  # (mean, std) in [0, 1] pixel units. The teacher and the student may expect different statistics.
+  c.teacher_norm = IMAGENET_NORM
+  c.student_norm = IMAGENET_NORM  # Also used by 'mae', 'finetune' and eval.
+  c.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range (torchvision default).
+  c.distill_crop_scale = (0.2, 1.0)
+  c.color_jitter = 0.4  # Brightness = contrast = saturation strength, student view only; 0 = off.
+  c.mae_crop_scale = (0.2, 1.0)
+  c.ft_crop_scale = (0.08, 1.0)
+  c.randaug = 'rand-m9-mstd0.5-inc1'  # timm syntax; '' = off.
+  c.reprob = 0.25  # Random erasing probability (pixel mode, on the normalised image).
+  c.shuffle_buffer = 10_000  # Records; only imagenet2012 (the others shuffle exactly by index).
+  c.num_parallel_calls = AUTOTUNE
+  c.prefetch = 2  # Batches.
+  c.cache = config_dict.placeholder(bool)  # None = where small: digits yes, others no.
+  c.digits_test_fraction = 0.2
+  c.digits_split_seed = 0  # Fixes the stratified digits train/test split.
+  return c
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """A checked copy of the data config."""
+  name: str
+  data_dir: Optional[str]
+  manual_dir: Optional[str]
+  folder: Optional[str]
+  image_size: int
+  crop_pct: float
+  teacher_norm: tuple
+  student_norm: tuple
+  crop_ratio: tuple
+  distill_crop_scale: tuple
+  color_jitter: float
+  mae_crop_scale: tuple
+  ft_crop_scale: tuple
+  randaug: str
+  reprob: float
+  shuffle_buffer: int
+  num_parallel_calls: int
+  prefetch: int
+  cache: Optional[bool]
+  digits_test_fraction: float
+  digits_split_seed: int
+
+
+def _fields_of(cfg):
+  if isinstance(cfg, Config):
+    return dataclasses.asdict(cfg)
+  if isinstance(cfg, (ml_collections.ConfigDict, dict)):
+    return dict(cfg.items())
+  return {k: v for k, v in vars(cfg).items() if not k.startswith('_')}
+
+
+def resolve(cfg=None):
+  """Returns a checked `Config` from a ConfigDict, dict or attribute object; missing fields get defaults."""
+  fields = dict(default_config().items())
+  given = _fields_of(cfg) if cfg is not None else {}
+  unknown = sorted(set(given) - set(fields))
+  if unknown:
+    raise ValueError(f'Unknown data config field(s) {unknown}; known fields: {sorted(fields)}.')
+  fields.update(given)
+  c = Config(**fields)
+  _check(c)
+  return c
+
+
+def _pair(c, field, lo=None, hi=None):
+  v = getattr(c, field)
+  if len(v) != 2 or not v[0] <= v[1] or (lo is not None and v[0] < lo) or (hi is not None and v[1] > hi):
+    raise ValueError(f'data.{field}={v!r}: expected (low, high) with {lo} <= low <= high <= {hi}.')
+
+
+def _check(c):
+  if c.name not in NAMES:
+    raise ValueError(f'data.name={c.name!r}: expected one of {NAMES}.')
+  if c.name == 'folder' and not c.folder:
+    raise ValueError("data.name='folder' needs data.folder, the root of <root>/train/<class>/*.")
+  if not isinstance(c.image_size, int) or c.image_size < 1:
+    raise ValueError(f'data.image_size={c.image_size!r}: expected a positive int.')
+  if not 0 < c.crop_pct <= 1:
+    raise ValueError(f'data.crop_pct={c.crop_pct!r}: expected 0 < crop_pct <= 1.')
+  for field in ('teacher_norm', 'student_norm'):
+    norm = getattr(c, field)
+    if len(norm) != 2 or any(len(v) != 3 for v in norm) or min(norm[1]) <= 0:
+      raise ValueError(f'data.{field}={norm!r}: expected ((m_r, m_g, m_b), (s_r, s_g, s_b)) with s > 0.')
+  for field in ('distill_crop_scale', 'mae_crop_scale', 'ft_crop_scale'):
+    _pair(c, field, 0.0, 1.0)
+    if getattr(c, field)[1] <= 0:
+      raise ValueError(f'data.{field}={getattr(c, field)!r}: the largest crop must be > 0.')
+  _pair(c, 'crop_ratio', 1e-6)
+  if c.color_jitter < 0:
+    raise ValueError(f'data.color_jitter={c.color_jitter!r}: expected >= 0.')
+  if not 0 <= c.reprob <= 1:
+    raise ValueError(f'data.reprob={c.reprob!r}: expected a probability.')
+  if not 0 < c.digits_test_fraction < 1:
+    raise ValueError(f'data.digits_test_fraction={c.digits_test_fraction!r}: expected 0 < f < 1.')
+  if c.shuffle_buffer < 1 or c.prefetch < 0:
+    raise ValueError(f'data.shuffle_buffer={c.shuffle_buffer}, data.prefetch={c.prefetch}: expected >= 1, >= 0.')
+  if c.num_parallel_calls != AUTOTUNE and c.num_parallel_calls < 1:
+    raise ValueError(f'data.num_parallel_calls={c.num_parallel_calls}: expected >= 1 or -1 (AUTOTUNE).')
+  if c.name == 'imagenet2012' and c.cache:
+    raise ValueError('data.cache=True is not supported for imagenet2012 (about 150 GB); leave it None.')

@@ -1,0 +1,237 @@
+"""Where examples come from: scikit-learn digits, an image folder, or TFDS imagenet2012.
+
+A source hands out one process's share of a split as a `Split`: `epoch(seed, skip)` lists the share in
+the order of one epoch (a permutation fixed by `seed`, or storage order for seed None), starting at
+position `skip`, as small descriptors with their position 'pos'; `load(descriptor)` turns one into
+{'raw': encoded bytes or a uint8 image, 'label': int32, 'key': str}. Loading runs inside the decode
+step, so that an unreadable file is counted as skipped rather than stopping the run.
+
+Shares follow tfds.even_splits(drop_remainder=False): the first (n mod processes) processes hold one
+example more.
+"""
+import dataclasses
+import os
+from typing import Callable
+
+import numpy as np
+
+from tinymim_jax.data import transforms
+from tinymim_jax.data._tf import tf, tfds
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+
+
+@dataclasses.dataclass
+class Split:
+  name: str  # For messages, e.g. "digits 'train'".
+  num_examples: int  # In the whole split.
+  num_local: int  # Held by this process.
+  epoch: Callable
+  load: Callable
+
+  def shares(self, process_count):
+    """(fewest, most) examples any process holds."""
+    return self.num_examples // process_count, -(-self.num_examples // process_count)
+
+
+@dataclasses.dataclass
+class Source:
+  name: str
+  num_classes: int
+  num_train: int
+  num_eval: int
+  split: Callable  # split(name in {'train', 'eval'}, process_index, process_count) -> Split.
+
+
+def get(c):
+  return {'digits': _digits, 'folder': _folder, 'imagenet2012': _imagenet}[c.name](c)
+
+
+def _share(n, process_index, process_count):
+  """[start, end) of this process's share, as tfds.even_splits(n=process_count)."""
+  bounds = [k * (n // process_count) + min(k, n % process_count) for k in range(process_count + 1)]
+  return bounds[process_index], bounds[process_index + 1]
+
+
+def _indexed_split(name, num_examples, process_index, process_count, load_index):
+  """A split whose examples are addressed by index: exact shuffles, and skipping costs nothing."""
+  start, end = _share(num_examples, process_index, process_count)
+
+  def epoch(seed, skip):
+    index = tf.range(start, end, dtype=tf.int64)
+    if seed is not None:
+      index = tf.gather(index, transforms.permutation(end - start, seed))
+    pos = tf.range(end - start, dtype=tf.int64)
+    return tf.data.Dataset.from_tensor_slices({'index': index[skip:], 'pos': pos[skip:]})
+
+  return Split(name, num_examples, end - start, epoch, lambda d: load_index(d['index']))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# scikit-learn digits: 1,797 real 8x8 digits, 10 classes, a stratified train/test split fixed by a seed.
+
+
+def _digits(c):
+  from sklearn import datasets, model_selection  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  images = (digits.images / 16.0).astype(np.float32)  # Values 0..16 -> [0, 1].
+  labels = digits.target.astype(np.int32)
+  train, test = model_selection.train_test_split(
+      np.arange(len(labels)), test_size=c.digits_test_fraction, stratify=labels,
+      random_state=c.digits_split_seed)
+  cache = c.cache is None or c.cache
+  size = c.image_size
+
+  def upsample(x):  # (..., 8, 8) in [0, 1] -> (..., size, size, 3) uint8.
+    x = tf.image.resize(tf.convert_to_tensor(x)[..., None], [size, size], method='bicubic')
+    x = tf.round(tf.clip_by_value(x * 255.0, 0.0, 255.0))
+    return tf.cast(tf.repeat(x, 3, axis=-1), tf.uint8)
+
+  def split(name, process_index, process_count):
+    members = train if name == 'train' else test
+    split_images = images[members]
+    if cache:  # Upsample once; at 224 px the train split takes ~220 MB.
+      split_images = upsample(split_images).numpy()
+    split_labels = tf.constant(labels[members])
+    split_images = tf.constant(split_images)
+    members_t = tf.constant(members)
+
+    def load(i):
+      image = split_images[i] if cache else upsample(split_images[i])
+      key = tf.strings.format('digits[{}]', members_t[i])
+      return {'raw': image, 'label': split_labels[i], 'key': key}
+
+    return _indexed_split(f"digits '{name}'", len(members), process_index, process_count, load)
+
+  return Source('digits', 10, len(train), len(test), split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Image folder: root/train/<class>/**/*.jpg, root/val/<class>/**/* (val optional); labels are the index of
+# the class folder among the sorted train class folders.
+
+
+def _list_folder(directory):
+  """Sorted class names and the sorted (path, class name) pairs below `directory`."""
+  classes = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(directory)
+                   if tf.io.gfile.isdir(os.path.join(directory, d)))
+  files = []
+  for name in classes:
+    for root, _, filenames in tf.io.gfile.walk(os.path.join(directory, name)):
+      files += [(os.path.join(root, f), name) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+  return classes, sorted(files)
+
+
+def _folder(c):
+  train_dir = os.path.join(c.folder, 'train')
+  if not tf.io.gfile.isdir(train_dir):
+    raise FileNotFoundError(f"data.name='folder': no train split at {train_dir}; expected images in "
+                            f'{train_dir}/<class>/*.jpg (and optionally {c.folder}/val/<class>/*).')
+  classes, train_files = _list_folder(train_dir)
+  if not train_files:
+    raise FileNotFoundError(f'data.folder: no images ({", ".join(IMAGE_EXTENSIONS)}) in the class folders '
+                            f'of {train_dir}.')
+  # Like TFDS's prepare-time shuffle: each process's share of the train split then mixes all classes.
+  train_files = [train_files[i] for i in np.random.default_rng(0).permutation(len(train_files))]
+  val_dir = os.path.join(c.folder, 'val')
+  val_files = []
+  if tf.io.gfile.isdir(val_dir):
+    val_classes, val_files = _list_folder(val_dir)
+    unknown = sorted(set(val_classes) - set(classes))
+    if unknown:
+      raise ValueError(f'data.folder: {val_dir} has class folders {unknown[:5]} that {train_dir} lacks; '
+                       'val classes must be a subset of the train classes.')
+  class_index = {name: i for i, name in enumerate(classes)}
+
+  def split(name, process_index, process_count):
+    if name == 'eval' and not val_files:
+      raise FileNotFoundError(f'data.folder: no val split at {val_dir} (expected {val_dir}/<class>/*).')
+    files = train_files if name == 'train' else val_files
+    paths = tf.constant([p for p, _ in files])
+    labels = tf.constant([class_index[k] for _, k in files], tf.int32)
+    if c.cache:  # Encoded files held in memory: only for folders that fit.
+      contents = tf.constant([tf.io.gfile.GFile(p, 'rb').read() for p, _ in files])
+      read = lambda i: contents[i]
+    else:
+      read = lambda i: tf.io.read_file(paths[i])
+
+    def load(i):
+      return {'raw': read(i), 'label': labels[i], 'key': paths[i]}
+
+    split_name = f"folder {c.folder} '{'train' if name == 'train' else 'val'}'"
+    return _indexed_split(split_name, len(files), process_index, process_count, load)
+
+  return Source('folder', len(classes), len(train_files), len(val_files), split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# TFDS imagenet2012, read from its TFRecord shards directly (file order and shuffling under our control).
+
+
+def imagenet_builder(c):
+  """The prepared TFDS imagenet2012 builder; prepares it from manual_dir's tars if needed. Never downloads."""
+  builder = tfds.builder('imagenet2012', data_dir=c.data_dir)
+  if builder.is_prepared():
+    return builder
+  where = f'TFDS data_dir {builder.data_dir}'
+  missing = [t for t in IMAGENET_TARS
+             if not c.manual_dir or not tf.io.gfile.exists(os.path.join(c.manual_dir, t))]
+  if missing:
+    manual = c.manual_dir or '<data.manual_dir>'
+    raise FileNotFoundError(
+        f'imagenet2012 is not prepared in {where}, and data.manual_dir={c.manual_dir!r} lacks {missing}. '
+        f'Either set data.data_dir to a directory holding a prepared imagenet2012/{builder.version}/, or put '
+        f'the two official archives into {manual}/: {manual}/{IMAGENET_TARS[0]} (one inner <wnid>.tar per '
+        f'class) and {manual}/{IMAGENET_TARS[1]} (50,000 ILSVRC2012_val_*.JPEG). Class names and '
+        'validation labels come from the label files bundled with TFDS; nothing is downloaded.')
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=c.manual_dir, try_download_gcs=False))
+  return builder
+
+
+def _imagenet(c):
+  builder = imagenet_builder(c)
+  splits = builder.info.splits
+  for name in ('train', 'validation'):
+    if name not in splits:
+      raise FileNotFoundError(f'imagenet2012 in {builder.data_dir} has no {name!r} split (it has '
+                              f'{sorted(splits)}); re-prepare it with both tars in data.manual_dir.')
+  features = builder.info.features
+  cycle_length = 16  # Shards read at once.
+
+  def split(name, process_index, process_count):
+    tfds_split = 'train' if name == 'train' else 'validation'
+    share = splits[tfds.even_splits(tfds_split, n=process_count)[process_index]]
+    instructions = share.file_instructions
+    files = tf.constant([os.fspath(i.filename) for i in instructions])
+    skips = tf.constant([i.skip for i in instructions], tf.int64)
+    takes = tf.constant([i.take for i in instructions], tf.int64)
+
+    def epoch(seed, skip):
+      order = tf.range(len(instructions), dtype=tf.int64)
+      if seed is not None:
+        order = transforms.permutation(len(instructions), transforms.fold_in(seed, 1))
+      shards = tf.data.Dataset.from_tensor_slices(
+          (tf.gather(files, order), tf.gather(skips, order), tf.gather(takes, order)))
+      records = shards.interleave(
+          lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
+          cycle_length=min(cycle_length, len(instructions)), block_length=1,
+          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+      if seed is not None:
+        shuffle_seed = tf.random.stateless_uniform(
+            [], transforms.fold_in(seed, 2), None, None, dtype=tf.int64, alg='philox')
+        records = records.shuffle(c.shuffle_buffer, seed=shuffle_seed)
+      # Skipping reads (but does not decode) the skipped records.
+      return records.enumerate().map(lambda i, r: {'record': r, 'pos': i}).skip(skip)
+
+    def load(d):
+      ex = features.deserialize_example(d['record'], decoders={'image': tfds.decode.SkipDecoding()})
+      return {'raw': ex['image'], 'label': tf.cast(ex['label'], tf.int32), 'key': ex['file_name']}
+
+    return Split(f"imagenet2012 '{tfds_split}'", splits[tfds_split].num_examples, share.num_examples,
+                 epoch, load)
+
+  return Source('imagenet2012', features['label'].num_classes, splits['train'].num_examples,
+                splits['validation'].num_examples, split)

@@ -1,0 +1,203 @@
+"""Per-example image ops in TensorFlow, with torchvision / timm semantics.
+
+Images are float32 (H, W, 3) in [0, 255] until `normalize`. Randomness is stateless: each op takes a (2,)
+int64 seed, so an example's augmentation depends only on the seed it is given, not on thread timing.
+"""
+import math
+
+from tinymim_jax.data._tf import tf
+
+_ALG = 'philox'  # Fixed rather than 'auto_select', so that results never depend on the device.
+
+
+def split_seed(seed, num):
+  return tf.unstack(tf.random.experimental.stateless_split(seed, num, alg=_ALG))
+
+
+def fold_in(seed, data):
+  return tf.random.experimental.stateless_fold_in(seed, tf.cast(data, tf.int64), alg=_ALG)
+
+
+def uniform(shape, seed, minval=0.0, maxval=1.0):
+  return tf.random.stateless_uniform(shape, seed, minval, maxval, alg=_ALG)
+
+
+def permutation(n, seed):
+  """A random permutation of range(n) (int64), fixed by seed."""
+  return tf.cast(tf.argsort(uniform([n], seed), stable=True), tf.int64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoding and cropping.
+
+
+def decode_and_crop(raw, window_fn):
+  """Decodes `raw` and crops window_fn(height, width) -> (y, x, h, w) out of it (uint8, 3 channels).
+
+  `raw` is either encoded bytes (any format tf.io.decode_image reads; grayscale and CMYK JPEGs come out
+  RGB) or an already decoded uint8 image. A JPEG only decodes the crop window (decode_and_crop_jpeg).
+  """
+  if raw.dtype != tf.string:
+    shape = tf.shape(raw)
+    y, x, h, w = window_fn(shape[0], shape[1])
+    return raw[y:y + h, x:x + w]
+
+  def jpeg():
+    shape = tf.image.extract_jpeg_shape(raw)
+    y, x, h, w = window_fn(shape[0], shape[1])
+    # TF's default DCT is the fast, less exact one; PIL (torchvision) uses the accurate one.
+    return tf.image.decode_and_crop_jpeg(raw, tf.stack([y, x, h, w]), channels=3,
+                                         dct_method='INTEGER_ACCURATE')
+
+  def other():  # PNG (also when named .jpg), GIF (first frame), BMP, WebP.
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    shape = tf.shape(image)
+    y, x, h, w = window_fn(shape[0], shape[1])
+    return image[y:y + h, x:x + w]
+
+  image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def full_window(height, width):
+  return 0, 0, height, width
+
+
+def rrc_window(height, width, *, scale, ratio, seed):
+  """torchvision RandomResizedCrop.get_params: 10 tries, then a center crop clamped to the ratio range."""
+  h_in, w_in = tf.cast(height, tf.float32), tf.cast(width, tf.float32)
+  u = uniform([10, 4], seed)  # Per try: area, log-ratio, top, left.
+  area = h_in * w_in * (scale[0] + (scale[1] - scale[0]) * u[:, 0])
+  log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+  w = tf.round(tf.sqrt(area * aspect))  # Round half to even, as Python's round().
+  h = tf.round(tf.sqrt(area / aspect))
+  ok = (w > 0) & (h > 0) & (w <= w_in) & (h <= h_in)
+  top = tf.floor(u[:, 2] * (h_in - h + 1))  # randint(0, H - h) inclusive.
+  left = tf.floor(u[:, 3] * (w_in - w + 1))
+  first = tf.argmax(tf.cast(ok, tf.int32))  # The first successful try.
+
+  # Fallback: the whole image, cut down to the nearest allowed aspect ratio, centered.
+  in_ratio = w_in / h_in
+  fw = tf.where(in_ratio < ratio[0], w_in, tf.where(in_ratio > ratio[1], tf.round(h_in * ratio[1]), w_in))
+  fh = tf.where(in_ratio < ratio[0], tf.round(w_in / ratio[0]), h_in)
+  fallback = tf.stack([tf.floor((h_in - fh) / 2), tf.floor((w_in - fw) / 2), fh, fw])
+  chosen = tf.stack([top[first], left[first], h[first], w[first]])
+  window = tf.cast(tf.where(tf.reduce_any(ok), chosen, fallback), tf.int32)
+  return window[0], window[1], window[2], window[3]
+
+
+def resize(image, size):
+  """Bicubic resize to (size, size) with antialiasing (like PIL), rounded back to uint8 values."""
+  image = tf.image.resize(image, [size, size], method='bicubic', antialias=True)
+  return tf.round(tf.clip_by_value(image, 0.0, 255.0))
+
+
+def flip(image, seed):
+  """Horizontal flip with probability 1/2."""
+  # tf.reverse: a strided slice image[:, ::-1] is several times slower.
+  return tf.cond(uniform([], seed) < 0.5, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+def resize_shorter_center_crop(image, size, crop_pct):
+  """Eval: resize the shorter side to round(size / crop_pct) (bicubic), then center crop size x size."""
+  short = int(round(size / crop_pct))
+  h, w = tf.cast(tf.shape(image)[0], tf.float32), tf.cast(tf.shape(image)[1], tf.float32)
+  # torchvision Resize(int): the longer side is truncated, not rounded.
+  new_h = tf.where(h <= w, float(short), tf.floor(short * h / w))
+  new_w = tf.where(h <= w, tf.floor(short * w / h), float(short))
+  image = tf.image.resize(tf.cast(image, tf.float32), tf.cast(tf.stack([new_h, new_w]), tf.int32),
+                          method='bicubic', antialias=True)
+  image = tf.round(tf.clip_by_value(image, 0.0, 255.0))
+  top = tf.cast(tf.round((new_h - size) / 2), tf.int32)  # torchvision CenterCrop.
+  left = tf.cast(tf.round((new_w - size) / 2), tf.int32)
+  image = image[top:top + size, left:left + size]
+  image.set_shape([size, size, 3])
+  return image
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Colour.
+
+
+_LUMA = (0.299, 0.587, 0.114)  # ITU-R 601-2, as PIL's convert('L').
+
+
+def grayscale(image):
+  """Luma of an (H, W, 3) image, keeping a channel axis of 1."""
+  return tf.reshape(tf.reshape(image, [-1, 3]) @ tf.constant(_LUMA, shape=[3, 1]), tf.shape(image[..., :1]))
+
+
+def _per_channel(image, scale, offset):
+  """image * scale + offset with (3,) constants, on an (H, W, 3) image of static shape."""
+  h, w, _ = image.shape
+  # Broadcasting a (3,) vector over the last axis does not vectorise; a (W * 3,) row does.
+  rows = tf.reshape(image, [h, w * 3]) * tf.constant(list(scale) * w) + tf.constant(list(offset) * w)
+  return tf.reshape(rows, [h, w, 3])
+
+
+def blend(degenerate, image, factor):
+  """PIL ImageEnhance / torchvision _blend: factor 0 -> degenerate, 1 -> image."""
+  return tf.clip_by_value(degenerate + factor * (image - degenerate), 0.0, 255.0)
+
+
+def color_jitter(image, strength, seed):
+  """torchvision ColorJitter(brightness=contrast=saturation=strength, hue=0).
+
+  Each factor is uniform in [max(0, 1 - strength), 1 + strength]; the three ops run in a random order.
+  """
+  if not strength:
+    return image
+  order_seed, factor_seed = split_seed(seed, 2)
+  factors = uniform([3], factor_seed, max(0.0, 1.0 - strength), 1.0 + strength)
+  order = tf.argsort(uniform([3], order_seed))
+  luma = tf.constant(_LUMA)
+
+  def saturation(x):  # blend(grayscale(x), x, f), as one 3x3 colour matrix.
+    f = factors[2]
+    matrix = f * tf.eye(3) + (1.0 - f) * luma[:, None]
+    return tf.clip_by_value(tf.reshape(tf.reshape(x, [-1, 3]) @ matrix, tf.shape(x)), 0.0, 255.0)
+
+  ops = [
+      lambda x: tf.clip_by_value(x * factors[0], 0.0, 255.0),  # Brightness: blend with black.
+      lambda x: blend(tf.tensordot(tf.reduce_mean(x, axis=[0, 1]), luma, 1), x, factors[1]),  # Contrast.
+      saturation,
+  ]
+  for k in range(3):
+    image = tf.switch_case(order[k], [lambda op=op: op(image) for op in ops])
+  return image
+
+
+def normalize(image, norm):
+  """[0, 255] -> (x / 255 - mean) / std, per channel."""
+  mean, std = norm
+  return _per_channel(image, [1 / (255.0 * s) for s in std], [-m / s for m, s in zip(mean, std)])
+
+
+def random_erasing(image, prob, seed):
+  """timm RandomErasing(prob, mode='pixel', count 1) on a normalised image.
+
+  With probability `prob`, one box of 2% - 1/3 of the area and aspect ratio in [0.3, 1/0.3] (10 tries)
+  is filled with per-pixel, per-channel standard normal noise.
+  """
+  if not prob:
+    return image
+  apply_seed, box_seed, noise_seed = split_seed(seed, 3)
+  height, width = image.shape[0], image.shape[1]
+  u = uniform([10, 4], box_seed)
+  area = height * width * (0.02 + (1 / 3 - 0.02) * u[:, 0])
+  log_lo, log_hi = math.log(0.3), math.log(1 / 0.3)
+  aspect = tf.exp(log_lo + (log_hi - log_lo) * u[:, 1])
+  h = tf.round(tf.sqrt(area * aspect))
+  w = tf.round(tf.sqrt(area / aspect))
+  ok = (w < width) & (h < height)
+  first = tf.argmax(tf.cast(ok, tf.int32))
+  top = tf.floor(u[first, 2] * (height - h[first] + 1))
+  left = tf.floor(u[first, 3] * (width - w[first] + 1))
+  rows = tf.range(height, dtype=tf.float32)[:, None, None]
+  cols = tf.range(width, dtype=tf.float32)[None, :, None]
+  box = (rows >= top) & (rows < top + h[first]) & (cols >= left) & (cols < left + w[first])
+  erase = tf.reduce_any(ok) & (uniform([], apply_seed) < prob)
+  noise = lambda: tf.random.stateless_normal(tf.shape(image), noise_seed, alg=_ALG)
+  return tf.cond(erase, lambda: tf.where(box, noise(), image), lambda: image)

@@ -1,0 +1,200 @@
+"""Losses of TinyMIM distillation, MAE pretraining and fine-tuning.
+
+Pure jax.numpy functions: no modules, no parameters. Everything is computed in
+float32 whatever the input dtype (the reference runs fp16 autocast but keeps
+softmax, log and KL in fp32); float64 inputs stay float64 so that tests can
+compare against numpy at ~1e-10 under x64.
+"""
+import jax
+import jax.numpy as jnp
+
+
+def _f32(x):
+  """Casts to float32, except float64 which is kept (x64 tests)."""
+  x = jnp.asarray(x)
+  return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
+
+
+def relation_logits(a, b):
+  """Scaled dot products of one model's tokens: a @ b^T * dh**-0.5.
+
+  Args:
+    a: (B, H, N, dh) queries (or values).
+    b: (B, H, M, dh) keys (or values).
+
+  Returns:
+    (B, H, N, M) float32 logits. dh is the model's own head_dim (SPEC 2: no
+    extra temperature, each model uses its own 1/sqrt(dh)).
+  """
+  a, b = _f32(a), _f32(b)
+  # Scale after the matmul, as in the reference `(q @ k^T) * scale`.
+  return jnp.einsum("bhnd,bhmd->bhnm", a, b) * a.shape[-1] ** -0.5
+
+
+def kl_rows(teacher_logits, student_logits):
+  """KL(softmax(teacher) || softmax(student)) over the last axis.
+
+  Args:
+    teacher_logits: (..., N, M).
+    student_logits: (..., N, M), same shape.
+
+  Returns:
+    Scalar: KL summed over keys (last axis), averaged over all other axes
+    (batch x heads x query rows).
+  """
+  log_p = jax.nn.log_softmax(_f32(teacher_logits), axis=-1)
+  log_q = jax.nn.log_softmax(_f32(student_logits), axis=-1)
+  # log_softmax is finite, so p == 0 (underflow) contributes exactly 0.
+  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
+  return jnp.mean(kl)
+
+
+def relation_loss(teacher, student, *, w_qk=1.0, w_vv=1.0):
+  """TinyMIM relation distillation loss (SPEC 2).
+
+  Args:
+    teacher: dict with 'q', 'k', 'v', each (B, H, N, dh_t), CLS included.
+    student: dict with 'q', 'k', 'v', each (B, H, N, dh_s); same B, H, N as the
+      teacher (the student's relation block uses the teacher's head count),
+      head dims may differ.
+    w_qk: weight of the q-k relation term.
+    w_vv: weight of the v-v relation term.
+
+  Returns:
+    (loss, {'loss_qk', 'loss_vv'}) with loss = w_qk * L_qk + w_vv * L_vv.
+  """
+  for name in ("q", "k", "v"):
+    t, s = teacher[name].shape, student[name].shape
+    if len(t) != 4 or len(s) != 4 or t[:3] != s[:3]:
+      raise ValueError(
+          f"relation_loss: teacher {name!r} {tuple(t)} and student {name!r} "
+          f"{tuple(s)} must both be (B, H, N, dh) with the same B, H, N.")
+  loss_qk = kl_rows(relation_logits(teacher["q"], teacher["k"]),
+                    relation_logits(student["q"], student["k"]))
+  loss_vv = kl_rows(relation_logits(teacher["v"], teacher["v"]),
+                    relation_logits(student["v"], student["v"]))
+  loss = w_qk * loss_qk + w_vv * loss_vv
+  return loss, {"loss_qk": loss_qk, "loss_vv": loss_vv}
+
+
+def _smooth_l1(d):
+  # torch F.smooth_l1_loss with beta=1.0.
+  ad = jnp.abs(d)
+  return jnp.where(ad < 1.0, 0.5 * d * d, ad - 0.5)
+
+
+def _cosine(x, y, eps=1e-8):
+  # torch F.cosine_similarity over the last axis; each norm clamped to eps.
+  nx = jnp.maximum(jnp.linalg.norm(x, axis=-1), eps)
+  ny = jnp.maximum(jnp.linalg.norm(y, axis=-1), eps)
+  return jnp.sum(x * y, axis=-1) / (nx * ny)
+
+
+def _regression(student, teacher, kind):
+  """Mean-reduced distance between same-shape arrays; 'cosine' over last axis."""
+  if student.shape != teacher.shape:
+    raise ValueError(f"student {student.shape} and teacher {teacher.shape} "
+                     "must have the same shape.")
+  d = student - teacher
+  if kind == "smooth_l1":
+    return jnp.mean(_smooth_l1(d))
+  if kind == "mse":
+    return jnp.mean(d * d)
+  if kind == "cosine":
+    return jnp.mean(1.0 - _cosine(student, teacher))
+  raise ValueError(f"Unknown loss kind {kind!r}: smooth_l1 | mse | cosine.")
+
+
+def class_token_loss(student_cls, teacher_cls, kind="cosine"):
+  """Class-token distillation: (B, D) each -> scalar.
+
+  kind: 'cosine' (1 - cosine similarity, mean over batch), 'smooth_l1' (beta 1)
+  or 'mse' (both mean over all elements).
+  """
+  return _regression(_f32(student_cls), _f32(teacher_cls), kind)
+
+
+def _layer_norm(x, eps=1e-6):
+  # Parameter-free LayerNorm over the last axis (biased variance, as torch).
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+  return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def feature_loss(student, teacher, kind="smooth_l1", normalize_target=False):
+  """Feature (hidden state) distillation: (B, N, D) each -> scalar.
+
+  The caller has already projected the student to the teacher width.
+  kind: 'smooth_l1' | 'mse' (mean over all elements) | 'cosine' (1 - cos over
+  D, mean over B, N). normalize_target applies a parameter-free LayerNorm
+  (eps 1e-6) over D to the teacher features first.
+  """
+  teacher = _f32(teacher)
+  if normalize_target:
+    teacher = _layer_norm(teacher)
+  return _regression(_f32(student), teacher, kind)
+
+
+def patchify(imgs, patch):
+  """MAE patchify on NHWC images.
+
+  Args:
+    imgs: (B, H, W, C) with H, W multiples of patch.
+    patch: patch size p.
+
+  Returns:
+    (B, L, p*p*C), patches in row-major (row, col) order, each flattened as
+    (row-in-patch, col-in-patch, channel): MAE's 'nchpwq->nhwpqc' on NCHW.
+  """
+  b, hh, ww, c = imgs.shape
+  if hh % patch or ww % patch:
+    raise ValueError(f"Image size {(hh, ww)} not divisible by patch {patch}.")
+  h, w = hh // patch, ww // patch
+  x = imgs.reshape(b, h, patch, w, patch, c)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, p, p, C)
+  return x.reshape(b, h * w, patch * patch * c)
+
+
+def unpatchify(x, patch, channels=3):
+  """Inverse of patchify for square images: (B, L, p*p*C) -> (B, H, W, C)."""
+  b, l, _ = x.shape
+  h = int(round(l ** 0.5))
+  if h * h != l:
+    raise ValueError(f"unpatchify needs a square grid, got L={l}.")
+  x = x.reshape(b, h, h, patch, patch, channels)
+  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, p, w, p, C)
+  return x.reshape(b, h * patch, h * patch, channels)
+
+
+def mae_loss(pred, imgs, mask, patch, norm_pix=True):
+  """MAE pixel reconstruction loss (facebookresearch/mae forward_loss).
+
+  Args:
+    pred: (B, L, p*p*C) predicted pixels.
+    imgs: (B, H, W, C) images.
+    mask: (B, L), 1 = masked (removed from the encoder input), 0 = visible.
+    patch: patch size p.
+    norm_pix: normalise each target patch by its mean and unbiased variance.
+
+  Returns:
+    Scalar: per-patch MSE averaged over masked patches only.
+  """
+  target = patchify(_f32(imgs), patch)
+  if norm_pix:
+    mean = jnp.mean(target, axis=-1, keepdims=True)
+    var = jnp.var(target, axis=-1, keepdims=True, ddof=1)  # torch .var().
+    target = (target - mean) / (var + 1e-6) ** 0.5
+  per_patch = jnp.mean(jnp.square(_f32(pred) - target), axis=-1)  # (B, L)
+  mask = mask.astype(per_patch.dtype)
+  return jnp.sum(per_patch * mask) / jnp.sum(mask)
+
+
+def soft_cross_entropy(logits, targets):
+  """Mean over batch of -sum(targets * log_softmax(logits)); (B, C) each."""
+  logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+  return jnp.mean(-jnp.sum(_f32(targets) * logp, axis=-1))
+
+
+def top1_correct(logits, labels):
+  """(B, C) logits, (B,) int labels -> (B,) bool."""
+  return jnp.argmax(logits, axis=-1) == labels

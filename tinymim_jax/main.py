@@ -1,0 +1,368 @@
+r"""The main job: one flat trainer for TinyMIM distillation, MAE pretraining, fine-tuning and evaluation.
+
+  python -m tinymim_jax.main --config configs/tinymim_distill.py:student=small --workdir workdirs/tinymim_s \
+      [--config.batch_size=1024 --config.data.data_dir=/data/tfds ...]
+
+The config's `objective` picks the step ('distill' | 'mae_pretrain' | 'finetune' | 'eval'). A rerun with the same
+workdir resumes from its latest checkpoint; a finished run (workdir/done.json) is not run again. Sections:
+processes & mesh, data, model & teacher, optimizer, checkpoint, loop, evals, export.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from tinymim_jax import builders, checkpoint, config_base, data, knn, optim, writers
+from tinymim_jax import sharding as sh
+from tinymim_jax import train_steps as ts
+
+DONE = "done.json"
+DATA_MODES = {"distill": "distill", "mae_pretrain": "mae", "finetune": "finetune"}
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss or gradient became NaN/Inf; the state was not updated and nothing was saved after it."""
+
+
+class _Preemption:
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread (e.g. called from a test thread): no handler
+      self._old = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def check(self) -> bool:
+    if jax.process_count() > 1:  # every process must agree, or a lone save would hang
+      from jax.experimental import multihost_utils
+      return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
+    return self.requested
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
+def _schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
+  total = config.total_steps if config.total_steps is not None else int(config.total_epochs * steps_per_epoch)
+  warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_epochs * steps_per_epoch)
+  if total < 1:
+    raise ValueError(f"the run has {total} steps: check config.total_steps / total_epochs / batch_size")
+  return total, warmup
+
+
+def _mean_metrics(buffer: list[dict]) -> dict[str, float]:
+  return {k: float(np.mean([m[k] for m in buffer])) for k in buffer[0]}
+
+
+def _versions() -> dict[str, str]:
+  import flax
+  import optax
+  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+          "python": sys.version.split()[0], "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) the job `config` describes in `workdir`; returns the final metrics."""
+  os.makedirs(workdir, exist_ok=True)
+  done_path = os.path.join(workdir, DONE)
+  if os.path.exists(done_path):
+    with open(done_path) as f:
+      done = json.load(f)
+    logging.info("%s: finished earlier (step %s); nothing to do", workdir, done.get("step"))
+    return done
+  is_main = jax.process_index() == 0
+  objective = config.objective
+
+  # ---------------------------------------------------------------------------------------------------
+  # Mesh. (Processes were started by main() through sharding.initialize_distributed().)
+  # ---------------------------------------------------------------------------------------------------
+  mesh = sh.make_mesh(fsdp=config.mesh.fsdp)
+  n_batch_shards = mesh.devices.size
+  if config.batch_size % n_batch_shards or config.batch_size % jax.process_count():
+    raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over {n_batch_shards} devices")
+
+  # ---------------------------------------------------------------------------------------------------
+  # Data.
+  # ---------------------------------------------------------------------------------------------------
+  info = data.dataset_info(config.data)
+  steps_per_epoch = max(info.num_train // config.batch_size, 1)
+  total_steps, warmup_steps = _schedule_lengths(config, steps_per_epoch)
+
+  # ---------------------------------------------------------------------------------------------------
+  # Model and teacher.
+  # ---------------------------------------------------------------------------------------------------
+  model = builders.make_model(config, num_classes=info.num_classes)
+  meta: dict[str, Any] = {"objective": objective, "num_classes": info.num_classes, "seed": config.seed}
+  if config.init:
+    # Fine-tuning starts from a pretrained / distilled encoder: a fresh fc_norm + head, `norm` dropped.
+    report = builders.load_weights(model, config.init, skip=config.init_skip,
+                                   allow_missing=(r"fc_norm\..*", r"head\..*") if objective != "eval" else ())
+    logging.info("init from %s:\n%s", config.init, report)
+    meta["init"] = os.path.abspath(config.init)
+  teacher = None
+  if objective == "distill":
+    teacher = builders.make_teacher(config)
+    report = builders.load_weights(teacher, config.teacher.source)
+    logging.info("teacher from %s:\n%s", config.teacher.source, report)
+    meta["teacher"] = {"source": os.path.abspath(config.teacher.source), "sha256": builders.weights_hash(teacher),
+                       "name": config.teacher.name, "block": config.distill.teacher_block}
+  if objective == "eval":
+    return _final_evals(config, workdir, model, mesh, meta, step=0)
+
+  # ---------------------------------------------------------------------------------------------------
+  # Optimizer.
+  # ---------------------------------------------------------------------------------------------------
+  o = config.optim
+  schedule = optim.lr_schedule(base_lr=o.base_lr, global_batch_size=config.batch_size, total_steps=total_steps,
+                               warmup_steps=warmup_steps, min_lr=o.min_lr, lr_scaling_batch=o.lr_scaling_batch)
+  extra = builders.extra_params(config, model)
+  _, params, _ = ts.split_model(model)
+  params = {**params, **(extra or {})}
+  frozen = tuple(o.frozen)
+  if objective == "distill":
+    frozen += ts.distill_frozen_patterns(builders.distill_spec(config), params)
+  rules = dict(schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+               no_decay=tuple(o.no_decay), frozen=frozen, layer_decay=o.layer_decay,
+               depth=len(params["blocks"]) if "blocks" in params else None, grad_clip_norm=o.grad_clip_norm,
+               grad_accum_steps=o.grad_accum_steps)
+  tx = optim.make_optimizer(params, **rules)
+  if is_main:
+    logging.info("optimizer:\n%s", optim.describe(params, **{k: rules[k] for k in ("no_decay", "frozen",
+                                                                                  "layer_decay", "depth")}))
+  graphdef, teacher_graphdef, state = ts.init_state(model, tx, teacher=teacher, extra_params=extra)
+  del model, teacher
+
+  # ---------------------------------------------------------------------------------------------------
+  # Checkpoint: resume from the latest one, onto this mesh.
+  # ---------------------------------------------------------------------------------------------------
+  state_sharding = sh.tree_sharding(state, mesh)
+  ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts, keep_every=config.keep_every_steps)
+  if ckpt.latest_step() is not None:
+    restored, saved_meta = ckpt.restore(checkpoint.abstract(ts.checkpointable(state),
+                                                            ts.checkpointable(state_sharding)))
+    if saved_meta.get("teacher", {}).get("sha256") not in (None, meta.get("teacher", {}).get("sha256")):
+      logging.warning("the teacher's weights differ from the ones this run started with (%s)",
+                      saved_meta["teacher"]["source"])
+    state.update(restored)
+    logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
+  state = jax.device_put(state, state_sharding)
+  start_step = int(state["step"])
+  meta["config"] = json.loads(config.to_json_best_effort())
+  meta["versions"] = _versions()
+
+  # ---------------------------------------------------------------------------------------------------
+  # Steps.
+  # ---------------------------------------------------------------------------------------------------
+  if objective == "distill":
+    step_fn = ts.make_distill_step(graphdef, teacher_graphdef, tx, schedule, builders.distill_spec(config))
+  elif objective == "mae_pretrain":
+    step_fn = ts.make_mae_step(graphdef, tx, schedule, mask_ratio=config.mae.mask_ratio,
+                               norm_pix=config.mae.norm_pix)
+  else:
+    f = config.finetune
+    step_fn = ts.make_finetune_step(graphdef, tx, schedule, num_classes=info.num_classes, mixup=f.mixup,
+                                    cutmix=f.cutmix, switch_prob=f.switch_prob, label_smoothing=f.label_smoothing)
+  train_step = ts.jit_step(step_fn, state_sharding, mesh)
+  rng = jax.random.PRNGKey(config.seed)
+
+  # ---------------------------------------------------------------------------------------------------
+  # Loop.
+  # ---------------------------------------------------------------------------------------------------
+  writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+  if is_main and start_step == 0:
+    writer.write_config(config)
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump({k: v for k, v in meta.items() if k != "config"}, f, indent=2)
+  it = data.make_train_iterator(config.data, mode=DATA_MODES[objective], global_batch_size=config.batch_size,
+                                seed=config.seed, start_step=start_step)
+  progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=objective)
+  preemption = _Preemption()
+  pending, buffer, last_saved = None, [], ckpt.latest_step()
+  evaluator = _Evaluator(config, graphdef, mesh, state_sharding, info)
+  step = start_step
+  try:
+    for step in range(start_step + 1, total_steps + 1):
+      batch = data.to_global(next(it), mesh, jax.sharding.PartitionSpec(sh.BATCH_AXES))
+      state, metrics = train_step(state, batch, rng)
+      # Metrics are fetched one step late so the host never waits for the device.
+      if pending is not None:
+        buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
+      pending = (step, metrics)
+      progress.update(step, images_per_step=config.batch_size,  # shows the latest fetched loss / lr
+                      loss=buffer[-1]["loss"] if buffer else None, lr=buffer[-1]["lr"] if buffer else None)
+      last = step == total_steps
+      if step % config.log_every_steps == 0 or last:
+        buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved))
+        pending = None
+        train = {f"train/{k}": v for k, v in _mean_metrics(buffer).items() if k != "nonfinite"}
+        train["train/skipped_images"] = float(getattr(it, "skipped", 0))
+        writer.write(step, train)
+        buffer = []
+      if (config.eval_every_steps and step % config.eval_every_steps == 0) and not last:
+        writer.write(step, evaluator(state))
+      preempted = preemption.check()
+      if step % config.ckpt_every_steps == 0 or last or preempted:
+        ckpt.save(step, ts.checkpointable(state), {**meta, "step": step})
+        last_saved = step
+      if preempted:
+        ckpt.wait()
+        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume", step, workdir)
+        return {"preempted": True, "step": step}
+  finally:
+    progress.close()
+    preemption.restore()
+    ckpt.wait()
+
+  # ---------------------------------------------------------------------------------------------------
+  # Final evals and export.
+  # ---------------------------------------------------------------------------------------------------
+  final = evaluator(state)
+  writer.write(total_steps, final)
+  writer.close()
+  ckpt.close()
+  model = ts.merge_model(graphdef, jax.device_get(state["params"]), jax.device_get(state["consts"]))
+  return _finish_run(config, workdir, model, {**final, "step": total_steps})
+
+
+def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
+  if metrics.pop("nonfinite", 0):
+    raise NonFiniteLossError(
+        f"the loss or gradient became NaN/Inf at step {step} (loss={metrics.get('loss')}, "
+        f"grad_norm={metrics.get('grad_norm')}). The update was skipped and nothing was saved after it; the last "
+        f"good checkpoint is step {last_saved}. Lower optim.base_lr or check the data, then rerun to resume.")
+  return metrics
+
+
+# -----------------------------------------------------------------------------------------------------
+# Evals.
+# -----------------------------------------------------------------------------------------------------
+class _Evaluator:
+  """k-NN top-1 on features (pretraining / distillation monitor) and top-1 of the head (fine-tuning)."""
+
+  def __init__(self, config, graphdef, mesh, state_sharding, info):
+    self.config, self.mesh, self.info = config, mesh, info
+    sub = {"params": state_sharding["params"], "consts": state_sharding["consts"]}
+    self.predict = jax.jit(ts.make_predict_fn(graphdef), in_shardings=(sub, sh.batch_sharding(mesh)),
+                           out_shardings=sh.replicated(mesh))
+
+  def _outputs(self, state, split: str, limit: int | None = None):
+    sub = {"params": state["params"], "consts": state["consts"]}
+    feats, logits, labels = [], [], []
+    it = data.make_eval_iterator(self.config.data, split=split, global_batch_size=self.config.batch_size)
+    seen = 0
+    for batch in it:
+      mask = np.asarray(batch.pop("mask"), bool)
+      labels.append(np.asarray(batch["label"])[mask])
+      images = data.to_global({"image": batch["image"]}, self.mesh, jax.sharding.PartitionSpec(sh.BATCH_AXES))
+      out = jax.device_get(self.predict(sub, images["image"]))
+      out = {k: v[: len(mask)] for k, v in out.items()}
+      feats.append(out["feature"][mask])
+      if "logits" in out:
+        logits.append(out["logits"][mask])
+      seen += int(mask.sum())
+      if limit and seen >= limit:
+        break
+    cat = lambda xs: np.concatenate(xs) if xs else None
+    return cat(feats), cat(logits), cat(labels)
+
+  def __call__(self, state) -> dict[str, float]:
+    t0 = time.time()
+    res: dict[str, float] = {}
+    f_test, logits, y_test = self._outputs(state, "test")
+    if logits is not None:
+      res["eval/top1"] = float((logits.argmax(-1) == y_test).mean())
+    if self.config.knn.enabled:
+      f_train, _, y_train = self._outputs(state, "train", self.config.knn.max_train)
+      k = min(self.config.knn.k, len(y_train))
+      res["eval/knn_top1"] = knn.knn_top1(f_train, y_train, f_test, y_test, k=k,
+                                          temperature=self.config.knn.temperature,
+                                          num_classes=self.info.num_classes)
+    res["time/eval_seconds"] = time.time() - t0
+    return res
+
+
+def _final_evals(config, workdir, model, mesh, meta, step):
+  graphdef, params, consts = ts.split_model(model)
+  state = {"params": params, "consts": consts}
+  shardings = sh.tree_sharding(state, mesh)
+  state = jax.device_put(state, shardings)
+  info = data.dataset_info(config.data)
+  res = _Evaluator(config, graphdef, mesh, shardings, info)(state)
+  with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
+    w.write(step, res)
+  return _finish_run(config, workdir, None, {**res, "step": step})
+
+
+def _finish_run(config, workdir, model, final: dict) -> dict:
+  if jax.process_index() == 0:
+    if model is not None and config.export:
+      from tinymim_jax import convert
+      path = os.path.join(workdir, "model.safetensors")
+      convert.save_pytorch_weights(model, path)
+      final["export"] = path
+    tmp = os.path.join(workdir, DONE + ".tmp")
+    with open(tmp, "w") as f:
+      json.dump(final, f, indent=2)
+    os.replace(tmp, os.path.join(workdir, DONE))
+  return final
+
+
+def quiet_library_logs() -> None:
+  """Our INFO lines stay; Orbax's and TF's per-save INFO chatter does not."""
+  noisy = ("/orbax/", "/tensorflow/", "/tensorflow_datasets/", "/etils/", "/jax/_src/")
+
+  class _Filter(logging.Filter):
+    def filter(self, record):
+      return record.levelno >= logging.WARNING or not any(n in record.pathname for n in noisy)
+
+  root = logging.getLogger()
+  root.setLevel(logging.INFO)
+  for handler in root.handlers or [logging.StreamHandler()]:
+    handler.addFilter(_Filter())
+    if handler not in root.handlers:
+      root.addHandler(handler)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Command line.
+# -----------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  config_flags.DEFINE_config_file("config", None, "config file, optionally with ':arg'", lock_config=True)
+  flags.DEFINE_string("workdir", None, "where checkpoints, metrics, plots and exports go")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+  def run(_):
+    quiet_library_logs()
+    sh.initialize_distributed()
+    config = config_base.finalize(flags.FLAGS.config)
+    res = train_and_evaluate(config, flags.FLAGS.workdir)
+    if jax.process_index() == 0:
+      print(json.dumps(res, indent=2))
+
+  app.run(run, argv=argv)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
