@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from flax import nnx
 from timm.layers import resample_abs_pos_embed
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
+from tests.helpers import torch_ref
 from tinymim_jax import convert, create_model
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
@@ -27,25 +26,7 @@ def tiny(**overrides):
   return create_model("vit_tiny_patch16", **{**TINY, **overrides})
 
 
-def timm_vit(shape=TINY, pooling="cls", num_classes=0, seed=0):
-  pool = dict(global_pool="token", fc_norm=False) if pooling == "cls" else dict(global_pool="avg", fc_norm=True)
-  tm = VisionTransformer(**shape, mlp_ratio=4, qkv_bias=True, norm_layer=functools.partial(nn.LayerNorm, eps=1e-6),
-                         class_token=True, num_classes=num_classes, **pool)
-  randomize_(tm, seed)
-  return tm.eval()
 
-
-def randomize_(module, seed=0):
-  # LayerNorms and biases too: at their 1 / 0 init a swapped or transposed one would go unnoticed.
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      if name.endswith("bias"):
-        p.normal_(0.0, 0.05, generator=gen)
-      elif "norm" in name:
-        p.normal_(1.0, 0.1, generator=gen)
-      else:
-        p.normal_(0.0, 0.05, generator=gen)
 
 
 def random_weights(model, seed=0):
@@ -482,3 +463,7 @@ def test_cli_top_level_help(capsys):
   with pytest.raises(SystemExit):
     convert.main(["--help"])
   assert "Example" in capsys.readouterr().out
+
+
+def timm_vit(shape=TINY, pooling="cls", num_classes=0, seed=0):
+  return torch_ref.timm_vit(shape, pooling, num_classes, seed)

@@ -84,7 +84,10 @@ def restore_model(workdir: str, step: int | None = None) -> nnx.Module:
   if extra:
     params = {**params, **extra}
   step = ckpt.latest_step() if step is None else step
-  r = ckpt.mngr.restore(step, args=ocp.args.Composite(
-      model=ocp.args.StandardRestore({"params": abstract(params), "consts": abstract(consts)})))
+  # Onto this process's first device, whatever mesh saved it.
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
+                        {"params": params, "consts": consts})
+  r = ckpt.mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
   ckpt.close()
   return ts.merge_model(graphdef, r.model["params"], r.model["consts"])

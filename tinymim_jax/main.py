@@ -19,7 +19,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -88,6 +87,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       done = json.load(f)
     logging.info("%s: finished earlier (step %s); nothing to do", workdir, done.get("step"))
     return done
+  preemption = _Preemption()  # first: a SIGTERM during set-up is honoured after the first step
+  try:
+    return _train_and_evaluate(config, workdir, preemption)
+  finally:
+    preemption.restore()
+
+
+def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   objective = config.objective
 
@@ -194,7 +201,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   it = data.make_train_iterator(config.data, mode=DATA_MODES[objective], global_batch_size=config.batch_size,
                                 seed=config.seed, start_step=start_step)
   progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=objective)
-  preemption = _Preemption()
   pending, buffer, last_saved = None, [], ckpt.latest_step()
   evaluator = _Evaluator(config, graphdef, mesh, state_sharding, info)
   step = start_step
@@ -228,7 +234,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         return {"preempted": True, "step": step}
   finally:
     progress.close()
-    preemption.restore()
     ckpt.wait()
 
   # ---------------------------------------------------------------------------------------------------

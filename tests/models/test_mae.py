@@ -11,6 +11,7 @@ from timm.layers import PatchEmbed
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from tests.helpers.torch_ref import randomize_
 from tinymim_jax import convert, create_model
 from tinymim_jax.models import random_masking
 
@@ -97,18 +98,6 @@ def our_mae(case, abstract=False):
   return nnx.eval_shape(make) if abstract else make()
 
 
-def randomize_(module, seed=0):
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in module.named_parameters():
-      if name.endswith("bias"):
-        p.normal_(0.0, 0.05, generator=gen)
-      elif "norm" in name:
-        p.normal_(1.0, 0.1, generator=gen)
-      elif name in ("cls_token", "mask_token"):
-        p.normal_(0.0, 0.5, generator=gen)
-      else:
-        p.normal_(0.0, 0.02 if p.ndim < 4 else 0.05, generator=gen)
 
 
 @functools.partial(nnx.jit, static_argnames=("mask_ratio",))

@@ -19,7 +19,6 @@ after its qkv projection: the relation targets need nothing else of it.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, Mapping, Sequence
 
 import jax
