@@ -257,11 +257,20 @@ class Worker:
     return res
 
 
-def timed(fn, n: int) -> list[float]:
-  """Wall seconds of n calls of fn() (fn must block until its work is done)."""
+def timed(fn, n: int, cpu: list | None = None) -> list[float]:
+  """Wall seconds of n calls of fn() (fn must block until its work is done).
+
+  If `cpu` is a list, the process CPU seconds (user + system, all threads) of each call are appended to it:
+  unlike wall time, they barely move when other processes compete for the cores, so they show the work an
+  implementation does (and, divided by the core count, the wall time it would take on an idle machine, as
+  long as its threads do not spin while waiting).
+  """
   out = []
   for _ in range(n):
+    c0 = time.process_time()
     t0 = time.perf_counter()
     fn()
     out.append(time.perf_counter() - t0)
+    if cpu is not None:
+      cpu.append(time.process_time() - c0)
   return out

@@ -176,8 +176,8 @@ def main():
       print(f'{label}: {per_s:.1f} images/s', flush=True)
 
   versions = _versions()
-  table = ['| pipeline (2 views, 224 px, from JPEG) | images/s | images/s/core | images/CPU-s | load avg before |',
-           '|---|---:|---:|---:|---:|']
+  table = ['| pipeline (2 views, 224 px, from JPEG) | images/s | images/s/core | images/CPU-s '
+           '| load avg before |', '|---|---:|---:|---:|---:|']
   table += [f'| {l} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.2f} |' for l, a, b, c, d in rows]
   entry = '\n'.join([
       f'### {datetime.date.today().isoformat()}: distillation views, tf.data vs torchvision',

@@ -151,8 +151,9 @@ def jax_worker(args) -> dict:
             "xla_flags": os.environ.get("XLA_FLAGS", ""), "peak_rss": common.peak_rss_bytes()}
 
   def steps(n: int):
-    times = common.timed(one, n)
-    return {"times": times, "peak_rss": common.peak_rss_bytes(), "peak_device_bytes": device_peak(),
+    cpu = []
+    times = common.timed(one, n, cpu)
+    return {"times": times, "cpu": cpu, "peak_rss": common.peak_rss_bytes(), "peak_device_bytes": device_peak(),
             "loss": float(box["metrics"]["loss"])}
 
   def matmul(n: int = 4096, dtype: str = "float32", reps: int = 5):
@@ -161,8 +162,9 @@ def jax_worker(args) -> dict:
     y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
     f = jax.jit(jnp.matmul)
     f(x, y).block_until_ready()
-    ts_ = common.timed(lambda: f(x, y).block_until_ready(), reps)
-    return {"gflops": 2.0 * n**3 / common.median(ts_) / 1e9}
+    cpu = []
+    ts_ = common.timed(lambda: f(x, y).block_until_ready(), reps, cpu)
+    return {"gflops": 2.0 * n**3 / common.median(ts_) / 1e9, "gflops_per_cpu_s": 2.0 * n**3 / common.median(cpu) / 1e9}
 
   # Pieces of the step, each its own jitted program over the same state.
   spec, pair = b["spec"], b["pair"]
@@ -195,7 +197,8 @@ def jax_worker(args) -> dict:
         args_ = (box["state"], b["batch"]) + ((b["rng"],) if name != "teacher_fwd" else ())
         fn = lambda: jax.block_until_ready(f(*args_))  # noqa: E731
         fn()
-      res[name] = common.timed(fn, n)
+      cpu = []
+      res[name] = {"times": common.timed(fn, n, cpu), "cpu": cpu}
     return res
 
   def profile(n: int = 1, trace_dir: str = ""):
@@ -269,16 +272,19 @@ def main():
     print(f"{name}: ready {infos[name]}", file=sys.stderr)
 
   times = {n: [] for n in names}
+  cpus = {n: [] for n in names}
   last = {}
   for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
       res = workers[name].call("steps", n=args.steps)
       times[name] += res["times"]
+      cpus[name] += res["cpu"]
       last[name] = res
     print(f"round {r + 1}/{args.rounds}: " + ", ".join(f"{n} {common.median(times[n]):.3f}s" for n in names) +
           f" (load {common.loadavg()})", file=sys.stderr)
 
+  # Matmul peaks, interleaved too; the best of the rounds (a peak).
   peaks = {n: {} for n in names}
   for r in range(args.matmul_rounds):
     for name in names:
@@ -286,73 +292,90 @@ def main():
       if name == "torch reference" and accel and args.amp != "off":
         dts.append("float16")
       for dt in dts:
-        peaks[name].setdefault(dt, []).append(workers[name].call("matmul", dtype=dt)["gflops"])
-  peak = {n: {dt: max(v) for dt, v in d.items()} for n, d in peaks.items()}
+        res = workers[name].call("matmul", dtype=dt)
+        peaks[name].setdefault(dt, []).append((res["gflops"], res["gflops_per_cpu_s"]))
+  peak = {n: {dt: max(g for g, _ in v) for dt, v in d.items()} for n, d in peaks.items()}
+  peak_cpu = {n: {dt: max(c for _, c in v) for dt, v in d.items()} for n, d in peaks.items()}
 
+  pieces = ["teacher_fwd", "student_fwd", "student_fwd_bwd", "step"]
   piece_rows = []
   if args.profile:
-    pieces = ["teacher_fwd", "student_fwd", "student_fwd_bwd", "step"]
     pt = {n: {k: [] for k in pieces} for n in names}
+    pc = {n: {k: [] for k in pieces} for n in names}
     for r in range(2):
       for name in names:
         for k, v in workers[name].call("pieces", names=pieces, n=2).items():
-          pt[name][k] += v
+          pt[name][k] += v["times"]
+          pc[name][k] += v["cpu"]
     for name in names:
-      m = {k: common.median(v) for k, v in pt[name].items()}
-      piece_rows.append([name, *(f"{m[k]:.3f}" for k in pieces),
-                         f"{m['step'] - m['student_fwd_bwd']:.3f}", f"{m['student_fwd_bwd'] - m['student_fwd']:.3f}",
-                         f"{m['student_fwd'] - m['teacher_fwd']:.3f}"])
+      for label, src in (("wall s", pt), ("CPU s", pc)):
+        m = {k: common.median(v) for k, v in src[name].items()}
+        piece_rows.append([name, label, *(f"{m[k]:.3f}" for k in pieces), f"{m['student_fwd'] - m['teacher_fwd']:.3f}",
+                           f"{m['student_fwd_bwd'] - m['student_fwd']:.3f}", f"{m['step'] - m['student_fwd_bwd']:.3f}"])
   torch_table = ""
   if args.torch_profile and "torch reference" in workers:
     torch_table = workers["torch reference"].call("profile")["table"]
-  closing = {n: w.close() for n, w in workers.items()}
+  for w in workers.values():
+    w.close()
 
   # ---- report
   flops = common.distill_flops(common.SIZES[args.size], args.batch, args.img)
   ref_name = None if args.no_torch else "torch reference"
-  ref_ips = args.batch / common.median(times[ref_name]) if ref_name else None
+  ncores = os.cpu_count() if args.device == "cpu" else None
   rows = []
   for name in names:
-    med = common.median(times[name])
+    med, cmed = common.median(times[name]), common.median(cpus[name])
     ips = args.batch / med
     achieved = flops["total"] / med / 1e9
     mm = peak[name]["float32"]
     pct = f"{100 * achieved / mm:.0f}%"
     if "bfloat16" in name and "bfloat16" in peak[name]:
-      pct += f" (of bf16 peak {100 * achieved / peak[name]['bfloat16']:.0f}%)"
+      pct += f" ({100 * achieved / peak[name]['bfloat16']:.0f}% of bf16 {peak[name]['bfloat16']:.0f})"
     if name == ref_name and "float16" in peak[name]:
-      pct += f" (of fp16 peak {100 * achieved / peak[name]['float16']:.0f}%)"
-    rss = last[name]["peak_rss"]
-    dev_peak = last[name].get("peak_device_bytes")
+      pct += f" ({100 * achieved / peak[name]['float16']:.0f}% of fp16 {peak[name]['float16']:.0f})"
+    row = [name, f"{med:.3f}", f"{min(times[name]):.3f}", f"{ips:.2f}",
+           f"{ips * common.median(times[ref_name]) / args.batch:.2f}" if ref_name else "-",
+           f"{achieved:.0f}", f"{mm:.0f}", pct]
+    if ncores:  # the load-independent view: CPU seconds
+      cach = flops["total"] / cmed / 1e9  # GFLOP per CPU-second
+      row += [f"{cmed:.2f}", f"{common.median(cpus[ref_name]) / cmed:.2f}" if ref_name else "-",
+              f"{100 * cach / peak_cpu[name]['float32']:.0f}%"]
     mem = infos[name].get("memory", {})
-    rows.append([
-        name, f"{med:.3f}", f"{min(times[name]):.3f}", f"{ips:.2f}",
-        "1.00" if name == ref_name else (f"{ips / ref_ips:.2f}" if ref_ips else "-"),
-        f"{achieved:.0f}", f"{mm:.0f}", pct, common.gib(rss), common.gib(dev_peak) if dev_peak else "-",
-        common.gib(mem.get("peak_estimate")) if mem else "-",
-        f"{infos[name]['xla_flops'] / 1e9:.0f}" if infos[name].get("xla_flops") else "-",
-        f"{infos[name]['compile_s']:.1f}" if "compile_s" in infos[name] else "-"])
-  headers = ["implementation", "step s (median)", "min s", "img/s", "vs ref", "GFLOP/s", "f32 matmul GFLOP/s",
-             "% of f32 matmul peak", "peak RSS GiB", "device peak GiB", "XLA mem estimate GiB", "XLA GFLOP/step",
-             "compile s"]
+    dev_peak = last[name].get("peak_device_bytes")
+    row += [common.gib(last[name]["peak_rss"]), common.gib(dev_peak) if dev_peak else "-",
+            common.gib(mem.get("peak_estimate")) if mem else "-",
+            f"{infos[name]['xla_flops'] / 1e9:.0f}" if infos[name].get("xla_flops") else "-",
+            f"{infos[name]['compile_s']:.1f}" if "compile_s" in infos[name] else "-"]
+    rows.append(row)
+  headers = ["implementation", "step s (median)", "min s", "img/s", "vs ref (img/s)", "GFLOP/s",
+             "f32 matmul GFLOP/s", "% of matmul peak"]
+  if ncores:
+    headers += ["CPU s/step", "vs ref (CPU s)", "% of peak (CPU time)"]
+  headers += ["peak RSS GiB", "device peak GiB", "XLA memory_analysis GiB", "XLA GFLOP/step", "compile s"]
   pair = common.SIZES[args.size]
   n_steps = args.rounds * args.steps
-  body = (f"{pair.label}, {args.img} px, batch {args.batch}, device {args.device}; {n_steps} timed steps per "
-          f"implementation in {args.rounds} interleaved rounds after {args.warmup} warm-up steps. Analytic "
-          f"matmul FLOPs per step: {flops['total'] / 1e9:.1f} G (teacher fwd {flops['teacher_fwd'] / 1e9:.1f}, "
-          f"student fwd {flops['student_fwd'] / 1e9:.1f}, student bwd {flops['student_bwd'] / 1e9:.1f}). "
-          f"Variants: `jax T[/S]` = teacher[/student] compute dtype. Matmul peak: {4096}^3 matmul in the "
-          f"same process.\n\n" + common.table(headers, rows))
+  body = (f"{pair.label}, {args.img} px, batch {args.batch}, device {args.device}: {n_steps} timed steps per "
+          f"implementation in {args.rounds} interleaved rounds of {args.steps}, after {args.warmup} warm-up steps, "
+          f"each implementation in its own process. Analytic matmul FLOPs per step {flops['total'] / 1e9:.1f} G "
+          f"(teacher fwd {flops['teacher_fwd'] / 1e9:.1f}, student fwd {flops['student_fwd'] / 1e9:.1f}, student "
+          f"bwd {flops['student_bwd'] / 1e9:.1f}); `XLA GFLOP/step` is cost_analysis()['flops'] of the compiled "
+          f"step (matmuls + elementwise). `jax T[/S]` = our step with teacher [/student] compute dtype T [S]. "
+          f"Matmul peak: best of {args.matmul_rounds} interleaved 4096^3 matmuls in each process (jnp.matmul / "
+          f"torch.matmul).")
+  if ncores:
+    body += (" CPU columns: process CPU seconds (user + system, all threads) per step, which other processes "
+             "competing for the cores barely move; `% of peak (CPU time)` compares FLOPs per CPU-second with "
+             "the matmul's FLOPs per CPU-second.")
+  body += "\n\n" + common.table(headers, rows)
   if piece_rows:
-    body += ("\n\nPieces (seconds, medians; each piece its own program, so the differences are estimates):\n\n" +
-             common.table(["implementation", "teacher fwd", "+ student fwd + loss", "+ student bwd",
-                           "full step", "= optimizer etc.", "= student bwd", "= student fwd + loss"], piece_rows))
+    body += ("\n\nPieces (medians; each piece is its own program run on the same state, differences are "
+             "estimates):\n\n" +
+             common.table(["implementation", "unit", "teacher fwd", "+ student fwd + loss", "+ student bwd",
+                           "full step", "= student fwd + loss", "= student bwd", "= optimizer etc."], piece_rows))
   if torch_table:
     body += "\n\ntorch.profiler, one reference step:\n\n```\n" + torch_table + "\n```"
-  ws = [f"{n}: {[round(t, 3) for t in times[n]]}" for n in names]
-  body += "\n\nAll step times (s): " + "; ".join(ws)
+  body += "\n\nAll step times, wall s: " + "; ".join(f"{n}: {[round(t, 2) for t in times[n]]}" for n in names)
   print(body)
-  del closing
   if not args.no_append:
     dev = infos[names[0]].get("device", args.device)
     common.append_section(f"{args.title}: {pair.label}, batch {args.batch}, {args.device}", body, devices=dev,

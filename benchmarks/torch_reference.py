@@ -243,8 +243,9 @@ def matmul_gflops(n: int = 4096, dtype: str = "float32", reps: int = 5, device: 
   sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
   a @ b
   sync()
-  ts = common.timed(lambda: (a @ b, sync()), reps)
-  return 2.0 * n**3 / common.median(ts) / 1e9
+  cpu = []
+  ts = common.timed(lambda: (a @ b, sync()), reps, cpu)
+  return 2.0 * n**3 / common.median(ts) / 1e9, 2.0 * n**3 / common.median(cpu) / 1e9
 
 
 def make_worker(args) -> dict:
@@ -259,8 +260,9 @@ def make_worker(args) -> dict:
             "torch_threads": torch.get_num_threads(), "peak_rss": common.peak_rss_bytes()}
 
   def steps(n: int):
-    out = common.timed(ref.step, n)
-    res = {"times": out, "peak_rss": common.peak_rss_bytes()}
+    cpu = []
+    out = common.timed(ref.step, n, cpu)
+    res = {"times": out, "cpu": cpu, "peak_rss": common.peak_rss_bytes()}
     if ref.device.type == "cuda":
       res["peak_device_bytes"] = torch.cuda.max_memory_allocated()
     return res
@@ -269,11 +271,13 @@ def make_worker(args) -> dict:
     res = {}
     for name in names:
       ref.piece(name)
-      res[name] = common.timed(lambda: ref.piece(name), n)
+      cpu = []
+      res[name] = {"times": common.timed(lambda: ref.piece(name), n, cpu), "cpu": cpu}
     return res
 
   def matmul(n: int = 4096, dtype: str = "float32", reps: int = 5):
-    return {"gflops": matmul_gflops(n, dtype, reps, str(ref.device))}
+    wall, cpu = matmul_gflops(n, dtype, reps, str(ref.device))
+    return {"gflops": wall, "gflops_per_cpu_s": cpu}
 
   def profile(n: int = 1):
     from torch.profiler import ProfilerActivity, profile as tprofile

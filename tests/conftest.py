@@ -7,3 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
+
+# torchvision / timm / triton segfault when imported after TensorFlow on this stack; the reverse order is fine.
+# Tests import both, so the torch side goes first in every test process (when the dev extras are installed).
+try:
+  import timm  # noqa: F401,E402  (imports torch and torchvision)
+except ImportError:
+  pass

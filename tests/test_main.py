@@ -117,14 +117,19 @@ def test_sigterm_saves_and_exits_cleanly(teacher_root, tmp_path):
 
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(teacher_root, tmp_path):
   wd = str(tmp_path / "nan")
+  trainer.train_and_evaluate(tiny_config("student_distill", teacher_root, total_steps=4, ckpt_every_steps=4,
+                                         export=False), wd)
+  os.remove(os.path.join(wd, "done.json"))  # continue the run, now with an lr that blows it up
   config = tiny_config("student_distill", teacher_root, total_steps=30, ckpt_every_steps=2, warmup_steps=0)
   with config.unlocked():
     config.optim.base_lr = 1e12
   with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step"):
     trainer.train_and_evaluate(config, wd)
   from tinymim_jax import checkpoint
-  model = checkpoint.restore_model(wd)  # the last checkpoint is complete and finite
   from flax import nnx
+  saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*")))
+  assert saved[0] == 4 and not os.path.exists(os.path.join(wd, "done.json"))
+  model = checkpoint.restore_model(wd)  # the last checkpoint is complete and finite
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 

@@ -110,7 +110,9 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # Data.
   # ---------------------------------------------------------------------------------------------------
   info = data.dataset_info(config.data)
-  steps_per_epoch = max(info.num_train // config.batch_size, 1)
+  # As the input pipeline counts it: each process's smallest share, in whole local batches.
+  pc = jax.process_count()
+  steps_per_epoch = max((info.num_train // pc) // (config.batch_size // pc), 1)
   total_steps, warmup_steps = _schedule_lengths(config, steps_per_epoch)
 
   # ---------------------------------------------------------------------------------------------------

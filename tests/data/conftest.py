@@ -18,3 +18,19 @@ def imagenet_cfg(tmp_path_factory):
   cfg.shuffle_buffer = 5
   data.dataset_info(cfg)  # Prepares it.
   return cfg
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+  """Any attempt to open an internet socket fails the test (local pipes and Unix sockets still work)."""
+  import socket
+
+  real_connect = socket.socket.connect
+
+  def connect(sock, address, *args):
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+      raise AssertionError(f'a data test tried to reach the network: {address}')
+    return real_connect(sock, address, *args)
+
+  monkeypatch.setattr(socket.socket, 'connect', connect)
+  monkeypatch.setattr(socket.socket, 'connect_ex', connect)

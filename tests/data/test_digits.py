@@ -1,4 +1,6 @@
 """The embedded default dataset: scikit-learn digits, through every mode."""
+import types
+
 import numpy as np
 import pytest
 from sklearn import datasets, model_selection
@@ -59,3 +61,8 @@ def test_uncached_digits_match_cached():
   uncached = next(data.make_eval_iterator(_cfg(cache=False), **kwargs))
   np.testing.assert_array_equal(cached['label'], uncached['label'])
   np.testing.assert_allclose(cached['image'], uncached['image'], atol=1e-5)
+
+
+def test_config_may_be_any_attribute_object():
+  info = data.dataset_info(types.SimpleNamespace(image_size=8, digits_test_fraction=0.25))
+  assert (info.num_train, info.num_eval, info.image_size) == (1347, 450, 8)

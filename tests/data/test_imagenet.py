@@ -82,3 +82,9 @@ def test_missing_imagenet_says_what_to_put_where(tmp_path):
   for needed in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar', str(tmp_path / 'manual'),
                  str(tmp_path / 'tfds')):
     assert needed in message
+
+
+def test_prepare_cli_reports_the_splits(imagenet_cfg, capsys):
+  from tinymim_jax.data import prepare
+  prepare.main([f'--data_dir={imagenet_cfg.data_dir}', f'--manual_dir={imagenet_cfg.manual_dir}'])
+  assert 'train 12, validation 6' in capsys.readouterr().out

@@ -38,10 +38,10 @@ def test_digits_shares_cover_every_example_once_per_epoch():
 def identity_folder(tmp_path_factory):
   """24 classes of one image each: a label names its example."""
   root = tmp_path_factory.mktemp('identity')
-  data_testlib.write_files(root, {f'train/c{k:02d}/img.jpg': data_testlib.encode(data_testlib.solid(k, 20, 24))
-                              for k in range(24)})
-  data_testlib.write_files(root, {f'val/c{k:02d}/img.png': data_testlib.encode(data_testlib.solid(k, 20, 24), 'PNG')
-                              for k in range(0, 24, 2)})
+  lib = data_testlib
+  lib.write_files(root, {f'train/c{k:02d}/img.jpg': lib.encode(lib.solid(k, 20, 24)) for k in range(24)})
+  lib.write_files(root, {f'val/c{k:02d}/img.png': lib.encode(lib.solid(k, 20, 24), 'PNG')
+                         for k in range(0, 24, 2)})
   return data_testlib.folder_cfg(root, image_size=8)
 
 

@@ -22,6 +22,7 @@ def default_config():
   # (mean, std) in [0, 1] pixel units. The teacher and the student may expect different statistics.
   c.teacher_norm = IMAGENET_NORM
   c.student_norm = IMAGENET_NORM  # Also used by 'mae', 'finetune' and eval.
+  c.flip = True  # Random horizontal flip in every training mode (off for data where it changes the class).
   c.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range (torchvision default).
   c.distill_crop_scale = (0.2, 1.0)
   c.color_jitter = 0.4  # Brightness = contrast = saturation strength, student view only; 0 = off.
@@ -32,7 +33,7 @@ def default_config():
   c.shuffle_buffer = 10_000  # Records; only imagenet2012 (the others shuffle exactly by index).
   c.num_parallel_calls = AUTOTUNE
   c.prefetch = 2  # Batches.
-  c.cache = config_dict.placeholder(bool)  # None = where small: digits yes, others no.
+  c.cache = config_dict.placeholder(bool)  # Hold decoded/encoded examples in memory. None: digits if < 64 MB.
   c.digits_test_fraction = 0.2
   c.digits_split_seed = 0  # Fixes the stratified digits train/test split.
   return c
@@ -49,6 +50,7 @@ class Config:
   crop_pct: float
   teacher_norm: tuple
   student_norm: tuple
+  flip: bool
   crop_ratio: tuple
   distill_crop_scale: tuple
   color_jitter: float
@@ -116,7 +118,8 @@ def _check(c):
   if not 0 < c.digits_test_fraction < 1:
     raise ValueError(f'data.digits_test_fraction={c.digits_test_fraction!r}: expected 0 < f < 1.')
   if c.shuffle_buffer < 1 or c.prefetch < 0:
-    raise ValueError(f'data.shuffle_buffer={c.shuffle_buffer}, data.prefetch={c.prefetch}: expected >= 1, >= 0.')
+    raise ValueError(f'data.shuffle_buffer={c.shuffle_buffer}, data.prefetch={c.prefetch}: '
+                     'expected >= 1 and >= 0.')
   if c.num_parallel_calls != AUTOTUNE and c.num_parallel_calls < 1:
     raise ValueError(f'data.num_parallel_calls={c.num_parallel_calls}: expected >= 1 or -1 (AUTOTUNE).')
   if c.name == 'imagenet2012' and c.cache:

@@ -12,8 +12,9 @@ digits and folder slice the epoch's index permutation (free), imagenet2012 reads
 before the resume point without decoding them (about the I/O of that part of the epoch).
 
 Bad files. Each example is loaded and decoded inside a tf.data "try" (a one-element dataset with
-ignore_errors, followed by a fallback element), which yields the example with valid=True or a blank with
-valid=False, without losing its position. The Python iterator counts the invalid ones (`.skipped`) and
+ignore_errors, followed by a fallback element), which yields the example with valid=True or a 1-pixel
+stand-in with valid=False, without losing its position; the augmentations, which cannot fail, follow
+in a plain map. The Python iterator counts the invalid ones (`.skipped`) and
 replaces their rows with valid rows of the same batch, so batch positions - and with them resumption and
 the per-process step count - never depend on which files fail. Eval marks them mask=False instead.
 """
@@ -53,7 +54,7 @@ def _local_batch(global_batch_size, process_count):
   return global_batch_size // process_count
 
 
-def _options(c):
+def _options():
   options = tf.data.Options()
   options.deterministic = True
   # Parallelism comes from tf.data across examples; ops inside one example stay single-threaded.
@@ -70,8 +71,7 @@ def _try_map(ds, fn, fallback, num_parallel_calls):
   """
   def one(element):
     good = tf.data.Dataset.from_tensors(element).map(lambda e: dict(fn(e), valid=True)).ignore_errors()
-    bad = tf.data.Dataset.from_tensors(element).map(lambda e: dict(fallback(e), valid=False))
-    return good.concatenate(bad).take(1)
+    return good.concatenate(tf.data.Dataset.from_tensors(dict(fallback(element), valid=False))).take(1)
 
   return ds.interleave(one, cycle_length=num_parallel_calls, block_length=1,
                        num_parallel_calls=num_parallel_calls, deterministic=True)
@@ -81,19 +81,29 @@ def _try_map(ds, fn, fallback, num_parallel_calls):
 # Per-example transforms.
 
 
-def _train_transform(c, mode):
-  """(raw, seed) -> the mode's views, float32 (S, S, 3), normalised."""
+def _train_transforms(c, mode):
+  """(decode, augment) for a training mode, both taking (input, per-example seed).
+
+  decode(raw, seed) -> the RandomResizedCrop window, uint8: the part that can fail on a bad file, run
+  inside the try. augment(crop, seed) -> the mode's normalised float32 (S, S, 3) views: cannot fail,
+  so it runs in a plain map that tf.data fuses with batching.
+  """
   scale = {'distill': c.distill_crop_scale, 'mae': c.mae_crop_scale, 'finetune': c.ft_crop_scale}[mode]
   size = c.image_size
   fill = tuple(int(round(255 * m)) for m in c.student_norm[0])  # timm's img_mean for RandAugment.
   if mode == 'finetune' and c.randaug:
     randaug.parse(c.randaug)  # Fail now, with the field named, rather than inside tf.data.
 
-  def transform(raw, seed):
-    crop_seed, flip_seed, jitter_seed, randaug_seed, erase_seed = transforms.split_seed(seed, 5)
+  def decode(raw, seed):
+    crop_seed = transforms.split_seed(seed, 5)[0]
     window = functools.partial(transforms.rrc_window, scale=scale, ratio=c.crop_ratio, seed=crop_seed)
-    image = transforms.decode_and_crop(raw, window)  # JPEGs decode only the crop.
-    image = transforms.flip(transforms.resize(tf.cast(image, tf.float32), size), flip_seed)
+    return transforms.decode_and_crop(raw, window)  # JPEGs decode only the window.
+
+  def augment(crop, seed):
+    _, flip_seed, jitter_seed, randaug_seed, erase_seed = transforms.split_seed(seed, 5)
+    image = transforms.resize(tf.cast(crop, tf.float32), size)
+    if c.flip:
+      image = transforms.flip(image, flip_seed)
     if mode == 'distill':  # One crop and flip for both views; only the student view is jittered.
       student = transforms.color_jitter(image, c.color_jitter, jitter_seed)
       return {'teacher': transforms.normalize(image, c.teacher_norm),
@@ -105,30 +115,36 @@ def _train_transform(c, mode):
       image = transforms.random_erasing(image, c.reprob, erase_seed)
     return {'image': image}
 
-  return transform
+  return decode, augment
 
 
-def _eval_transform(c):
-  def transform(raw):
-    image = transforms.decode_and_crop(raw, transforms.full_window)
+def _eval_transforms(c):
+  """(decode, augment) for eval: full decode (inside the try), then resize + center crop + normalise."""
+  def decode(raw):
+    return transforms.decode_and_crop(raw, transforms.full_window)
+
+  def augment(image):
     image = transforms.resize_shorter_center_crop(image, c.image_size, c.crop_pct)
     return {'image': transforms.normalize(image, c.student_norm)}
-  return transform
+
+  return decode, augment
 
 
-def _blank(c, keys):
-  return {k: tf.zeros([c.image_size, c.image_size, 3], tf.float32) for k in keys}
+def _failed(key):
+  """What the try yields for an example that failed to load or decode: a 1-pixel stand-in."""
+  return {'crop': tf.zeros([1, 1, 3], tf.uint8), 'label': tf.constant(0, tf.int32), 'key': key}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Iterators.
 
 
-def _fill_invalid(batch, valid, where):
+def _fill_invalid(batch, valid, where, keys):
   """Replaces the rows of undecodable examples with valid rows of the same batch (cyclically)."""
   good = np.flatnonzero(valid)
   if not len(good):
-    raise RuntimeError(f'Every example of the batch at {where} failed to decode; the data looks broken.')
+    raise RuntimeError(f'Every example of the batch at {where} failed to load or decode (e.g. '
+                       f'{keys[0].decode(errors="replace")}): the data, or the transform, is broken.')
   bad = np.flatnonzero(~valid)
   for k, v in batch.items():
     v = np.array(v)  # tf.data's arrays may be read-only.
@@ -170,7 +186,7 @@ class TrainIterator:
     if not valid.all():
       self.skipped += int((~valid).sum())
       _log_skipped(keys[~valid], self.split_name)
-      _fill_invalid(batch, valid, f'step {self.step} of {self.split_name}')
+      _fill_invalid(batch, valid, f'step {self.step} of {self.split_name}', keys)
     self.step += 1
     return batch
 
@@ -242,21 +258,24 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
     examples = split.epoch(order_seed, skip).take(per_epoch - skip)
     return examples.map(lambda d: {'desc': d, 'seed': augment_seed})
 
-  transform = _train_transform(c, mode)
-  keys = ('teacher', 'student') if mode == 'distill' else ('image',)
+  decode, augment = _train_transforms(c, mode)
 
-  def example(e):
+  def load_and_decode(e):
     ex = split.load(e['desc'])
-    views = transform(ex['raw'], transforms.fold_in(e['seed'], e['desc']['pos']))
-    return dict(views, label=ex['label'], key=ex['key'])
+    seed = transforms.fold_in(e['seed'], e['desc']['pos'])
+    return {'crop': decode(ex['raw'], seed), 'label': ex['label'], 'key': ex['key'], 'seed': seed}
 
-  def fallback(e):
-    return dict(_blank(c, keys), label=tf.constant(0, tf.int32),
-                key=tf.strings.format('{} position {}', (split.name, e['desc']['pos'])))
+  def failed(e):
+    key = tf.strings.join([split.name, ' position ', tf.strings.as_string(e['desc']['pos'])])
+    return dict(_failed(key), seed=transforms.fold_in(e['seed'], e['desc']['pos']))
+
+  def views(e):
+    return dict(augment(e['crop'], e['seed']), label=e['label'], key=e['key'], valid=e['valid'])
 
   ds = tf.data.Dataset.range(first_epoch, sys.maxsize).flat_map(epoch_examples)
-  ds = _try_map(ds, example, fallback, c.num_parallel_calls)
-  ds = ds.batch(batch, drop_remainder=True).prefetch(c.prefetch).with_options(_options(c))
+  ds = _try_map(ds, load_and_decode, failed, c.num_parallel_calls)
+  ds = ds.map(views, num_parallel_calls=c.num_parallel_calls, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True).prefetch(c.prefetch).with_options(_options())
   return TrainIterator(ds, steps_per_epoch=steps_per_epoch, num_classes=source.num_classes,
                        start_step=start_step, split_name=split.name)
 
@@ -272,19 +291,21 @@ def make_eval_iterator(cfg, *, split='test', global_batch_size, process_index=No
   data = source.split(_EVAL_SPLITS[split], process_index, process_count)
   _, most = data.shares(process_count)
   num_batches = math.ceil(most / batch)  # The same on every process.
-  transform = _eval_transform(c)
+  decode, augment = _eval_transforms(c)
 
-  def example(d):
+  def load_and_decode(d):
     ex = data.load(d)
-    return dict(transform(ex['raw']), label=ex['label'], key=ex['key'])
+    return {'crop': decode(ex['raw']), 'label': ex['label'], 'key': ex['key']}
 
-  def fallback(_):
-    return dict(_blank(c, ['image']), label=tf.constant(0, tf.int32), key=tf.constant(data.name))
+  def failed(d):
+    return _failed(tf.strings.join([data.name, ' position ', tf.strings.as_string(d['pos'])]))
 
-  ds = _try_map(data.epoch(None, 0), example, fallback, c.num_parallel_calls)
-  padding = tf.data.Dataset.from_tensors(dict(fallback(None), valid=False))
-  ds = ds.concatenate(padding.repeat(num_batches * batch - data.num_local))
-  ds = ds.batch(batch, drop_remainder=True).prefetch(c.prefetch).with_options(_options(c))
+  ds = _try_map(data.epoch(None, 0), load_and_decode, failed, c.num_parallel_calls)
+  padding = dict(_failed(tf.constant('padding')), valid=False)
+  ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - data.num_local))
+  ds = ds.map(lambda e: dict(augment(e['crop']), label=e['label'], key=e['key'], valid=e['valid']),
+              num_parallel_calls=c.num_parallel_calls, deterministic=True)
+  ds = ds.batch(batch, drop_remainder=True).prefetch(c.prefetch).with_options(_options())
   return EvalIterator(ds, num_batches=num_batches, num_local=data.num_local, batch_size=batch,
                       num_classes=source.num_classes, split_name=data.name)
 

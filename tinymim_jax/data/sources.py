@@ -81,8 +81,9 @@ def _digits(c):
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=c.digits_test_fraction, stratify=labels,
       random_state=c.digits_split_seed)
-  cache = c.cache is None or c.cache
   size = c.image_size
+  # The 8x8 digits are always in memory; caching also keeps them upsampled, worth it only when small.
+  cache = c.cache if c.cache is not None else len(labels) * size * size * 3 < 64 << 20
 
   def upsample(x):  # (..., 8, 8) in [0, 1] -> (..., size, size, 3) uint8.
     x = tf.image.resize(tf.convert_to_tensor(x)[..., None], [size, size], method='bicubic')
@@ -92,7 +93,7 @@ def _digits(c):
   def split(name, process_index, process_count):
     members = train if name == 'train' else test
     split_images = images[members]
-    if cache:  # Upsample once; at 224 px the train split takes ~220 MB.
+    if cache:  # Upsample once.
       split_images = upsample(split_images).numpy()
     split_labels = tf.constant(labels[members])
     split_images = tf.constant(split_images)
@@ -100,10 +101,11 @@ def _digits(c):
 
     def load(i):
       image = split_images[i] if cache else upsample(split_images[i])
-      key = tf.strings.format('digits[{}]', members_t[i])
+      key = tf.strings.join(['digits[', tf.strings.as_string(members_t[i]), ']'])
       return {'raw': image, 'label': split_labels[i], 'key': key}
 
-    return _indexed_split(f"digits '{name}'", len(members), process_index, process_count, load)
+    split_name = f"digits '{'train' if name == 'train' else 'test'}'"
+    return _indexed_split(split_name, len(members), process_index, process_count, load)
 
   return Source('digits', 10, len(train), len(test), split)
 
@@ -171,7 +173,10 @@ def _folder(c):
 
 
 def imagenet_builder(c):
-  """The prepared TFDS imagenet2012 builder; prepares it from manual_dir's tars if needed. Never downloads."""
+  """The prepared TFDS imagenet2012 builder; prepares it from manual_dir's tars if needed. Never downloads.
+
+  In a multi-process job, prepare once beforehand (python -m tinymim_jax.data.prepare).
+  """
   builder = tfds.builder('imagenet2012', data_dir=c.data_dir)
   if builder.is_prepared():
     return builder
