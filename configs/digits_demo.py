@@ -31,7 +31,7 @@ def _model(c, spec, **kw):
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
-                            finetune_epochs=15.0)
+                            finetune_epochs=30.0)
   if a.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
   c = config_base.base_config()
@@ -39,10 +39,11 @@ def get_config(arg=None):
   c.data.name = "digits"
   c.data.image_size = IMG
   c.data.crop_pct = 1.0
-  # Small, centred digits: milder crops than ImageNet's, no flips or colour tricks that change a digit.
-  c.data.distill_crop_scale = (0.5, 1.0)
-  c.data.mae_crop_scale = (0.5, 1.0)
-  c.data.ft_crop_scale = (0.5, 1.0)
+  # Small, centred digits: milder crops than ImageNet's, and no flips (a flipped digit is another symbol).
+  c.data.flip = False
+  c.data.distill_crop_scale = (0.6, 1.0)
+  c.data.mae_crop_scale = (0.6, 1.0)
+  c.data.ft_crop_scale = (0.85, 1.0)
   c.data.randaug = ""
   c.data.reprob = 0.0
   c.data.color_jitter = 0.4
@@ -74,11 +75,11 @@ def get_config(arg=None):
     _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
     c.init = os.path.join(a.root, "student_distill" if a.stage == "student_finetune" else "baseline_mae")
     c.total_epochs = a.finetune_epochs
-    c.optim.base_lr = 1e-3
+    c.optim.base_lr = 4e-3
     c.optim.b2 = 0.999
-    c.optim.layer_decay = 0.75
+    c.optim.layer_decay = 0.9
     c.optim.min_lr = 1e-6
     c.optim.no_decay = ("pos_embed", "cls_token")
-    c.finetune.mixup, c.finetune.cutmix, c.finetune.label_smoothing = 0.2, 0.0, 0.1
+    c.finetune.mixup, c.finetune.cutmix, c.finetune.label_smoothing = 0.0, 0.0, 0.1
     c.knn.enabled = False
   return c

@@ -267,28 +267,27 @@ class _Evaluator:
   def __init__(self, config, graphdef, mesh, state_sharding, info):
     self.config, self.mesh, self.info = config, mesh, info
     sub = {"params": state_sharding["params"], "consts": state_sharding["consts"]}
-    self.predict = jax.jit(ts.make_predict_fn(graphdef), in_shardings=(sub, sh.batch_sharding(mesh)),
-                           out_shardings=sh.replicated(mesh))
+    predict = ts.make_predict_fn(graphdef)
+
+    def fn(state, batch):  # labels and masks ride along so every process sees the global batch
+      return {**predict(state, batch["image"]), "label": batch["label"], "mask": batch["mask"]}
+
+    self.predict = jax.jit(fn, in_shardings=(sub, sh.batch_sharding(mesh)), out_shardings=sh.replicated(mesh))
 
   def _outputs(self, state, split: str, limit: int | None = None):
     sub = {"params": state["params"], "consts": state["consts"]}
-    feats, logits, labels = [], [], []
-    it = data.make_eval_iterator(self.config.data, split=split, global_batch_size=self.config.batch_size)
+    outs = []
     seen = 0
-    for batch in it:
-      mask = np.asarray(batch.pop("mask"), bool)
-      labels.append(np.asarray(batch["label"])[mask])
-      images = data.to_global({"image": batch["image"]}, self.mesh, jax.sharding.PartitionSpec(sh.BATCH_AXES))
-      out = jax.device_get(self.predict(sub, images["image"]))
-      out = {k: v[: len(mask)] for k, v in out.items()}
-      feats.append(out["feature"][mask])
-      if "logits" in out:
-        logits.append(out["logits"][mask])
+    for batch in data.make_eval_iterator(self.config.data, split=split, global_batch_size=self.config.batch_size):
+      batch = data.to_global(batch, self.mesh, jax.sharding.PartitionSpec(sh.BATCH_AXES))
+      out = jax.device_get(self.predict(sub, batch))
+      mask = np.asarray(out.pop("mask"), bool)
+      outs.append({k: v[mask] for k, v in out.items()})
       seen += int(mask.sum())
       if limit and seen >= limit:
         break
-    cat = lambda xs: np.concatenate(xs) if xs else None
-    return cat(feats), cat(logits), cat(labels)
+    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    return cat["feature"], cat.get("logits"), cat["label"]
 
   def __call__(self, state) -> dict[str, float]:
     t0 = time.time()
