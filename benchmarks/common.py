@@ -149,6 +149,31 @@ def loadavg() -> str:
     return "?"
 
 
+def cpu_busy(seconds: float = 1.0) -> float:
+  """Fraction of all cores busy (system-wide, /proc/stat) over the next `seconds`; nan if unavailable."""
+  def snap():
+    with open("/proc/stat") as f:
+      v = [int(x) for x in f.readline().split()[1:]]
+    return v[3] + v[4], sum(v)  # idle + iowait, total
+  try:
+    a = snap()
+    time.sleep(seconds)
+    b = snap()
+  except OSError:
+    return float("nan")
+  return 1.0 - (b[0] - a[0]) / max(b[1] - a[1], 1)
+
+
+def wait_quiet(max_busy: float, timeout: float) -> float:
+  """Waits (up to `timeout` s) until other processes leave the cores idle: busy fraction <= max_busy, measured
+  while our own workers are idle. Returns the last busy fraction seen."""
+  deadline = time.monotonic() + timeout
+  busy = cpu_busy()
+  while busy > max_busy and time.monotonic() < deadline:
+    busy = cpu_busy(2.0)
+  return busy
+
+
 def peak_rss_bytes() -> int:
   """This process's peak resident set size (Linux reports ru_maxrss in KiB)."""
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -182,12 +207,12 @@ def table(headers, rows) -> str:
 
 def append_section(title: str, body: str, *, devices: str | None = None, with_torch: bool = True,
                    path: str = BENCHMARKS_MD) -> None:
-  """Appends `### title` with the command, machine, versions and date, then `body`, to BENCHMARKS.md.
+  """Appends `## title` (a section of its own) with the command, machine, versions and date, then `body`, to BENCHMARKS.md.
 
   Appends only (another engineer owns other sections); an exclusive lock keeps concurrent writers apart.
   """
   stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-  text = (f"\n### {title}\n\n"
+  text = (f"\n## {title}\n\n"
           f"- command: `{command_line()}`\n"
           f"- machine: {machine(devices)}\n"
           f"- versions: {versions(with_torch)}\n"

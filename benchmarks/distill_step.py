@@ -240,6 +240,9 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="steps per worker per round")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul-rounds", type=int, default=2)
+  p.add_argument("--max-busy", type=float, default=0.25,
+                 help="before each round, wait until other processes use at most this fraction of the cores")
+  p.add_argument("--quiet-timeout", type=float, default=60.0, help="seconds to wait for that per round")
   p.add_argument("--profile", action="store_true", help="also time the pieces of each step")
   p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's table of one step")
   p.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
@@ -274,9 +277,12 @@ def main():
   times = {n: [] for n in names}
   cpus = {n: [] for n in names}
   last = {}
+  busy_seen = []
   for r in range(args.rounds):
     order = names[r % len(names):] + names[:r % len(names)]
     for name in order:
+      if args.device == "cpu" and args.max_busy < 1:
+        busy_seen.append(common.wait_quiet(args.max_busy, args.quiet_timeout))
       res = workers[name].call("steps", n=args.steps)
       times[name] += res["times"]
       cpus[name] += res["cpu"]
@@ -362,6 +368,10 @@ def main():
           f"step (matmuls + elementwise). `jax T[/S]` = our step with teacher [/student] compute dtype T [S]. "
           f"Matmul peak: best of {args.matmul_rounds} interleaved 4096^3 matmuls in each process (jnp.matmul / "
           f"torch.matmul).")
+  if busy_seen:
+    body += (f" Before each round the driver waited (up to {args.quiet_timeout:.0f} s) for the other processes "
+             f"to leave the cores idle (busy <= {args.max_busy:.0%}); busy fraction seen before the rounds: "
+             f"median {common.median(busy_seen):.0%}, max {max(busy_seen):.0%}.")
   if ncores:
     body += (" CPU columns: process CPU seconds (user + system, all threads) per step, which other processes "
              "competing for the cores barely move; `% of peak (CPU time)` compares FLOPs per CPU-second with "

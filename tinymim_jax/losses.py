@@ -42,11 +42,72 @@ def kl_rows(teacher_logits, student_logits):
     Scalar: KL summed over keys (last axis), averaged over all other axes
     (batch x heads x query rows).
   """
-  log_p = jax.nn.log_softmax(_f32(teacher_logits), axis=-1)
-  log_q = jax.nn.log_softmax(_f32(student_logits), axis=-1)
   # log_softmax is finite, so p == 0 (underflow) contributes exactly 0.
-  kl = jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1)
-  return jnp.mean(kl)
+  return jnp.mean(_kl_rows_sum(_f32(teacher_logits), _f32(student_logits))[0])
+
+
+def _kl_rows_sum(teacher_logits, student_logits):
+  """Per-row KL(softmax(t) || softmax(s)), summed over keys: (..., N, M) -> (..., N). Same math as kl_rows."""
+  log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
+  log_q = jax.nn.log_softmax(student_logits, axis=-1)
+  return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), log_p, log_q
+
+
+# Speed / memory (benchmarks/distill_step.py): the relation KL is one custom-VJP function of the four
+# (B, H, N, dh) operands. Plain autodiff keeps two (B, H, N, N) float32 residuals per relation for the
+# backward (the teacher's p and the student's softmax); at a GPU batch of 256 with 12 heads each is 0.48 GB.
+# Here nothing N x N is saved: the backward recomputes both logits from q/k (or v/v) -- 2 N^2 dh FLOPs per
+# head, ~0.3% of the step -- and forms d/ds = softmax(s) * sum(p) - p (exactly what autodiff of the
+# log_softmax formula gives) in float32. The forward value is computed by the same code as kl_rows.
+# Teacher-side gradients are formed only when the teacher operands are differentiated (never in the
+# distillation step, where they are stop_gradient'ed).
+@jax.custom_vjp
+def _relation_kl(ta, tb, sa, sb):
+  """mean over rows of KL(softmax(ta tb^T s_t) || softmax(sa sb^T s_s)); see the comment above."""
+  return jnp.mean(_kl_rows_sum(relation_logits(ta, tb), relation_logits(sa, sb))[0])
+
+
+def _relation_kl_fwd(ta, tb, sa, sb):
+  # symbolic_zeros=True: the arguments arrive as CustomVJPPrimal(value, perturbed).
+  vals = tuple(x.value for x in (ta, tb, sa, sb))
+  teacher_grad = ta.perturbed or tb.perturbed
+  loss = jnp.mean(_kl_rows_sum(relation_logits(*vals[:2]), relation_logits(*vals[2:]))[0])
+  return loss, (vals, teacher_grad)
+
+
+def _matmul_grads(g, a, b, like_a, like_b):
+  """Cotangents of a, b for logits = a @ b^T * dh**-0.5 with d(loss)/d(logits) = g (float32)."""
+  g = g * a.shape[-1] ** -0.5  # the forward scales after the matmul: autodiff scales the cotangent first
+  ga = jnp.einsum("bhnm,bhmd->bhnd", g, _f32(b))
+  gb = jnp.einsum("bhnm,bhnd->bhmd", g, _f32(a))
+  return ga.astype(like_a.dtype), gb.astype(like_b.dtype)
+
+
+def _relation_kl_bwd(res, ct):
+  (ta, tb, sa, sb), teacher_grad = res
+  t, s = relation_logits(ta, tb), relation_logits(sa, sb)
+  rows = t.size // t.shape[-1]
+  log_p = jax.nn.log_softmax(t, axis=-1)
+  log_q = jax.nn.log_softmax(s, axis=-1)
+  p = jnp.exp(log_p)
+  ct = (ct / rows).astype(t.dtype)
+  # d/ds = (q - p) ct. Its rows sum to exactly 0 (both are distributions), which is why the key bias gets
+  # no true gradient; subtracting the row mean removes the rounding left in those sums (otherwise Adam
+  # turns that noise into lr-sized key-bias steps).
+  gs = (jnp.exp(log_q) - p) * ct
+  gs = gs - jnp.mean(gs, axis=-1, keepdims=True)
+  gsa, gsb = _matmul_grads(gs, sa, sb, sa, sb)
+  if teacher_grad:  # d/dt of sum_j p_j (log p_j - log q_j)
+    d = log_p - log_q
+    sum_p = jnp.sum(p, axis=-1, keepdims=True)
+    gt = p * (d - jnp.sum(p * d, axis=-1, keepdims=True) + 1 - sum_p) * ct
+    gta, gtb = _matmul_grads(gt, ta, tb, ta, tb)
+  else:
+    gta, gtb = jnp.zeros_like(ta), jnp.zeros_like(tb)
+  return gta, gtb, gsa, gsb
+
+
+_relation_kl.defvjp(_relation_kl_fwd, _relation_kl_bwd, symbolic_zeros=True)
 
 
 def relation_loss(teacher, student, *, w_qk=1.0, w_vv=1.0):
@@ -69,10 +130,8 @@ def relation_loss(teacher, student, *, w_qk=1.0, w_vv=1.0):
       raise ValueError(
           f"relation_loss: teacher {name!r} {tuple(t)} and student {name!r} "
           f"{tuple(s)} must both be (B, H, N, dh) with the same B, H, N.")
-  loss_qk = kl_rows(relation_logits(teacher["q"], teacher["k"]),
-                    relation_logits(student["q"], student["k"]))
-  loss_vv = kl_rows(relation_logits(teacher["v"], teacher["v"]),
-                    relation_logits(student["v"], student["v"]))
+  loss_qk = _relation_kl(teacher["q"], teacher["k"], student["q"], student["k"])
+  loss_vv = _relation_kl(teacher["v"], teacher["v"], student["v"], student["v"])
   loss = w_qk * loss_qk + w_vv * loss_vv
   return loss, {"loss_qk": loss_qk, "loss_vv": loss_vv}
 

@@ -52,8 +52,28 @@ def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, teacher: 
   teacher_graphdef = None
   if teacher is not None:
     teacher_graphdef, teacher_state = nnx.split(teacher)
-    state["teacher"] = nnx.to_pure_dict(teacher_state)
+    state["teacher"] = _teacher_in_compute_dtype(teacher, nnx.to_pure_dict(teacher_state))
   return graphdef, teacher_graphdef, state
+
+
+def _teacher_in_compute_dtype(teacher: nnx.Module, pure: dict) -> dict:
+  """Stores the frozen teacher's Linear / Conv kernels and biases in those layers' compute dtype.
+
+  Speed / memory (benchmarks/scaling.py): nnx.Linear / nnx.Conv cast kernel and bias to their `dtype` before
+  every use, so a bfloat16 teacher computes exactly the same (bit for bit) from bfloat16-stored weights while
+  holding half the bytes (ViT-L: 1.2 -> 0.6 GB per device) and skipping the per-step cast. LayerNorm scales,
+  the CLS token and the positional table are used in float32 arithmetic and stay as they are.
+  """
+  for path, module in nnx.iter_graph(teacher):
+    if not isinstance(module, (nnx.Linear, nnx.Conv)) or module.dtype is None:
+      continue
+    node = pure
+    for key in path:
+      node = node[key]
+    for name in ("kernel", "bias"):
+      if name in node and jnp.issubdtype(node[name].dtype, jnp.floating):
+        node[name] = node[name].astype(module.dtype)
+  return pure
 
 
 def checkpointable(state: dict) -> dict:
@@ -63,13 +83,18 @@ def checkpointable(state: dict) -> dict:
 
 def _finish(state, grads, loss, aux, tx, schedule):
   """Optimizer update with a non-finite guard; returns (new_state, metrics)."""
-  updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
   grad_norm = optax.global_norm(grads)
   ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  new = {**state, "params": params, "opt": opt, "step": state["step"] + 1}
-  keep = ("params", "opt", "step")
-  new.update({k: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new[k], state[k]) for k in keep})
+
+  # Speed: the guard is a lax.cond around the update rather than a select over every param and Adam
+  # moment afterwards (which made XLA copy the donated optimizer state to keep its old values alive and
+  # pass over params + moments once more). Same results: the update, or the state unchanged.
+  def update(params, opt):
+    updates, opt = tx.update(grads, opt, params)
+    return optax.apply_updates(params, updates), opt
+
+  params, opt = jax.lax.cond(ok, update, lambda p, o: (p, o), state["params"], state["opt"])
+  new = {**state, "params": params, "opt": opt, "step": state["step"] + ok.astype(state["step"].dtype)}
   metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state["step"]),
              "nonfinite": (~ok).astype(jnp.int32), **aux}
   return new, metrics
