@@ -201,13 +201,36 @@ def jax_worker(args) -> dict:
       res[name] = {"times": common.timed(fn, n, cpu), "cpu": cpu}
     return res
 
-  def profile(n: int = 1, trace_dir: str = ""):
-    """A jax.profiler trace of n steps (view it with TensorBoard / Perfetto)."""
+  def profile(n: int = 2, trace_dir: str = "/tmp/tinymim_distill_trace"):
+    """A jax.profiler trace of n steps, summarised per kind of op and part of the step (XLA CPU thunks)."""
+    import collections, glob, gzip, json, re, shutil
+    shutil.rmtree(trace_dir, ignore_errors=True)
     one()
-    with jax.profiler.trace(trace_dir):
+    with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(n):
         one()
-    return {"trace_dir": trace_dir}
+    files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
+    if not files:
+      return {"rows": [], "trace_dir": trace_dir}
+    hlo = compiled.as_text()
+    entry = hlo[hlo.index("\nENTRY"):]
+    info = {}
+    for line in entry.splitlines():
+      m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = \S+ ([\w-]+)\(", line)
+      if m:
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        info[m.group(1)] = (m.group(2), op_name.group(1) if op_name else "")
+    agg = collections.defaultdict(float)
+    for e in json.load(gzip.open(files[-1]))["traceEvents"]:
+      if e.get("ph") != "X" or e.get("name") not in info:
+        continue
+      op, op_name = info[e["name"]]
+      kind = ("matmul / conv" if ("ynn" in e["name"] or e["name"].startswith(("dot", "convolution"))) else
+              "copy / transpose" if ("copy" in e["name"] or "transpose" in e["name"]) else "elementwise / reduce")
+      part = ("student backward" if "transpose(" in op_name else "student forward + loss" if "jvp(" in op_name
+              else "teacher forward, optimizer, rest")
+      agg[(part, kind)] += e["dur"] / 1e6 / n
+    return {"rows": sorted(([p, k, v] for (p, k), v in agg.items()), key=lambda r: -r[2]), "trace_dir": trace_dir}
 
   for _ in range(args.warmup):
     one()
@@ -245,6 +268,7 @@ def main():
   p.add_argument("--quiet-timeout", type=float, default=60.0, help="seconds to wait for that per round")
   p.add_argument("--profile", action="store_true", help="also time the pieces of each step")
   p.add_argument("--torch-profile", action="store_true", help="also print torch.profiler's table of one step")
+  p.add_argument("--trace", action="store_true", help="also summarise a jax.profiler trace of our steps")
   p.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")
   p.add_argument("--title", default="Distillation step")
   # Worker mode (internal).
@@ -259,6 +283,8 @@ def main():
   accel = args.device != "cpu"
   variants = (args.variants or ("bfloat16" if accel else "float32,bfloat16")).split(",")
   env = {"JAX_PLATFORMS": {"gpu": "cuda"}.get(args.device, args.device)}
+  if args.trace and args.device == "cpu":  # per-thunk trace events of the XLA CPU runtime
+    env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
   names = [f"jax {v}" for v in variants] + ([] if args.no_torch else ["torch reference"])
   workers: dict[str, common.Worker] = {}
   infos: dict[str, dict] = {}
@@ -321,6 +347,11 @@ def main():
   torch_table = ""
   if args.torch_profile and "torch reference" in workers:
     torch_table = workers["torch reference"].call("profile")["table"]
+  trace_rows = []
+  if args.trace:
+    for name in names:
+      if name.startswith("jax"):
+        trace_rows += [[name, *r[:2], f"{r[2]:.3f}"] for r in workers[name].call("profile")["rows"]]
   for w in workers.values():
     w.close()
 
@@ -382,6 +413,11 @@ def main():
              "estimates):\n\n" +
              common.table(["implementation", "unit", "teacher fwd", "+ student fwd + loss", "+ student bwd",
                            "full step", "= student fwd + loss", "= student bwd", "= optimizer etc."], piece_rows))
+  if trace_rows:
+    body += ("\n\njax.profiler trace of our step, seconds per step summed over the XLA CPU thunks of each kind "
+             "(the two threads run independent thunks concurrently, and Eigen matmuls (`dot` thunks) run "
+             "asynchronously, so these are shares, not a wall-clock split):\n\n" +
+             common.table(["implementation", "part of the step", "kind of op", "thunk s / step"], trace_rows))
   if torch_table:
     body += "\n\ntorch.profiler, one reference step:\n\n```\n" + torch_table + "\n```"
   body += "\n\nAll step times, wall s: " + "; ".join(f"{n}: {[round(t, 2) for t in times[n]]}" for n in names)

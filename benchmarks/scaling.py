@@ -188,7 +188,7 @@ def report(size: str, rows: list[dict], act_per_sample: float, teacher_dtype: st
     c = r["collectives"]
     lines.append(
         f"Compiled fsdp={r['fsdp']}: all-gathers {_gb(c['all-gather']['result_bytes'])} GB per step per device "
-        f"(student weights twice, forward and backward; teacher weights once, gathered in bfloat16), against "
+        f"(student weights twice, forward and backward; the teacher blocks it runs once, gathered in bfloat16), against "
         f"{_gb(sb['params'])} GB of student and {_gb(sb['teacher'])} GB of teacher params. The CPU backend's SPMD "
         f"pipeline reduces the sharded gradients with all-reduces ({_gb(c['all-reduce']['result_bytes'])} GB, "
         f"{c['all-reduce']['count']} ops) and {c['reduce-scatter']['count']} reduce-scatters; GPU / TPU pipelines "

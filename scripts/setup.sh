@@ -19,7 +19,12 @@ stamp=".venv/.installed-$set_name"
 want="$(cat requirements*.txt pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "installing the $set_name requirements into .venv (first time: a few minutes)..."
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
-  .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .
+  log="$(mktemp)"  # pip and setuptools are chatty even with -q: show their output only if they fail
+  if ! { .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req" &&
+         .venv/bin/python -m pip install -q --disable-pip-version-check --no-deps -e .; } >"$log" 2>&1; then
+    cat "$log"; rm -f "$log"; echo "setup failed" >&2; exit 1
+  fi
+  rm -f "$log"
+  echo "done."
   echo "$want" > "$stamp"
 fi
