@@ -84,7 +84,7 @@ def test_run_leaves_checkpoints_metrics_plots_and_export(teacher_root):
 
 def test_sigkill_between_saves_then_resume_equals_uninterrupted(teacher_root, tmp_path):
   ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
-  args = tiny_args("student_distill", teacher_root, steps=40, ckpt=5)
+  args = tiny_args("student_distill", teacher_root, steps=60, ckpt=5)  # margin: the kill lands mid-run
   ref = run_cli(args, ref_root / "student_distill")
   cut = run_cli(args, cut_root / "student_distill")
   wait_for(str(cut_root / "student_distill/checkpoints/10"), cut)
