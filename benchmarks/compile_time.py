@@ -25,17 +25,10 @@ from benchmarks import common  # noqa: E402
 def measure(size: str, batch: int, teacher_dtype: str, student_dtype: str) -> dict:
   import jax
   jax.config.update("jax_enable_compilation_cache", False)  # measure a cold compile
-  from benchmarks.distill_step import build, cost_flops, memory_stats
+  from benchmarks.distill_step import build_and_compile, cost_flops, memory_stats
 
-  t0 = time.perf_counter()
-  b = build(size, batch, teacher_dtype=teacher_dtype, student_dtype=student_dtype, abstract=True)
-  build_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  lowered = b["step"].lower(b["state"], b["batch"], b["rng"])
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  b, compiled, build_s, lower_s, compile_s = build_and_compile(
+      size, batch, teacher_dtype=teacher_dtype, student_dtype=student_dtype, abstract=True)
   n_params = sum(x.size for x in jax.tree.leaves(b["state"]["params"]))
   n_teacher = sum(x.size for x in jax.tree.leaves(b["state"]["teacher"]))
   return {"size": size, "batch": batch, "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,

@@ -95,6 +95,19 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
               rng=rng, pair=pair, spec=spec, graphdef=graphdef, tgraph=tgraph, mesh=mesh)
 
 
+def build_and_compile(size: str, batch: int, **build_kw):
+  """build() then lower + compile its step, timing each: -> (b, compiled, build_s, lower_s, compile_s)."""
+  t0 = time.perf_counter()
+  b = build(size, batch, **build_kw)
+  build_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  lowered = b["step"].lower(b["state"], b["batch"], b["rng"])
+  lower_s = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  compiled = lowered.compile()
+  return b, compiled, build_s, lower_s, time.perf_counter() - t0
+
+
 def cost_flops(compiled) -> float | None:
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
@@ -122,16 +135,8 @@ def jax_worker(args) -> dict:
   from tinymim_jax import losses, train_steps as ts
 
   teacher_dtype, _, student_dtype = args.variant.partition("/")
-  t0 = time.perf_counter()
-  b = build(args.size, args.batch, img=args.img, teacher_dtype=teacher_dtype,
-            student_dtype=student_dtype or "float32")
-  build_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  lowered = b["step"].lower(b["state"], b["batch"], b["rng"])
-  lower_s = time.perf_counter() - t0
-  t0 = time.perf_counter()
-  compiled = lowered.compile()
-  compile_s = time.perf_counter() - t0
+  b, compiled, build_s, lower_s, compile_s = build_and_compile(
+      args.size, args.batch, img=args.img, teacher_dtype=teacher_dtype, student_dtype=student_dtype or "float32")
   box = {"state": b["state"], "metrics": None}
   dev = jax.devices()[0]
 
@@ -167,7 +172,7 @@ def jax_worker(args) -> dict:
     return {"gflops": 2.0 * n**3 / common.median(ts_) / 1e9, "gflops_per_cpu_s": 2.0 * n**3 / common.median(cpu) / 1e9}
 
   # Pieces of the step, each its own jitted program over the same state.
-  spec, pair = b["spec"], b["pair"]
+  spec = b["spec"]
 
   def teacher_fwd(state, batch):
     teacher = nnx.merge(b["tgraph"], state["teacher"])

@@ -30,7 +30,7 @@ def run(step_fn, state, batch, steps, mesh):
 
 
 def flat(tree):
-  return {optim._path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {optim.path_name(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 @pytest.fixture(scope="module")

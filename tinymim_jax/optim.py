@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import optax
 
 
-def _path_name(path):
+def path_name(path):
+  """A pytree key path as a '/'-joined name, e.g. 'blocks/3/attn/qkv/kernel' (used by every rule)."""
   parts = []
   for k in path:
     for attr in ("key", "idx", "name"):  # DictKey, SequenceKey, GetAttrKey.
@@ -32,7 +33,7 @@ def _path_name(path):
 
 def param_names(params):
   """Same pytree as params with each leaf replaced by its '/'-joined name."""
-  return jax.tree_util.tree_map_with_path(lambda p, _: _path_name(p), params)
+  return jax.tree_util.tree_map_with_path(lambda p, _: path_name(p), params)
 
 
 def match(patterns, name):
@@ -96,7 +97,7 @@ def _is_decayed(name, ndim, no_decay, frozen):
 def _map_named(fn, tree):
   """tree_map of fn(name, leaf); optax.MaskedNode subtrees are kept as is."""
   return jax.tree_util.tree_map_with_path(
-      lambda p, x: fn(_path_name(p), x), tree)
+      lambda p, x: fn(path_name(p), x), tree)
 
 
 def _scale_by_name(scale_fn):

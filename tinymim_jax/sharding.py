@@ -21,6 +21,8 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from tinymim_jax import optim
+
 BATCH_AXES = ("data", "fsdp")
 DEFAULT_RULES = (("pos_embed|decoder_pos_embed|cls_token|mask_token", "replicate"), (".*", "fsdp"))
 
@@ -78,16 +80,6 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def _name(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-  return "/".join(parts)
-
-
 def _fsdp_spec(shape, fsdp: int) -> P:
   """Shards the largest dimension that the fsdp size divides; replicates small or indivisible arrays."""
   if fsdp == 1 or int(np.prod(shape, dtype=np.int64)) < 2**14:
@@ -123,7 +115,7 @@ def tree_sharding(tree, mesh: Mesh, rules=DEFAULT_RULES):
     shape = getattr(x, "shape", ())
     if not shape:
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, spec_for(_strip_prefix(_name(path)), shape, mesh, rules))
+    return NamedSharding(mesh, spec_for(_strip_prefix(optim.path_name(path)), shape, mesh, rules))
   return jax.tree_util.tree_map_with_path(one, tree)
 
 
