@@ -33,7 +33,7 @@ HERE = os.path.abspath(__file__)
 # Our step (imported by scaling.py and compile_time.py too).
 # --------------------------------------------------------------------------------------------------------
 def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float32", student_dtype: str = "float32",
-          abstract: bool = False, mesh=None, seed: int = 0):
+          attention: str = "default", abstract: bool = False, mesh=None, seed: int = 0):
   """-> dict(step=jitted step, state, batch, rng, pair, jit=...) for the named size.
 
   The student / teacher / optimizer are built exactly as the trainer builds them (builders.make_model's
@@ -56,10 +56,11 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
     return create_model(pair.student, img_size=img, num_heads=pair.student_heads,
                         head_overrides={pair.student_block: pair.relation_heads}, drop_path=0.1,
                         drop_path_mode="constant", drop_path_overrides={pair.student_block: 0.0},
-                        dtype=student_dtype, seed=seed)
+                        dtype=student_dtype, attention=attention, seed=seed)
 
   def make_teacher():
-    return create_model(pair.teacher, img_size=img, num_heads=t_heads, dtype=teacher_dtype, seed=seed + 1)
+    return create_model(pair.teacher, img_size=img, num_heads=t_heads, dtype=teacher_dtype, attention=attention,
+                        seed=seed + 1)
 
   schedule = optim.lr_schedule(base_lr=1.5e-4, global_batch_size=4096, total_steps=312 * 300,
                                warmup_steps=312 * 15)
@@ -124,19 +125,46 @@ def memory_stats(compiled) -> dict:
   return d
 
 
+def step_pieces(b: dict):
+  """(teacher_fwd(state, batch), loss_fn(params, state, batch, rng)) of build()'s step, as separate functions."""
+  import jax
+  from flax import nnx
+
+  from tinymim_jax import losses, train_steps as ts
+  spec = b["spec"]
+
+  def teacher_fwd(state, batch):
+    teacher = nnx.merge(b["tgraph"], state["teacher"])
+    return teacher(batch["teacher"], depth=spec.teacher_block, capture=(spec.teacher_block,),
+                   qkv_only=True)["blocks"][spec.teacher_block]
+
+  def loss_fn(params, state, batch, rng):
+    t = jax.lax.stop_gradient(teacher_fwd(state, batch))
+    student = ts.merge_model(b["graphdef"], params, state["consts"])
+    s = student(batch["student"], rng=rng, depth=spec.student_block, capture=(spec.student_block,),
+                qkv_only=True)["blocks"][spec.student_block]
+    return losses.relation_loss(t, s, w_qk=spec.w_qk, w_vv=spec.w_vv)[0]
+
+  return teacher_fwd, loss_fn
+
+
+def parse_variant(variant: str) -> dict:
+  """'teacher_dtype[/student_dtype][+attention]' -> build() keywords, e.g. 'bfloat16/bfloat16+cudnn'."""
+  dtypes, _, attention = variant.partition("+")
+  teacher_dtype, _, student_dtype = dtypes.partition("/")
+  return dict(teacher_dtype=teacher_dtype, student_dtype=student_dtype or "float32",
+              attention=attention or "default")
+
+
 # --------------------------------------------------------------------------------------------------------
 # The JAX worker.
 # --------------------------------------------------------------------------------------------------------
 def jax_worker(args) -> dict:
   import jax
   import jax.numpy as jnp
-  from flax import nnx
 
-  from tinymim_jax import losses, train_steps as ts
-
-  teacher_dtype, _, student_dtype = args.variant.partition("/")
-  b, compiled, build_s, lower_s, compile_s = build_and_compile(
-      args.size, args.batch, img=args.img, teacher_dtype=teacher_dtype, student_dtype=student_dtype or "float32")
+  b, compiled, build_s, lower_s, compile_s = build_and_compile(args.size, args.batch, img=args.img,
+                                                               **parse_variant(args.variant))
   box = {"state": b["state"], "metrics": None}
   dev = jax.devices()[0]
 
@@ -162,6 +190,7 @@ def jax_worker(args) -> dict:
             "loss": float(box["metrics"]["loss"])}
 
   def matmul(n: int = 4096, dtype: str = "float32", reps: int = 5):
+    # Fresh random operands (never zeros: they run faster than real data on some GPUs).
     dt = jnp.dtype(dtype)
     x = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32).astype(dt)
     y = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32).astype(dt)
@@ -172,20 +201,7 @@ def jax_worker(args) -> dict:
     return {"gflops": 2.0 * n**3 / common.median(ts_) / 1e9, "gflops_per_cpu_s": 2.0 * n**3 / common.median(cpu) / 1e9}
 
   # Pieces of the step, each its own jitted program over the same state.
-  spec = b["spec"]
-
-  def teacher_fwd(state, batch):
-    teacher = nnx.merge(b["tgraph"], state["teacher"])
-    return teacher(batch["teacher"], depth=spec.teacher_block, capture=(spec.teacher_block,),
-                   qkv_only=True)["blocks"][spec.teacher_block]
-
-  def loss_fn(params, state, batch, rng):
-    t = jax.lax.stop_gradient(teacher_fwd(state, batch))
-    student = ts.merge_model(b["graphdef"], params, state["consts"])
-    s = student(batch["student"], rng=rng, depth=spec.student_block, capture=(spec.student_block,),
-                qkv_only=True)["blocks"][spec.student_block]
-    return losses.relation_loss(t, s)[0]
-
+  teacher_fwd, loss_fn = step_pieces(b)
   piece_fns = {
       "teacher_fwd": jax.jit(teacher_fwd),
       "student_fwd": jax.jit(lambda st, bt, r: loss_fn(st["params"], st, bt, r)),
@@ -207,16 +223,19 @@ def jax_worker(args) -> dict:
     return res
 
   def profile(n: int = 2, trace_dir: str = "/tmp/tinymim_distill_trace"):
-    """A jax.profiler trace of n steps, summarised per kind of op and part of the step (XLA CPU thunks)."""
+    """A jax.profiler trace of n steps, summarised per kind of op and part of the step (XLA CPU thunks), or
+    on a GPU per kind of kernel (with the busiest kernels and the share of the step the GPU was busy)."""
     import collections, glob, gzip, json, re, shutil
     shutil.rmtree(trace_dir, ignore_errors=True)
-    one()
+    wall = common.median(common.timed(one, max(n, 3)))  # the step's own time, without the profiler's
     with jax.profiler.trace(trace_dir, create_perfetto_trace=True):
       for _ in range(n):
         one()
     files = sorted(glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True))
     if not files:
       return {"rows": [], "trace_dir": trace_dir}
+    if dev.platform == "gpu":
+      return gpu_kernel_summary(json.load(gzip.open(files[-1]))["traceEvents"], n, wall) | {"trace": files[-1]}
     hlo = compiled.as_text()
     entry = hlo[hlo.index("\nENTRY"):]
     info = {}
@@ -242,11 +261,61 @@ def jax_worker(args) -> dict:
   return {"info": info, "steps": steps, "matmul": matmul, "pieces": pieces, "profile": profile}
 
 
+def kernel_kind(name: str) -> str:
+  low = name.lower()
+  if any(t in low for t in ("flash", "fmha", "cudnn", "sdpa", "attention")):
+    return "fused attention"
+  if any(t in low for t in ("gemm", "xmma", "nvjet", "cutlass", "cublas", "matmul", "dot", "conv", "wgmma")):
+    return "matmul / conv"
+  if any(t in low for t in ("memcpy", "memset", "copy")):
+    return "copy / memset"
+  return "elementwise / reduce fusions"
+
+
+def gpu_kernel_summary(events, n_steps: int, wall_s: float) -> dict:
+  """GPU kernel time per step by kind, the top kernels, and busy time / wall time, from a jax.profiler trace."""
+  import collections
+  meta = lambda kind: {(e["pid"], e.get("tid")): str(e.get("args", {}).get("name", "")) for e in events
+                       if e.get("ph") == "M" and e.get("name") == kind}
+  gpu_pids = {pid for (pid, _), name in meta("process_name").items() if "GPU" in name}
+  threads = {k: v for k, v in meta("thread_name").items() if k[0] in gpu_pids}
+  # Kernels sit on the 'Stream #..' lines; the 'XLA Ops' / 'XLA Modules' lines repeat the same time.
+  streams = {k for k, v in threads.items() if "Stream" in v} or {
+      k for k, v in threads.items() if not any(t in v for t in ("XLA", "Framework", "Steps", "Ops"))}
+  by_kind, by_name = collections.defaultdict(float), collections.defaultdict(float)
+  for e in events:
+    if e.get("ph") == "X" and e.get("pid") in gpu_pids and "dur" in e and (
+        not threads or (e["pid"], e.get("tid")) in streams):
+      s = e["dur"] / 1e6 / n_steps
+      by_kind[kernel_kind(e["name"])] += s
+      by_name[e["name"][:90]] += s
+  busy = sum(by_kind.values())
+  rows = [["GPU busy (all kernels)", "", f"{busy * 1e3:.2f} ms", f"{100 * busy / wall_s:.0f}% of the step's wall time"]]
+  rows += [["kind", k, f"{v * 1e3:.2f} ms", f"{100 * v / max(busy, 1e-12):.0f}%"]
+           for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])]
+  rows += [["kernel", k, f"{v * 1e3:.2f} ms", f"{100 * v / max(busy, 1e-12):.0f}%"]
+           for k, v in sorted(by_name.items(), key=lambda kv: -kv[1])[:12]]
+  return {"rows": rows, "step_wall_s": wall_s}
+
+
 def torch_worker_argv(args) -> list[str]:
   dev = {"cpu": "cpu", "gpu": "cuda"}.get(args.device, args.device)
   return [os.path.join(os.path.dirname(HERE), "torch_reference.py"), "--worker", "--size", args.size, "--batch",
           str(args.batch), "--img", str(args.img), "--device", dev, "--amp", args.amp, "--threads",
           str(args.torch_threads)]
+
+
+def start_worker(name: str, workers: dict, infos: dict, failed: dict, warmup: int) -> None:
+  """Waits for a worker's build + compile; one that fails is reported and left out, not fatal to the run."""
+  try:
+    infos[name] = workers[name].call("info")
+    if name == "torch reference":
+      workers[name].call("steps", n=warmup)
+    print(f"{name}: ready {infos[name]}", file=sys.stderr)
+  except (RuntimeError, OSError) as e:  # OSError: the worker died before reading its first command
+    failed[name] = str(e).splitlines()[-1][:300]
+    print(f"{name}: FAILED, left out: {failed[name]}", file=sys.stderr)
+    workers.pop(name).proc.kill()
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -268,6 +337,7 @@ def main():
   p.add_argument("--steps", type=int, default=3, help="steps per worker per round")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--matmul-rounds", type=int, default=2)
+  p.add_argument("--matmul-n", type=int, default=None, help="n of the n^3 peak matmul (cpu 4096, else 8192)")
   p.add_argument("--max-busy", type=float, default=0.25,
                  help="before each round, wait until other processes use at most this fraction of the cores")
   p.add_argument("--quiet-timeout", type=float, default=60.0, help="seconds to wait for that per round")
@@ -288,22 +358,33 @@ def main():
   accel = args.device != "cpu"
   variants = (args.variants or ("bfloat16" if accel else "float32,bfloat16")).split(",")
   env = {"JAX_PLATFORMS": {"gpu": "cuda"}.get(args.device, args.device)}
+  if args.device == "gpu":  # the workers share the card: each takes what it uses, not 75% up front
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+  mm_n = args.matmul_n or (8192 if accel else 4096)
+  mm_reps = 20 if accel else 5
   if args.trace and args.device == "cpu":  # per-thunk trace events of the XLA CPU runtime
     env["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true").strip()
   names = [f"jax {v}" for v in variants] + ([] if args.no_torch else ["torch reference"])
   workers: dict[str, common.Worker] = {}
   infos: dict[str, dict] = {}
-  for name in names:  # one at a time: compiles do not overlap
+  failed: dict[str, str] = {}
+  # Workers build and compile as soon as they start. On a CPU one at a time (compiles would compete for the
+  # cores being measured); on an accelerator all at once (the compiles run on the host's many cores).
+  for name in names:
     if name.startswith("jax"):
       argv = [HERE, "--worker", "--variant", name[4:], "--size", args.size, "--batch", str(args.batch), "--img",
               str(args.img), "--warmup", str(args.warmup), "--device", args.device]
       workers[name] = common.Worker(name, argv, env)
     else:
       workers[name] = common.Worker(name, torch_worker_argv(args))
-    infos[name] = workers[name].call("info")
-    if name == "torch reference":
-      workers[name].call("steps", n=args.warmup)
-    print(f"{name}: ready {infos[name]}", file=sys.stderr)
+    if not accel:
+      start_worker(name, workers, infos, failed, args.warmup)
+  for name in names:
+    if name not in infos and name not in failed:
+      start_worker(name, workers, infos, failed, args.warmup)
+  names = [n for n in names if n not in failed]
+  if not names:
+    raise SystemExit(f"every implementation failed: {failed}")
 
   times = {n: [] for n in names}
   cpus = {n: [] for n in names}
@@ -329,7 +410,7 @@ def main():
       if name == "torch reference" and accel and args.amp != "off":
         dts.append("float16")
       for dt in dts:
-        res = workers[name].call("matmul", dtype=dt)
+        res = workers[name].call("matmul", n=mm_n, dtype=dt, reps=mm_reps)
         peaks[name].setdefault(dt, []).append((res["gflops"], res["gflops_per_cpu_s"]))
   peak = {n: {dt: max(g for g, _ in v) for dt, v in d.items()} for n, d in peaks.items()}
   peak_cpu = {n: {dt: max(c for _, c in v) for dt, v in d.items()} for n, d in peaks.items()}
@@ -350,19 +431,26 @@ def main():
         piece_rows.append([name, label, *(f"{m[k]:.3f}" for k in pieces), f"{m['student_fwd'] - m['teacher_fwd']:.3f}",
                            f"{m['student_fwd_bwd'] - m['student_fwd']:.3f}", f"{m['step'] - m['student_fwd_bwd']:.3f}"])
   torch_table = ""
-  if args.torch_profile and "torch reference" in workers:
-    torch_table = workers["torch reference"].call("profile")["table"]
-  trace_rows = []
-  if args.trace:
-    for name in names:
-      if name.startswith("jax"):
-        trace_rows += [[name, *r[:2], f"{r[2]:.3f}"] for r in workers[name].call("profile")["rows"]]
+  trace_rows, gpu_rows = [], []
+  try:  # the profiles are extras: a failure there must not lose the measurements above
+    if args.torch_profile and "torch reference" in workers:
+      torch_table = workers["torch reference"].call("profile")["table"]
+    if args.trace:
+      for name in names:
+        if name.startswith("jax"):
+          rows = workers[name].call("profile")["rows"]
+          if accel:
+            gpu_rows += [[name, *r] for r in rows]
+          else:
+            trace_rows += [[name, *r[:2], f"{r[2]:.3f}"] for r in rows]
+  except Exception as e:  # noqa: BLE001
+    print(f"profile failed: {e}", file=sys.stderr)
   for w in workers.values():
     w.close()
 
   # ---- report
   flops = common.distill_flops(common.SIZES[args.size], args.batch, args.img)
-  ref_name = None if args.no_torch else "torch reference"
+  ref_name = "torch reference" if "torch reference" in names else None
   ncores = os.cpu_count() if args.device == "cpu" else None
   rows = []
   for name in names:
@@ -402,8 +490,12 @@ def main():
           f"(teacher fwd {flops['teacher_fwd'] / 1e9:.1f}, student fwd {flops['student_fwd'] / 1e9:.1f}, student "
           f"bwd {flops['student_bwd'] / 1e9:.1f}); `XLA GFLOP/step` is cost_analysis()['flops'] of the compiled "
           f"step (matmuls + elementwise). `jax T[/S]` = our step with teacher [/student] compute dtype T [S]. "
-          f"Matmul peak: best of {args.matmul_rounds} interleaved 4096^3 matmuls in each process (jnp.matmul / "
-          f"torch.matmul).")
+          f"Matmul peak: best of {args.matmul_rounds} interleaved {mm_n}^3 matmuls (median of {mm_reps}) in each "
+          f"process (jnp.matmul / torch.matmul, random operands).")
+  if failed:
+    body += " Left out (failed to build or compile): " + "; ".join(f"{n}: {e}" for n, e in failed.items()) + "."
+  if accel:
+    body += " The workers built and compiled concurrently (the `compile s` column includes that contention)."
   if busy_seen:
     body += (f" Before each round the driver waited (up to {args.quiet_timeout:.0f} s) for the other processes "
              f"to leave the cores idle (busy <= {args.max_busy:.0%}); busy fraction seen before the rounds: "
@@ -423,6 +515,10 @@ def main():
              "(the two threads run independent thunks concurrently, and Eigen matmuls (`dot` thunks) run "
              "asynchronously, so these are shares, not a wall-clock split):\n\n" +
              common.table(["implementation", "part of the step", "kind of op", "thunk s / step"], trace_rows))
+  if gpu_rows:
+    body += ("\n\njax.profiler trace of our step on the GPU, kernel time per step (busy share of the step's wall "
+             "time; kernels by kind; the busiest kernels):\n\n" +
+             common.table(["implementation", "what", "name", "time / step", "share"], gpu_rows))
   if torch_table:
     body += "\n\ntorch.profiler, one reference step:\n\n```\n" + torch_table + "\n```"
   body += "\n\nAll step times, wall s: " + "; ".join(f"{n}: {[round(t, 2) for t in times[n]]}" for n in names)
@@ -430,7 +526,7 @@ def main():
   if not args.no_append:
     dev = infos[names[0]].get("device", args.device)
     common.append_section(f"{args.title}: {pair.label}, batch {args.batch}, {args.device}", body, devices=dev,
-                          with_torch=not args.no_torch)
+                          with_torch=ref_name is not None)
 
 
 if __name__ == "__main__":

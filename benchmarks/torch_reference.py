@@ -286,8 +286,13 @@ def make_worker(args) -> dict:
     with tprofile(activities=acts) as prof:
       for _ in range(n):
         ref.step()
-    key = "self_cuda_time_total" if ref.device.type == "cuda" else "self_cpu_time_total"
-    return {"table": prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=40)}
+    keys = ["self_device_time_total", "self_cuda_time_total"] if ref.device.type == "cuda" else ["self_cpu_time_total"]
+    for key in keys:  # torch renamed the CUDA column; try the new name first
+      try:
+        return {"table": prof.key_averages().table(sort_by=key, row_limit=18, max_name_column_width=40)}
+      except (KeyError, AttributeError, ValueError):
+        continue
+    return {"table": prof.key_averages().table(row_limit=18, max_name_column_width=40)}
 
   return {"info": info, "steps": steps, "pieces": pieces, "matmul": matmul, "profile": profile}
 

@@ -14,7 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
 ARGS = {
     "tinymim_distill": ["student=tiny", "student=small", "student=base", "student=small,target=feature",
-                        "student=tiny,target=cls,teacher_block=9,relation_heads=6,mask_ratio=0.5"],
+                        "student=tiny,target=cls,teacher_block=9,relation_heads=6,mask_ratio=0.5",
+                        "student=base,dtype=bfloat16,attention=cudnn"],
     "finetune": ["model=tiny", "model=small", "model=base"],
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
@@ -46,6 +47,8 @@ def test_config_builds_abstractly(name, arg):
   if c.objective == "distill":
     teacher = nnx.eval_shape(lambda: builders.make_teacher(c))
     assert teacher.config.depth >= c.distill.teacher_block
+    assert (model.config.attention, teacher.config.attention) == (c.model.attention, c.teacher.attention)
+    assert model.config.dtype == jax.numpy.dtype(c.model.dtype)
     frozen += ts.distill_frozen_patterns(builders.distill_spec(c), params)
   schedule = optim.lr_schedule(base_lr=c.optim.base_lr, global_batch_size=c.batch_size, total_steps=100,
                                warmup_steps=10)

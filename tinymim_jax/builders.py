@@ -13,7 +13,8 @@ from tinymim_jax import train_steps as ts
 from tinymim_jax.models import MAE_PREFIX, create_model, vit_config
 
 _MODEL_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "drop_path",
-                 "drop_path_mode", "pooling", "num_classes", "pos_embed", "dtype")
+                 "drop_path_mode", "pooling", "num_classes", "pos_embed", "dtype",
+                 "attention")
 
 
 def vit_kwargs(mc) -> dict:

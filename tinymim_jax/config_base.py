@@ -25,6 +25,7 @@ def model_config(name: str = "vit_base_patch16") -> ml_collections.ConfigDict:
       num_classes=0,
       pos_embed="sincos",                       # 'sincos' (fixed) | 'learn'
       dtype="float32",                          # compute dtype; params stay float32
+      attention="default",                      # 'default' | 'cudnn' (GPU flash attention, bf16/fp16) | 'xla'
   ))
 
 

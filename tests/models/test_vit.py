@@ -295,3 +295,38 @@ def test_bfloat16_compute():
   assert low["tokens"].dtype == jnp.bfloat16
   for key in ("tokens", "pooled", "logits"):
     assert_close(low[key], ref[key], tol=5e-2)
+
+
+def test_fused_attention_option_matches_default():
+  """attention='xla' runs the blocks through jax.nn.dot_product_attention (the layout code the 'cudnn' kernel
+  uses too): same outputs and gradients as the default path, which the tests above pin to timm."""
+  shape = SHAPES["custom"]
+  sd = timm_vit(shape, "cls", 0, seed=3).state_dict()
+  models = {}
+  for impl in ("default", "xla"):
+    models[impl] = ours(shape, attention=impl, drop_path=0.1)
+    convert.load_pytorch_weights(models[impl], sd)
+  x = images(shape, seed=3)
+
+  @nnx.jit
+  def loss_and_grad(model, x):
+    def f(m):
+      out = m(x, rng=jax.random.PRNGKey(0))
+      return jnp.mean(out["tokens"] ** 2), out
+    return nnx.value_and_grad(f, has_aux=True)(model)
+
+  (l0, o0), g0 = loss_and_grad(models["default"], x)
+  (l1, o1), g1 = loss_and_grad(models["xla"], x)
+  assert_close(o1["tokens"], o0["tokens"])
+  np.testing.assert_allclose(float(l1), float(l0), rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(g0)),
+                          jax.tree.leaves(nnx.to_pure_dict(g1))):
+    scale = float(jnp.max(jnp.abs(a))) + 1e-12
+    assert float(jnp.max(jnp.abs(a - b))) <= 1e-4 * scale, path
+
+
+def test_attention_option_errors():
+  with pytest.raises(ValueError, match="attention must be"):
+    create_model("vit_tiny_patch16", img_size=32, depth=1, attention="flash")
+  with pytest.raises(ValueError, match="needs a bfloat16 or float16"):
+    create_model("vit_tiny_patch16", img_size=32, depth=1, attention="cudnn")

@@ -81,10 +81,11 @@ def drop_path(x, rate: float, rng):
 
 class Attention(nnx.Module):
 
-  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "default"):
     if dim % num_heads:
       raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
+    self.impl = impl
     self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
 
@@ -97,6 +98,15 @@ class Attention(nnx.Module):
 
   def attend(self, q, k, v):
     b, h, n, dh = q.shape
+    if self.impl != "default":  # a fused kernel (cuDNN flash attention on GPUs) or jax's reference form
+      # cuDNN's training kernels want an even length (ViTs have 1 + grid^2 tokens): pad to a multiple of 8
+      # and mask the padded keys out through the sequence lengths; padded query rows are dropped.
+      pad = (-n) % 8
+      q, k, v = (jnp.pad(jnp.swapaxes(t, 1, 2), ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+      lengths = jnp.full((b,), n, jnp.int32)
+      out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                         implementation=self.impl)[:, :n]
+      return self.proj(out.reshape(b, n, h * dh))
     logits = jnp.einsum("bhnd,bhmd->bhnm", q, k) * dh**-0.5
     # softmax(logits) @ v with the softmax in float32 and its normalisation applied to the (N, dh) output
     # instead of the (N, N) probabilities: the same function (rounding aside), one pass over the N x N
@@ -131,10 +141,11 @@ def layer_norm(dim, dtype, rngs):
 class Block(nnx.Module):
   """Pre-norm transformer block: x + DropPath(Attn(LN1(x))), then x + DropPath(MLP(LN2(x)))."""
 
-  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs):
+  def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs,
+               attention: str = "default"):
     self.drop_path = drop_path
     self.norm1 = layer_norm(dim, dtype, rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention)
     self.norm2 = layer_norm(dim, dtype, rngs)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
 
@@ -174,6 +185,10 @@ class ViTConfig:
   # 'sincos': fixed table (a Constant, never trained). 'learn': a Param initialised to the same table.
   pos_embed: str = "sincos"
   dtype: Any = jnp.float32  # compute dtype; parameters are always float32
+  # softmax(q k^T) v of the blocks: 'default' (written out here; float32 softmax), or an implementation of
+  # jax.nn.dot_product_attention: 'cudnn' (fused flash attention; GPUs, bfloat16/float16 compute) or 'xla'.
+  # q, k, v (what the relation losses read) are the same either way.
+  attention: str = "default"
 
   def block_heads(self, i: int) -> int:
     return int(self.head_overrides.get(i, self.num_heads))
@@ -196,6 +211,10 @@ class ViT(nnx.Module):
       raise ValueError(f"img_size {c.img_size} is not a multiple of patch_size {c.patch_size}")
     if c.pooling not in ("cls", "avg"):
       raise ValueError(f"pooling must be 'cls' or 'avg', got {c.pooling!r}")
+    if c.attention not in ("default", "xla", "cudnn"):
+      raise ValueError(f"attention must be 'default', 'xla' or 'cudnn', got {c.attention!r}")
+    if c.attention == "cudnn" and jnp.dtype(c.dtype) not in (jnp.bfloat16, jnp.float16):
+      raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, got {jnp.dtype(c.dtype)}")
     for i in list(c.head_overrides) + list(c.drop_path_overrides):
       if not 1 <= i <= c.depth:
         raise ValueError(f"per-block override names block {i}, but the model has blocks 1..{c.depth}")
@@ -212,7 +231,8 @@ class ViT(nnx.Module):
     else:
       raise ValueError(f"pos_embed must be 'sincos' or 'learn', got {c.pos_embed!r}")
     self.blocks = nnx.List([
-        Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs)
+        Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs,
+              attention=c.attention)
         for i in range(1, c.depth + 1)])
     if c.pooling == "cls":
       self.norm = layer_norm(d, c.dtype, rngs)
