@@ -8,11 +8,13 @@ count (`compiled.cost_analysis()['flops']`) is shown as a cross-check.
 
   python benchmarks/distill_step.py                       # CPU: ViT-S from ViT-B, 224 px, batch 8 (~8 min)
   python benchmarks/distill_step.py --profile             # + time of the pieces (teacher fwd, student fwd, ...)
-  # GPU (not run here): the paper's sizes, reference under fp16 autocast as the original code runs on CUDA
-  python benchmarks/distill_step.py --device gpu --size b_from_l --batch 128 --variants bfloat16
-  python benchmarks/distill_step.py --device gpu --size s_from_b --batch 256 --variants bfloat16,bfloat16/bfloat16
+  # GPU: the paper's sizes, the reference under fp16 autocast as the original code runs on CUDA (~2 min each;
+  # benchmarks/gpu.sh runs the whole GPU set)
+  python benchmarks/distill_step.py --device gpu --size b_from_l --batch 128 \
+      --variants bfloat16,bfloat16/bfloat16,bfloat16/bfloat16+cudnn --trace --torch-profile
 
-Variants are `teacher_dtype[/student_dtype]` compute dtypes of our step (parameters stay float32).
+Variants are `teacher_dtype[/student_dtype][+attention]`: the compute dtypes of our step's teacher and student
+(parameters, gradients and optimizer stay float32) and ViTConfig.attention ('cudnn': flash attention).
 """
 
 from __future__ import annotations
@@ -163,8 +165,11 @@ def jax_worker(args) -> dict:
   import jax
   import jax.numpy as jnp
 
+  from tinymim_jax import train_steps as ts
+
   b, compiled, build_s, lower_s, compile_s = build_and_compile(args.size, args.batch, img=args.img,
                                                                **parse_variant(args.variant))
+  ts.trim_host_memory()  # as the trainer does once its step is compiled
   box = {"state": b["state"], "metrics": None}
   dev = jax.devices()[0]
 
@@ -328,7 +333,7 @@ def main():
   p.add_argument("--img", type=int, default=224)
   p.add_argument("--device", default="cpu", help="cpu | gpu | tpu (JAX_PLATFORMS for ours; cuda for torch)")
   p.add_argument("--variants", default=None,
-                 help="comma-separated teacher_dtype[/student_dtype] of our step (default: CPU "
+                 help="comma-separated teacher_dtype[/student_dtype][+attention] of our step (default: CPU "
                       "'float32,bfloat16', accelerators 'bfloat16')")
   p.add_argument("--no-torch", action="store_true", help="skip the PyTorch reference (e.g. on TPU)")
   p.add_argument("--amp", default="auto", choices=["auto", "on", "off"], help="reference's fp16 autocast")

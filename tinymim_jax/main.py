@@ -210,6 +210,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     for step in range(start_step + 1, total_steps + 1):
       batch = data.to_global(next(it), mesh, jax.sharding.PartitionSpec(sh.BATCH_AXES))
       state, metrics = train_step(state, batch, rng)
+      if step == start_step + 1:  # the step is compiled now
+        ts.trim_host_memory()
       # Metrics are fetched one step late so the host never waits for the device.
       if pending is not None:
         buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))

@@ -269,6 +269,21 @@ def make_predict_fn(graphdef) -> Callable:
 # --------------------------------------------------------------------------------------------------------
 # Compilation over a mesh.
 # --------------------------------------------------------------------------------------------------------
+def trim_host_memory() -> None:
+  """Hands the memory freed since start-up (model init, the XLA compiler's) back to the OS.
+
+  glibc keeps freed blocks in its arenas, so without this the host's peak resident memory is the compiler's
+  leftovers plus the step's working set (CPU, ViT-S from ViT-B at batch 8: 2.10 -> 1.91 GiB). A no-op where
+  the C library has no malloc_trim.
+  """
+  import ctypes
+  import ctypes.util
+  try:
+    ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
 def jit_step(step_fn: Callable, state_sharding: Any, mesh) -> Callable:
   """jax.jit with explicit shardings: state by rule (donated), batch over (data, fsdp), rng replicated."""
   from tinymim_jax import sharding as sh
