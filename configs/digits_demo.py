@@ -9,8 +9,8 @@ Five stages, each a normal run of the main job (`python -m tinymim_jax.demo` run
   baseline_finetune  fine-tune the baseline the same way
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
-All five take ~10 minutes on 2 CPU cores; the student reaches ~0.9+ top-1 on the held-out 20% either way, with
-the TinyMIM student ahead of the MAE baseline (see the README for the table of a reference run).
+All five take ~4 minutes on 2 CPU cores (3m36s in the README's reference run); the student reaches ~0.98+ top-1
+on the held-out 20% either way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3).
 """
 
 import os
