@@ -1,8 +1,9 @@
 """The distillation step's matmuls one by one: XLA (jnp, jitted) vs torch (MKL) vs numpy (OpenBLAS), float32.
 
 For every Linear of the CPU-size step (ViT-S student and ViT-B teacher, 224 px, batch 8: 1576 tokens) the
-three products of training: forward x @ W, input gradient dY @ W^T, weight gradient X^T @ dY. GFLOP/s is the
-median of --reps timed calls on fresh random operands; the same process, one library after the other.
+three products of training: forward x @ W, input gradient dY @ W^T, weight gradient X^T @ dY (the teacher
+only runs forward in the step; its shapes show the larger products). GFLOP/s from the median of --reps runs of
+8 back-to-back calls on random operands; the same process, one library after the other.
 
   python benchmarks/matmul_shapes.py                    # ~1 minute on 2 cores
 """
@@ -70,11 +71,11 @@ def main():
       total_flops += flops
       for k, v in r.items():
         seconds[k] += flops / 1e9 / v
-      rows.append([", ".join(names), f"{m}x{i}x{o}", prod, *(f"{r[k]:.0f}" for k in ("xla", "torch", "numpy")),
-                   f"{r['xla'] / r['torch']:.2f}"])
+      libs = [f"{r[k]:.0f}" for k in ("xla", "torch", "numpy")]
+      rows.append([", ".join(names), f"{m}x{i}x{o}", prod, *libs, f"{r['xla'] / r['torch']:.2f}"])
   overall = {k: total_flops / 1e9 / v for k, v in seconds.items()}
-  rows.append(["all of the above (one of each)", "", "", *(f"{overall[k]:.0f}" for k in ("xla", "torch", "numpy")),
-               f"{overall['xla'] / overall['torch']:.2f}"])
+  libs = [f"{overall[k]:.0f}" for k in ("xla", "torch", "numpy")]
+  rows.append(["all of the above (one of each)", "", "", *libs, f"{overall['xla'] / overall['torch']:.2f}"])
   body = (f"Float32, {args.threads} threads; {m} rows (batch 8 x 197 tokens); GFLOP/s (2 m k n / time per call, median of "
           f"{args.reps} runs of 8 back-to-back calls). `xla` = jax.jit(jnp matmul) on the CPU backend (YNNPACK / Eigen), `torch` = "
           f"torch.matmul (MKL / oneDNN), `numpy` = numpy's OpenBLAS.\n\n" +

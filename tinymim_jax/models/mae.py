@@ -52,8 +52,9 @@ class MAE(nnx.Module):
                                     rngs=rngs)
     self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d)))
     self.decoder_pos_embed = vit_lib.Constant(jnp.asarray(vit_lib.sincos_pos_embed(d, self.encoder.grid)))
-    self.decoder_blocks = nnx.List([vit_lib.Block(d, decoder.num_heads, decoder.mlp_ratio, 0.0, dtype=dt,
-                                                  rngs=rngs, attention=encoder.attention) for _ in range(decoder.depth)])
+    self.decoder_blocks = nnx.List([
+        vit_lib.Block(d, decoder.num_heads, decoder.mlp_ratio, 0.0, dtype=dt, rngs=rngs, attention=encoder.attention)
+        for _ in range(decoder.depth)])
     self.decoder_norm = vit_lib.layer_norm(d, dt, rngs)
     self.decoder_pred = nnx.Linear(d, p * p * 3, dtype=dt, kernel_init=vit_lib.xavier_uniform, rngs=rngs)
 
