@@ -25,9 +25,7 @@ from benchmarks import common  # noqa: E402
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="s_from_b", choices=sorted(common.SIZES))
-  p.add_argument("--batch", type=int, default=4)
-  p.add_argument("--img", type=int, default=224)
+  common.add_size_args(p, batch=4)
   p.add_argument("--device", default="cpu", help="cpu | gpu | tpu")
   p.add_argument("--variants", default="float32,bfloat16,bfloat16/bfloat16")
   p.add_argument("--no-append", action="store_true", help="do not append to BENCHMARKS.md")

@@ -59,6 +59,13 @@ SIZES = {
 }
 
 
+def add_size_args(parser, batch: int) -> None:
+  """--size / --batch / --img, the arguments every distillation-step benchmark shares."""
+  parser.add_argument("--size", default="s_from_b", choices=sorted(SIZES))
+  parser.add_argument("--batch", type=int, default=batch)
+  parser.add_argument("--img", type=int, default=224)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Analytic FLOPs (matmuls only, 2 FLOPs per multiply-add).
 # --------------------------------------------------------------------------------------------------------

@@ -328,9 +328,7 @@ def start_worker(name: str, workers: dict, infos: dict, failed: dict, warmup: in
 # --------------------------------------------------------------------------------------------------------
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--size", default="s_from_b", choices=sorted(common.SIZES))
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--img", type=int, default=224)
+  common.add_size_args(p, batch=8)
   p.add_argument("--device", default="cpu", help="cpu | gpu | tpu (JAX_PLATFORMS for ours; cuda for torch)")
   p.add_argument("--variants", default=None,
                  help="comma-separated teacher_dtype[/student_dtype][+attention] of our step (default: CPU "

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,14 +36,8 @@ def main():
     """Median over reps of `calls` back-to-back calls (jax dispatches asynchronously: its per-call overhead
     overlaps the previous product, as inside a compiled step)."""
     sync(fn())
-    ts = []
-    for _ in range(args.reps):
-      t0 = time.perf_counter()
-      for _ in range(calls):
-        r = fn()
-      sync(r)
-      ts.append((time.perf_counter() - t0) / calls)
-    return flops / common.median(ts) / 1e9
+    ts = common.timed(lambda: sync([fn() for _ in range(calls)][-1]), args.reps)
+    return flops * calls / common.median(ts) / 1e9
 
   m = args.tokens
   layers = {}  # (in, out) -> names, ViT-S (384) and ViT-B (768) Linears

@@ -298,9 +298,7 @@ def make_worker(args) -> dict:
 
 
 def add_args(p):
-  p.add_argument("--size", default="s_from_b", choices=sorted(common.SIZES))
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--img", type=int, default=224)
+  common.add_size_args(p, batch=8)
   p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
   p.add_argument("--amp", default="auto", choices=["auto", "on", "off"],
                  help="fp16 autocast + GradScaler; auto = on for CUDA (as the reference), off on CPU")
