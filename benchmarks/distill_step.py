@@ -38,46 +38,49 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
           attention: str = "default", abstract: bool = False, mesh=None, seed: int = 0):
   """-> dict(step=jitted step, state, batch, rng, pair, jit=...) for the named size.
 
-  The student / teacher / optimizer are built exactly as the trainer builds them (builders.make_model's
-  relation-block overrides, distill_frozen_patterns, make_optimizer with the recipe's AdamW, jit_step with
-  donation). abstract=True: every array is a ShapeDtypeStruct (with its sharding), nothing is allocated,
-  so the paper's sizes can be lowered and compiled anywhere.
+  The student / teacher / optimizer come from configs/tinymim_distill.py through the builders, exactly as the
+  trainer builds them (relation-block overrides, frozen params, the recipe's AdamW and schedule at batch 4096),
+  and the step is jitted with donation. abstract=True: every array is a ShapeDtypeStruct (with its sharding),
+  nothing is allocated, so the paper's sizes can be lowered and compiled anywhere.
   """
   import jax
   import jax.numpy as jnp
   import numpy as np
   from flax import nnx
 
-  from tinymim_jax import create_model, optim, sharding as sh, train_steps as ts
+  from tinymim_jax import builders, sharding as sh, train_steps as ts
+  from tinymim_jax.demo import load_config_module
 
   pair = common.SIZES[size]
-  spec = ts.DistillSpec(teacher_block=pair.teacher_block, student_block=pair.student_block)
-  t_heads = common.VIT[pair.teacher][2]
+  short = lambda name: name.split("_")[1]  # vit_small_patch16 -> small
+  c = load_config_module(os.path.join(common.ROOT, "configs", "tinymim_distill.py")).get_config(
+      f"student={short(pair.student)},teacher={short(pair.teacher)},teacher_block={pair.teacher_block},"
+      f"dtype={student_dtype},attention={attention}")
+  c.seed = seed
+  c.model.img_size = c.teacher.img_size = img
+  c.teacher.dtype = teacher_dtype
+  spec = builders.distill_spec(c)
+  steps_per_epoch = 1_281_167 // c.batch_size  # ImageNet-1K train images
 
-  def make_student():
-    return create_model(pair.student, img_size=img, num_heads=pair.student_heads,
-                        head_overrides={pair.student_block: pair.relation_heads}, drop_path=0.1,
-                        drop_path_mode="constant", drop_path_overrides={pair.student_block: 0.0},
-                        dtype=student_dtype, attention=attention, seed=seed)
+  def make():
+    student, extras = builders.make_trainable(c)
+    return student, extras, builders.make_teacher(c)
 
-  def make_teacher():
-    return create_model(pair.teacher, img_size=img, num_heads=t_heads, dtype=teacher_dtype, attention=attention,
-                        seed=seed + 1)
-
-  schedule = optim.lr_schedule(base_lr=1.5e-4, global_batch_size=4096, total_steps=312 * 300,
-                               warmup_steps=312 * 15)
+  student, extras, teacher = nnx.eval_shape(make) if abstract else make()
+  # The PyTorch reference (torch_reference.py) builds its layout from the Pair: the two must agree.
+  assert [student.config.block_heads(i) for i in (1, pair.student_block)] == [pair.student_heads,
+                                                                              pair.relation_heads], pair
+  tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student, extras)[1], spec=spec,
+                                            total_steps=int(c.total_epochs * steps_per_epoch),
+                                            warmup_steps=int(c.warmup_epochs * steps_per_epoch))
   if abstract:
-    student, teacher = nnx.eval_shape(make_student), nnx.eval_shape(make_teacher)
+    graphdef, tgraph = ts.split_model(student, extras)[0], nnx.split(teacher)[0]
+    def abstract_state():
+      s, e, t = make()
+      return ts.init_state(s, tx, teacher=t, extras=e)[2]
+    state = jax.eval_shape(abstract_state)
   else:
-    student, teacher = make_student(), make_teacher()
-  _, params, _ = ts.split_model(student)
-  tx = optim.make_optimizer(params, schedule=schedule, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.05,
-                            frozen=ts.distill_frozen_patterns(spec, params))
-  if abstract:
-    graphdef, tgraph = ts.split_model(student)[0], nnx.split(teacher)[0]
-    state = jax.eval_shape(lambda: ts.init_state(make_student(), tx, teacher=make_teacher())[2])
-  else:
-    graphdef, tgraph, state = ts.init_state(student, tx, teacher=teacher)
+    graphdef, tgraph, state = ts.init_state(student, tx, teacher=teacher, extras=extras)
   step = ts.make_distill_step(graphdef, tgraph, tx, schedule, spec)
 
   mesh = mesh if mesh is not None else sh.make_mesh(fsdp=1, devices=jax.devices()[:1])

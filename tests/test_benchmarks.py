@@ -8,7 +8,7 @@ import torch
 from flax import nnx
 
 from benchmarks import common, distill_step, torch_reference
-from tinymim_jax import convert, losses
+from tinymim_jax import convert, losses, train_steps as ts
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +21,7 @@ def reference():
 
 def test_reference_loss_equals_ours(reference):
   b = distill_step.build("s_from_b", 2, img=32)  # our models, built as the trainer builds them
-  student = nnx.merge(b["graphdef"], b["state"]["params"], b["state"]["consts"])
+  student = ts.merge_model(b["graphdef"], b["state"]["params"], b["state"]["consts"])
   teacher = nnx.merge(b["tgraph"], b["state"]["teacher"])
   convert.load_pytorch_weights(student, reference.student.state_dict())
   convert.load_pytorch_weights(teacher, reference.teacher.state_dict())

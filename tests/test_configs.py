@@ -39,21 +39,16 @@ def test_every_config_file_is_covered():
 @pytest.mark.parametrize("name,arg", [(n, a) for n, args in ARGS.items() for a in args])
 def test_config_builds_abstractly(name, arg):
   c = load(name, arg)
-  model = nnx.eval_shape(lambda: builders.make_model(c, num_classes=1000))
-  _, params, _ = ts.split_model(model)
-  extra = jax.eval_shape(lambda: builders.extra_params(c, model))
-  params = {**params, **(extra or {})}
-  frozen = tuple(c.optim.frozen)
+  model, extras = nnx.eval_shape(lambda: builders.make_trainable(c, num_classes=1000))
+  _, params, _ = ts.split_model(model, extras)
+  spec = None
   if c.objective == "distill":
     teacher = nnx.eval_shape(lambda: builders.make_teacher(c))
     assert teacher.config.depth >= c.distill.teacher_block
     assert (model.config.attention, teacher.config.attention) == (c.model.attention, c.teacher.attention)
     assert model.config.dtype == jax.numpy.dtype(c.model.dtype)
-    frozen += ts.distill_frozen_patterns(builders.distill_spec(c), params)
-  schedule = optim.lr_schedule(base_lr=c.optim.base_lr, global_batch_size=c.batch_size, total_steps=100,
-                               warmup_steps=10)
-  tx = optim.make_optimizer(params, schedule=schedule, no_decay=tuple(c.optim.no_decay), frozen=frozen,
-                            layer_decay=c.optim.layer_decay, depth=len(params["blocks"]) if "blocks" in params else None)
+    spec = builders.distill_spec(c)
+  tx, _, _ = builders.make_optimizer(c, params, total_steps=100, warmup_steps=10, spec=spec)
   opt_state = jax.eval_shape(tx.init, params)
   assert jax.tree.leaves(opt_state)
 

@@ -125,11 +125,11 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(teacher_root, tmp_p
     config.optim.base_lr = 1e12
   with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step"):
     trainer.train_and_evaluate(config, wd)
-  from tinymim_jax import checkpoint
   from flax import nnx
+  from tinymim_jax import builders
   saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*")))
   assert saved[0] == 4 and not os.path.exists(os.path.join(wd, "done.json"))
-  model = checkpoint.restore_model(wd)  # the last checkpoint is complete and finite
+  model = builders.restore_model(wd)  # the last checkpoint is complete and finite
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
 
 

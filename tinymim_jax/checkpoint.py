@@ -15,9 +15,7 @@ import os
 from typing import Any
 
 import jax
-import ml_collections
 import orbax.checkpoint as ocp
-from flax import nnx
 
 CKPT_DIR = "checkpoints"
 
@@ -34,16 +32,17 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self.mngr.latest_step()
 
-  def save(self, step: int, state: dict, meta: dict, *, force: bool = True) -> None:
-    """Starts an async save of `state` (a train state; the teacher is left out) at `step`."""
-    self.mngr.save(int(step), force=force, args=ocp.args.Composite(
+  def save(self, step: int, state: dict, meta: dict) -> None:
+    """Starts an async save of `state` (a train state without the teacher) at `step`."""
+    self.mngr.save(int(step), force=True, args=ocp.args.Composite(
         model=ocp.args.StandardSave({"params": state["params"], "consts": state["consts"]}),
         opt=ocp.args.StandardSave(state["opt"]),
         meta=ocp.args.JsonSave(meta)))
 
-  def restore(self, abstract_state: dict, step: int | None = None) -> tuple[dict, dict]:
-    """Restores onto the shardings of `abstract_state` (ShapeDtypeStructs), whatever mesh saved it."""
-    step = self.latest_step() if step is None else step
+  def restore(self, abstract_state: dict) -> tuple[dict, dict]:
+    """The latest checkpoint onto the shardings of `abstract_state` (ShapeDtypeStructs), whatever mesh saved
+    it: -> (state, meta)."""
+    step = self.latest_step()
     abstract_model = {"params": abstract_state["params"], "consts": abstract_state["consts"]}
     r = self.mngr.restore(step, args=ocp.args.Composite(
         model=ocp.args.StandardRestore(abstract_model), opt=ocp.args.StandardRestore(abstract_state["opt"]),
@@ -51,9 +50,13 @@ class Checkpointer:
     state = {**r.model, "opt": r.opt, "step": jax.numpy.asarray(step, jax.numpy.int32)}
     return state, r.meta
 
-  def restore_meta(self, step: int | None = None) -> dict:
-    step = self.latest_step() if step is None else step
-    return self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+  def restore_model_item(self, abstract_model: dict) -> dict:
+    """Only the latest checkpoint's 'model' item ({'params', 'consts'}) onto `abstract_model`'s shardings."""
+    return self.mngr.restore(self.latest_step(), args=ocp.args.Composite(
+        model=ocp.args.StandardRestore(abstract_model))).model
+
+  def restore_meta(self) -> dict:
+    return self.mngr.restore(self.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
 
   def wait(self) -> None:
     self.mngr.wait_until_finished()
@@ -68,26 +71,3 @@ def abstract(tree: Any, shardings: Any = None) -> Any:
   if shardings is None:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-
-
-def restore_model(workdir: str, step: int | None = None) -> nnx.Module:
-  """The trained model of a tinymim-jax run (latest checkpoint), rebuilt from the config it saved."""
-  from tinymim_jax import builders, train_steps as ts
-  ckpt = Checkpointer(workdir, async_save=False)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
-  meta = ckpt.restore_meta(step)
-  config = ml_collections.ConfigDict(meta["config"])
-  model = nnx.eval_shape(lambda: builders.make_model(config, num_classes=meta.get("num_classes")))
-  graphdef, params, consts = ts.split_model(model)
-  extra = jax.eval_shape(lambda: builders.extra_params(config, model))
-  if extra:
-    params = {**params, **extra}
-  step = ckpt.latest_step() if step is None else step
-  # Onto this process's first device, whatever mesh saved it.
-  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=local),
-                        {"params": params, "consts": consts})
-  r = ckpt.mngr.restore(step, args=ocp.args.Composite(model=ocp.args.StandardRestore(target)))
-  ckpt.close()
-  return ts.merge_model(graphdef, r.model["params"], r.model["consts"])

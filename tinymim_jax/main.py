@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import builders, checkpoint, config_base, data, knn, optim, writers
+from tinymim_jax import builders, checkpoint, config_base, data, knn, writers
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
@@ -118,7 +118,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # ---------------------------------------------------------------------------------------------------
   # Model and teacher.
   # ---------------------------------------------------------------------------------------------------
-  model = builders.make_model(config, num_classes=info.num_classes)
+  model, extras = builders.make_trainable(config, num_classes=info.num_classes)
   meta: dict[str, Any] = {"objective": objective, "num_classes": info.num_classes, "seed": config.seed}
   if config.init:
     # Fine-tuning starts from a pretrained / distilled encoder: a fresh fc_norm + head, `norm` dropped.
@@ -139,25 +139,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # ---------------------------------------------------------------------------------------------------
   # Optimizer.
   # ---------------------------------------------------------------------------------------------------
-  o = config.optim
-  schedule = optim.lr_schedule(base_lr=o.base_lr, global_batch_size=config.batch_size, total_steps=total_steps,
-                               warmup_steps=warmup_steps, min_lr=o.min_lr, lr_scaling_batch=o.lr_scaling_batch)
-  extra = builders.extra_params(config, model)
-  _, params, _ = ts.split_model(model)
-  params = {**params, **(extra or {})}
-  frozen = tuple(o.frozen)
-  if objective == "distill":
-    frozen += ts.distill_frozen_patterns(builders.distill_spec(config), params)
-  rules = dict(schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-               no_decay=tuple(o.no_decay), frozen=frozen, layer_decay=o.layer_decay,
-               depth=len(params["blocks"]) if "blocks" in params else None, grad_clip_norm=o.grad_clip_norm,
-               grad_accum_steps=o.grad_accum_steps)
-  tx = optim.make_optimizer(params, **rules)
+  spec = builders.distill_spec(config) if objective == "distill" else None
+  tx, schedule, rules_table = builders.make_optimizer(config, ts.split_model(model, extras)[1], spec=spec,
+                                                      total_steps=total_steps, warmup_steps=warmup_steps)
   if is_main:
-    logging.info("optimizer:\n%s", optim.describe(params, **{k: rules[k] for k in ("no_decay", "frozen",
-                                                                                  "layer_decay", "depth")}))
-  graphdef, teacher_graphdef, state = ts.init_state(model, tx, teacher=teacher, extra_params=extra)
-  del model, teacher
+    logging.info("optimizer:\n%s", rules_table)
+  modeldef, teacher_graphdef, state = ts.init_state(model, tx, teacher=teacher, extras=extras)
+  del model, teacher, extras
 
   # ---------------------------------------------------------------------------------------------------
   # Checkpoint: resume from the latest one, onto this mesh.
@@ -181,13 +169,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # Steps.
   # ---------------------------------------------------------------------------------------------------
   if objective == "distill":
-    step_fn = ts.make_distill_step(graphdef, teacher_graphdef, tx, schedule, builders.distill_spec(config))
+    step_fn = ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, spec)
   elif objective == "mae_pretrain":
-    step_fn = ts.make_mae_step(graphdef, tx, schedule, mask_ratio=config.mae.mask_ratio,
+    step_fn = ts.make_mae_step(modeldef, tx, schedule, mask_ratio=config.mae.mask_ratio,
                                norm_pix=config.mae.norm_pix)
   else:
     f = config.finetune
-    step_fn = ts.make_finetune_step(graphdef, tx, schedule, num_classes=info.num_classes, mixup=f.mixup,
+    step_fn = ts.make_finetune_step(modeldef, tx, schedule, num_classes=info.num_classes, mixup=f.mixup,
                                     cutmix=f.cutmix, switch_prob=f.switch_prob, label_smoothing=f.label_smoothing)
   train_step = ts.jit_step(step_fn, state_sharding, mesh)
   rng = jax.random.PRNGKey(config.seed)
@@ -204,7 +192,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
                                 seed=config.seed, start_step=start_step)
   progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=objective)
   pending, buffer, last_saved = None, [], ckpt.latest_step()
-  evaluator = _Evaluator(config, graphdef, mesh, state_sharding, info)
+  evaluator = _Evaluator(config, modeldef, mesh, state_sharding, info)
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -247,7 +235,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   writer.write(total_steps, final)
   writer.close()
   ckpt.close()
-  model = ts.merge_model(graphdef, jax.device_get(state["params"]), jax.device_get(state["consts"]))
+  model = ts.merge_model(modeldef, jax.device_get(state["params"]), jax.device_get(state["consts"]))
   return _finish_run(config, workdir, model, {**final, "step": total_steps})
 
 
@@ -266,10 +254,10 @@ def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
 class _Evaluator:
   """k-NN top-1 on features (pretraining / distillation monitor) and top-1 of the head (fine-tuning)."""
 
-  def __init__(self, config, graphdef, mesh, state_sharding, info):
+  def __init__(self, config, modeldef, mesh, state_sharding, info):
     self.config, self.mesh, self.info = config, mesh, info
     sub = {"params": state_sharding["params"], "consts": state_sharding["consts"]}
-    predict = ts.make_predict_fn(graphdef)
+    predict = ts.make_predict_fn(modeldef)
 
     def fn(state, batch):  # labels and masks ride along so every process sees the global batch
       return {**predict(state, batch["image"]), "label": batch["label"], "mask": batch["mask"]}
@@ -308,12 +296,12 @@ class _Evaluator:
 
 
 def _final_evals(config, workdir, model, mesh, meta, step):
-  graphdef, params, consts = ts.split_model(model)
+  modeldef, params, consts = ts.split_model(model)
   state = {"params": params, "consts": consts}
   shardings = sh.tree_sharding(state, mesh)
   state = jax.device_put(state, shardings)
   info = data.dataset_info(config.data)
-  res = _Evaluator(config, graphdef, mesh, shardings, info)(state)
+  res = _Evaluator(config, modeldef, mesh, shardings, info)(state)
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
     w.write(step, res)
   return _finish_run(config, workdir, None, {**res, "step": step})

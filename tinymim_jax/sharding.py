@@ -107,22 +107,20 @@ def spec_for(name: str, shape, mesh: Mesh, rules=DEFAULT_RULES) -> P:
 def tree_sharding(tree, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs), by rule over '/'-joined names.
 
-  Optimizer states hold copies of the params (Adam moments) under longer paths; their names end with the
-  param's name, so rules anchored with `.*` prefixes are not needed: we match on the longest suffix that
-  starts at a known param root (blocks/, patch_embed, ...), falling back to the whole name.
+  `tree` is a train state ({'params', 'consts', 'opt', 'teacher', ...}) or a bare params tree. Rules see a
+  param's own name ('blocks/3/attn/qkv/kernel'): the state's prefixes are stripped, and so are the optimizer's
+  (Adam moments are copies of the params under longer paths ending in the param's name), by cutting each name
+  at its first component that is a top-level param / const name of the tree's models.
   """
+  parts = [tree[k] for k in ("params", "consts", "teacher") if isinstance(tree, dict) and k in tree] or [tree]
+  roots = sorted({k for p in parts if isinstance(p, dict) for k in p})
+  root = re.compile(rf"(?:^|/)((?:{'|'.join(map(re.escape, roots))})(?:/.*)?)$") if roots else None
+
   def one(path, x):
     shape = getattr(x, "shape", ())
     if not shape:
       return NamedSharding(mesh, P())
-    return NamedSharding(mesh, spec_for(_strip_prefix(optim.path_name(path)), shape, mesh, rules))
+    name = optim.path_name(path)
+    m = root.search(name) if root else None
+    return NamedSharding(mesh, spec_for(m.group(1) if m else name, shape, mesh, rules))
   return jax.tree_util.tree_map_with_path(one, tree)
-
-
-_ROOTS = re.compile(r"(?:^|/)((?:blocks|decoder_blocks|patch_embed|cls_token|pos_embed|norm|fc_norm|head|"
-                    r"decoder_\w+|mask_token|encoder|distill_proj)(?:/.*)?)$")
-
-
-def _strip_prefix(name: str) -> str:
-  m = _ROOTS.search(name)
-  return m.group(1) if m else name

@@ -1,11 +1,12 @@
 """Pure, jit-able train steps: `step(state, batch, rng) -> (state, metrics)`.
 
-The model is split once at the jit boundary into a static graphdef and pure dicts of arrays; the step
+The model is split once at the jit boundary into a static `ModelDef` and pure dicts of arrays; the step
 merges them back inside the trace. A train state is a plain dict:
 
   step     int32 scalar
-  params   trainable student params (nested dict; `distill_proj` sits beside them when a target needs it)
-  consts   the student's non-trainable state (the fixed sin-cos table)
+  params   trainable params: the model's, and beside them (under their names) those of the extra layers a
+           distillation target trains with it (e.g. the feature target's width projection, 'distill_proj')
+  consts   the model's non-trainable state (the fixed sin-cos table)
   opt      the optax state
   teacher  (distillation only) the frozen teacher's full state. It rides in the state so that it is sharded
            by the same rules and donated/aliased without copies; it is never differentiated, never in the
@@ -18,42 +19,65 @@ metrics['nonfinite'] = 1: the trainer stops on it and no NaN can reach a checkpo
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tinymim_jax import losses
+from tinymim_jax import losses, optim
+from tinymim_jax import sharding as sh
 from tinymim_jax.models import mae as mae_lib
+from tinymim_jax.models import vit as vit_lib
 
-PROJ = "distill_proj"  # extra trainable params of the feature / class-token targets
+
+@dataclasses.dataclass(frozen=True)
+class ModelDef:
+  """The static half of a split model: its nnx GraphDef, and those of the extra layers trained beside it."""
+  model: Any
+  extras: tuple[tuple[str, Any], ...] = ()
 
 
-def split_model(model: nnx.Module):
-  """-> (graphdef, params, consts) with params/consts as nested dicts of arrays."""
+def split_model(model: nnx.Module, extras: Mapping[str, nnx.Module] | None = None):
+  """-> (ModelDef, params, consts), params / consts nested dicts of arrays.
+
+  `extras` ({name: module}) are layers trained beside the model (a distillation target's, see TARGETS): their
+  params sit beside the model's under their names, so optimizer, sharding and checkpoint rules see one tree.
+  """
   graphdef, params, consts = nnx.split(model, nnx.Param, ...)
-  return graphdef, nnx.to_pure_dict(params), nnx.to_pure_dict(consts)
+  params, consts = nnx.to_pure_dict(params), nnx.to_pure_dict(consts)
+  extra_defs = []
+  for name, module in (extras or {}).items():
+    if name in params:
+      raise ValueError(f"extra layers {name!r} would replace the model's own {name!r} params")
+    extra_def, params[name] = nnx.split(module, nnx.Param)
+    params[name] = nnx.to_pure_dict(params[name])
+    extra_defs.append((name, extra_def))
+  return ModelDef(graphdef, tuple(extra_defs)), params, consts
 
 
-def merge_model(graphdef, params, consts) -> nnx.Module:
-  model_params = {k: v for k, v in params.items() if k != PROJ}
-  return nnx.merge(graphdef, model_params, consts)
+def merge_model(modeldef: ModelDef, params, consts) -> nnx.Module:
+  """The model (without its extra layers) from `split_model`'s pieces."""
+  names = {name for name, _ in modeldef.extras}
+  return nnx.merge(modeldef.model, {k: v for k, v in params.items() if k not in names}, consts)
+
+
+def merge_extras(modeldef: ModelDef, params) -> dict[str, nnx.Module]:
+  """The extra layers from `split_model`'s pieces: {name: module}."""
+  return {name: nnx.merge(graphdef, params[name]) for name, graphdef in modeldef.extras}
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, teacher: nnx.Module | None = None,
-               extra_params: dict | None = None):
-  """-> (graphdef, teacher_graphdef or None, state)."""
-  graphdef, params, consts = split_model(model)
-  if extra_params:
-    params = {**params, **extra_params}
+               extras: Mapping[str, nnx.Module] | None = None):
+  """-> (ModelDef, teacher_graphdef or None, state)."""
+  modeldef, params, consts = split_model(model, extras)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "consts": consts, "opt": tx.init(params)}
   teacher_graphdef = None
   if teacher is not None:
     teacher_graphdef, teacher_state = nnx.split(teacher)
     state["teacher"] = _teacher_in_compute_dtype(teacher, nnx.to_pure_dict(teacher_state))
-  return graphdef, teacher_graphdef, state
+  return modeldef, teacher_graphdef, state
 
 
 def _teacher_in_compute_dtype(teacher: nnx.Module, pure: dict) -> dict:
@@ -109,8 +133,9 @@ def _step_rngs(rng, step, n):
 # --------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class DistillSpec:
-  """What to distill. Blocks are 1-based; the teacher runs only to teacher_block, the student to student_block."""
-  target: str = "relation"          # 'relation' | 'feature' | 'cls'
+  """What to distill (config.distill). Blocks are 1-based; the teacher runs only to teacher_block, the student
+  to student_block."""
+  target: str = "relation"          # a key of TARGETS
   teacher_block: int = 12
   student_block: int = 12
   w_qk: float = 1.0
@@ -120,38 +145,91 @@ class DistillSpec:
   student_mask_ratio: float = 0.0   # > 0: the student sees only a random subset of patches (ablation)
 
   def __post_init__(self):
-    if self.target not in ("relation", "feature", "cls"):
-      raise ValueError(f"distill.target must be 'relation', 'feature' or 'cls', got {self.target!r}")
+    if self.target not in TARGETS:
+      raise ValueError(f"distill.target must be one of {sorted(TARGETS)}, got {self.target!r}")
+
+
+class WidthProjection(nnx.Module):
+  """Linear student width -> teacher width (float32, xavier-uniform, zero bias): the feature and class-token
+  targets' extra layer when the widths differ."""
+
+  def __init__(self, student_dim: int, teacher_dim: int, *, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(student_dim, teacher_dim, kernel_init=vit_lib.xavier_uniform, rngs=rngs)
+
+  def __call__(self, x):
+    return self.linear(x.astype(jnp.float32))
+
+
+def _width_projection(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
+  return {} if student_dim == teacher_dim else {"distill_proj": WidthProjection(student_dim, teacher_dim,
+                                                                                rngs=rngs)}
+
+
+def _project(extras, x):
+  return extras["distill_proj"](x) if "distill_proj" in extras else x
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+  """One distillation target: what it reads of the two target blocks, its loss, the parts of the student's
+  target block that take no part in it, and the extra layers it trains beside the student."""
+  qkv_only: bool    # the target blocks stop after their qkv Linear and give q/k/v (else their output 'hidden')
+  # (teacher block, student block, extras, spec) -> (loss, aux metrics); blocks as ViT's out['blocks'][i]
+  loss: Callable[[dict, dict, dict, DistillSpec], tuple[jax.Array, dict]]
+  frozen_in_block: str = ""   # regex under the student's blocks/<i>/: untrained parts of its target block
+  # (student width, teacher width, rngs) -> {name: module} trained with the student (never exported)
+  extra_layers: Callable[[int, int, nnx.Rngs], dict[str, nnx.Module]] = lambda ds, dt, rngs: {}
+
+
+# Adding a target = one entry here plus its loss in losses.py (README, "Extending").
+TARGETS: dict[str, Target] = {
+    # docs/method.md section 2: KL between the teacher's and the student's softmax(QK^T) and softmax(VV^T).
+    "relation": Target(
+        qkv_only=True,
+        loss=lambda t, s, extras, spec: losses.relation_loss(t, s, w_qk=spec.w_qk, w_vv=spec.w_vv),
+        frozen_in_block="attn/proj|norm2|mlp"),
+    # The paper's feature and class-token baselines (TinyMIM section 3): hidden states, or their CLS token.
+    "feature": Target(
+        qkv_only=False,
+        loss=lambda t, s, extras, spec: (losses.feature_loss(
+            _project(extras, s["hidden"]), t["hidden"], kind=spec.feature_loss,
+            normalize_target=spec.normalize_target), {}),
+        extra_layers=_width_projection),
+    "cls": Target(
+        qkv_only=False,
+        loss=lambda t, s, extras, spec: (losses.class_token_loss(
+            _project(extras, s["hidden"][:, 0]), t["hidden"][:, 0], kind=spec.feature_loss), {}),
+        extra_layers=_width_projection),
+}
 
 
 def distill_frozen_patterns(spec: DistillSpec, params: dict) -> tuple[str, ...]:
-  """Student params that take no part in the loss: never updated, never decayed (SPEC 2).
+  """Student params that take no part in the loss: never updated, never decayed (docs/method.md section 2).
 
-  With the relation target the student's relation block contributes only norm1 and qkv; everything after
-  it (its attn.proj, norm2, mlp, later blocks, the final norm / head) receives no gradient. Returns only
-  the patterns that name a param of `params`.
+  Everything after the student's target block (later blocks, the final norm / head) and the parts of the target
+  block its target does not read (relation: attn.proj, norm2, mlp) receive no gradient. Returns only the
+  patterns that name a param of `params`.
   """
-  from tinymim_jax import optim
   depth = len(params["blocks"])
   if not 1 <= spec.student_block <= depth:
     raise ValueError(f"distill.student_block={spec.student_block} but the student has blocks 1..{depth}")
-  b = spec.student_block - 1  # 0-based index of the target block
   later = [str(i) for i in range(spec.student_block, depth)]
   pats = [r"norm/.*", r"fc_norm/.*", r"head/.*"]
   if later:
     pats.append(rf"blocks/({'|'.join(later)})/.*")
-  if spec.target == "relation":
-    pats.append(rf"blocks/{b}/(attn/proj|norm2|mlp)/.*")
+  in_block = TARGETS[spec.target].frozen_in_block
+  if in_block:
+    pats.append(rf"blocks/{spec.student_block - 1}/({in_block})/.*")
   names = jax.tree.leaves(optim.param_names(params))
   return tuple(p for p in pats if any(optim.match([p], n) for n in names))
 
 
-def make_distill_step(graphdef, teacher_graphdef, tx, schedule, spec: DistillSpec) -> Callable:
-  relation = spec.target == "relation"
+def make_distill_step(modeldef: ModelDef, teacher_graphdef, tx, schedule, spec: DistillSpec) -> Callable:
+  target = TARGETS[spec.target]
 
   def teacher_forward(teacher_state, images):
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    out = teacher(images, depth=spec.teacher_block, capture=(spec.teacher_block,), qkv_only=relation)
+    out = teacher(images, depth=spec.teacher_block, capture=(spec.teacher_block,), qkv_only=target.qkv_only)
     return jax.lax.stop_gradient(out["blocks"][spec.teacher_block])
 
   def step(state, batch, rng):
@@ -160,7 +238,7 @@ def make_distill_step(graphdef, teacher_graphdef, tx, schedule, spec: DistillSpe
     keep_ids = None
     if spec.student_mask_ratio > 0:
       b = batch["student"].shape[0]
-      length = t["q"].shape[2] - 1
+      length = next(iter(t.values())).shape[-2] - 1
       keep_ids, _, _ = mae_lib.random_masking(mask_rng, b, length, spec.student_mask_ratio)
       # The teacher saw the whole image; compare on the CLS + the patches the student saw.
       rows = jnp.concatenate([jnp.zeros((b, 1), keep_ids.dtype), keep_ids + 1], axis=1)
@@ -168,20 +246,10 @@ def make_distill_step(graphdef, teacher_graphdef, tx, schedule, spec: DistillSpe
                else jnp.take_along_axis(v, rows[:, :, None], axis=1)) for k, v in t.items()}
 
     def loss_fn(params):
-      student = merge_model(graphdef, params, state["consts"])
+      student = merge_model(modeldef, params, state["consts"])
       out = student(batch["student"], rng=dp_rng, depth=spec.student_block, capture=(spec.student_block,),
-                    qkv_only=relation, keep_ids=keep_ids)
-      s = out["blocks"][spec.student_block]
-      if relation:
-        return losses.relation_loss(t, s, w_qk=spec.w_qk, w_vv=spec.w_vv)
-      hs, ht = s["hidden"], t["hidden"]
-      if PROJ in params:
-        hs = hs.astype(jnp.float32) @ params[PROJ]["kernel"] + params[PROJ]["bias"]
-      if spec.target == "feature":
-        loss = losses.feature_loss(hs, ht, kind=spec.feature_loss, normalize_target=spec.normalize_target)
-      else:
-        loss = losses.class_token_loss(hs[:, 0], ht[:, 0], kind=spec.feature_loss)
-      return loss, {}
+                    qkv_only=target.qkv_only, keep_ids=keep_ids)
+      return target.loss(t, out["blocks"][spec.student_block], merge_extras(modeldef, params), spec)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     return _finish(state, grads, loss, aux, tx, schedule)
@@ -189,25 +257,17 @@ def make_distill_step(graphdef, teacher_graphdef, tx, schedule, spec: DistillSpe
   return step
 
 
-def distill_projection(student_dim: int, teacher_dim: int, seed: int = 0) -> dict | None:
-  """A Linear student->teacher width for the feature / class-token targets when widths differ."""
-  if student_dim == teacher_dim:
-    return None
-  kernel = jax.nn.initializers.xavier_uniform()(jax.random.PRNGKey(seed), (student_dim, teacher_dim))
-  return {PROJ: {"kernel": kernel, "bias": jnp.zeros((teacher_dim,))}}
-
-
 # --------------------------------------------------------------------------------------------------------
 # MAE pretraining.
 # --------------------------------------------------------------------------------------------------------
-def make_mae_step(graphdef, tx, schedule, *, mask_ratio: float = 0.75, norm_pix: bool = True) -> Callable:
+def make_mae_step(modeldef, tx, schedule, *, mask_ratio: float = 0.75, norm_pix: bool = True) -> Callable:
 
   def step(state, batch, rng):
     (mask_rng,) = _step_rngs(rng, state["step"], 1)
     images = batch["image"]
 
     def loss_fn(params):
-      model = merge_model(graphdef, params, state["consts"])
+      model = merge_model(modeldef, params, state["consts"])
       out = model(images, rng=mask_rng, mask_ratio=mask_ratio)
       patch = model.encoder.config.patch_size
       return losses.mae_loss(out["pred"], images, out["mask"], patch, norm_pix=norm_pix), {}
@@ -221,7 +281,7 @@ def make_mae_step(graphdef, tx, schedule, *, mask_ratio: float = 0.75, norm_pix:
 # --------------------------------------------------------------------------------------------------------
 # Fine-tuning.
 # --------------------------------------------------------------------------------------------------------
-def make_finetune_step(graphdef, tx, schedule, *, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
+def make_finetune_step(modeldef, tx, schedule, *, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
                        switch_prob: float = 0.5, label_smoothing: float = 0.1) -> Callable:
   if mixup > 0 or cutmix > 0:
     from tinymim_jax.data import mixup_cutmix  # pure jnp; the data package imports TF only lazily
@@ -237,7 +297,7 @@ def make_finetune_step(graphdef, tx, schedule, *, num_classes: int, mixup: float
       targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
     def loss_fn(params):
-      model = merge_model(graphdef, params, state["consts"])
+      model = merge_model(modeldef, params, state["consts"])
       logits = model(images, rng=dp_rng)["logits"]
       correct = losses.top1_correct(logits, labels)
       return losses.soft_cross_entropy(logits, targets), {"train_top1": correct.mean()}
@@ -251,14 +311,14 @@ def make_finetune_step(graphdef, tx, schedule, *, num_classes: int, mixup: float
 # --------------------------------------------------------------------------------------------------------
 # Evaluation.
 # --------------------------------------------------------------------------------------------------------
-def make_predict_fn(graphdef) -> Callable:
+def make_predict_fn(modeldef) -> Callable:
   """(state, images) -> {'feature': mean-pooled normalised patch tokens (k-NN), 'logits' if a head}."""
 
   def predict(state, images):
-    model = merge_model(graphdef, state["params"], state["consts"])
+    model = merge_model(modeldef, state["params"], state["consts"])
     vit = model.encoder if isinstance(model, mae_lib.MAE) else model
     out = vit(images)
-    res = {"feature": out["tokens"][:, vit.num_prefix_tokens:].mean(axis=1).astype(jnp.float32)}
+    res = {"feature": out["tokens"][:, 1:].mean(axis=1).astype(jnp.float32)}
     if "logits" in out:
       res["logits"] = out["logits"].astype(jnp.float32)
     return res
@@ -286,6 +346,5 @@ def trim_host_memory() -> None:
 
 def jit_step(step_fn: Callable, state_sharding: Any, mesh) -> Callable:
   """jax.jit with explicit shardings: state by rule (donated), batch over (data, fsdp), rng replicated."""
-  from tinymim_jax import sharding as sh
   return jax.jit(step_fn, in_shardings=(state_sharding, sh.batch_sharding(mesh), sh.replicated(mesh)),
                  out_shardings=(state_sharding, sh.replicated(mesh)), donate_argnums=(0,))

@@ -1,34 +1,40 @@
-"""Tiny teacher / student set-ups shared by the train-step tests and the multi-process worker."""
+"""Tiny teacher / student set-ups shared by the train-step tests and the multi-process worker.
+
+Built from a config through the builders, as the trainer builds them.
+"""
 
 import jax
 import numpy as np
 
-from tinymim_jax import create_model, optim, train_steps as ts
+from tinymim_jax import builders, config_base, train_steps as ts
 
 IMG, PATCH = 32, 8
 
 
-def teacher(depth=4):
-  return create_model("vit_tiny_patch16", img_size=IMG, patch_size=PATCH, embed_dim=64, depth=depth,
-                      num_heads=4, seed=1)
+def distill_config(target="relation", *, teacher_depth=4, teacher_block=3, student_block=3, mask_ratio=0.0,
+                   lr=1e-3):
+  """Student D 48, 3 blocks, 2 heads (4 in its relation block), drop path 0.1; teacher D 64, 4 heads."""
+  c = config_base.base_config()
+  c.objective, c.seed, c.batch_size = "distill", 2, 256  # batch 256: the peak lr is optim.base_lr
+  c.model.update(dict(name="vit_tiny_patch16", img_size=IMG, patch_size=PATCH, embed_dim=48, depth=3, num_heads=2,
+                      drop_path=0.1, drop_path_mode="constant"))
+  c.teacher.update(dict(name="vit_tiny_patch16", img_size=IMG, patch_size=PATCH, embed_dim=64, depth=teacher_depth,
+                        num_heads=4, dtype="float32", source="unused"))
+  c.distill.update(dict(target=target, teacher_block=teacher_block, student_block=student_block,
+                        student_mask_ratio=mask_ratio))
+  c.optim.base_lr = lr
+  return c
 
 
-def student(relation_heads=4, depth=3, drop_path=0.1):
-  return create_model("vit_tiny_patch16", img_size=IMG, patch_size=PATCH, embed_dim=48, depth=depth,
-                      num_heads=2, head_overrides={depth: relation_heads}, drop_path=drop_path,
-                      drop_path_mode="constant", drop_path_overrides={depth: 0.0}, seed=2)
-
-
-def distill_setup(spec=None, teacher_depth=4, lr=1e-3, extra_params=None, warmup=2):
-  spec = spec or ts.DistillSpec(teacher_block=3, student_block=3)
-  s, t = student(), teacher(teacher_depth)
-  schedule = optim.lr_schedule(base_lr=lr, global_batch_size=256, total_steps=200, warmup_steps=warmup)
-  _, params, _ = ts.split_model(s)
-  params = {**params, **(extra_params or {})}
-  tx = optim.make_optimizer(params, schedule=schedule, frozen=ts.distill_frozen_patterns(spec, params))
-  graphdef, tgraph, state = ts.init_state(s, tx, teacher=t, extra_params=extra_params)
-  step = ts.make_distill_step(graphdef, tgraph, tx, schedule, spec)
-  return step, state, tx
+def distill_setup(*, warmup=2, **config_kw):
+  """-> (step_fn, state, tx) of a tiny distillation run (200 steps, `warmup` warmup steps)."""
+  c = distill_config(**config_kw)
+  student, extras = builders.make_trainable(c)
+  spec = builders.distill_spec(c)
+  tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student, extras)[1], total_steps=200,
+                                            warmup_steps=warmup, spec=spec)
+  modeldef, teacher_graphdef, state = ts.init_state(student, tx, teacher=builders.make_teacher(c), extras=extras)
+  return ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, spec), state, tx
 
 
 def images(n=16, seed=0):

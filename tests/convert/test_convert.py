@@ -1,68 +1,19 @@
-"""PyTorch checkpoint import / export: every real file layout, strict accounting, resampling, safety, CLI."""
+"""PyTorch checkpoint import / export: every real file layout, strict accounting, resampling, safety."""
 
 import argparse
 import builtins
-import functools
 import os
-import subprocess
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from flax import nnx
 from timm.layers import resample_abs_pos_embed
 
-from tests.helpers import torch_ref
+from convert_testlib import (MAE_DECODER, TINY, as_torch, assert_close, assert_same, forward, images, nchw,
+                             random_weights, timm_vit, tiny, torch_resample)
 from tinymim_jax import convert, create_model
-
-TINY = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
-MAE_DECODER = dict(embed_dim=32, depth=1, num_heads=4)
-
-
-def tiny(**overrides):
-  return create_model("vit_tiny_patch16", **{**TINY, **overrides})
-
-
-
-
-
-def random_weights(model, seed=0):
-  """The model's export with every entry redrawn (same names and shapes)."""
-  rs = np.random.RandomState(seed)
-  return {k: (v + rs.normal(0, 0.05, v.shape)).astype(np.float32)
-          for k, v in convert.export_pytorch_weights(model).items()}
-
-
-def as_torch(weights):
-  return {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}
-
-
-def assert_same(a, b):
-  assert list(a) == list(b) or set(a) == set(b)
-  for k in a:
-    np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
-
-
-def images(size=32, batch=2, seed=0):
-  return np.random.RandomState(seed).randn(batch, size, size, 3).astype(np.float32)
-
-
-def nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-def assert_close(ours, ref, tol=1e-5):
-  ours, ref = np.asarray(ours, np.float64), np.asarray(ref, np.float64)
-  assert ours.shape == ref.shape
-  assert np.max(np.abs(ours - ref)) <= tol * max(1.0, np.max(np.abs(ref)))
-
-
-@functools.partial(nnx.jit, static_argnames=("depth",))
-def forward(model, x, depth=None):
-  return model(x, depth=depth)
+from tinymim_jax.convert import cli
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -296,14 +247,6 @@ def test_skipping_a_needed_key_is_missing():
 # --------------------------------------------------------------------------------------------------------
 # Positional table resampling.
 # --------------------------------------------------------------------------------------------------------
-def torch_resample(pos, new, prefix=1):
-  pos = torch.from_numpy(pos)
-  old = int(round((pos.shape[1] - prefix) ** 0.5))
-  grid = pos[:, prefix:].reshape(1, old, old, -1).permute(0, 3, 1, 2)
-  grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-  return torch.cat([pos[:, :prefix], grid.permute(0, 2, 3, 1).reshape(1, new * new, -1)], dim=1).numpy()
-
-
 @pytest.mark.parametrize("old,new,prefix", [(14, 16, 1), (14, 24, 1), (16, 14, 1), (14, 7, 1), (2, 5, 2), (7, 7, 1),
                                             (3, 1, 1), (16, 37, 1)])
 def test_resample_matches_torch_bicubic(old, new, prefix):
@@ -364,7 +307,7 @@ def test_malicious_pickle_is_refused(tmp_path, kind):
   assert "evil.pth" in msg and ("system" in msg if kind == "os.system" else "builtins.exec" in msg)
   assert not marker.exists()
   assert_same(convert.export_pytorch_weights(model), before)
-  assert convert.main(["inspect", str(path)]) == 1 and not marker.exists()
+  assert cli.main(["inspect", str(path)]) == 1 and not marker.exists()
 
 
 def test_only_namespace_is_allowed(tmp_path):
@@ -372,98 +315,3 @@ def test_only_namespace_is_allowed(tmp_path):
   torch.save({"model": {}, "args": argparse.Namespace(lr=np.float64(1e-3))}, path)
   with pytest.raises(convert.UnsafeCheckpointError, match="numpy"):
     convert.read_pytorch_weights(path)
-
-
-# --------------------------------------------------------------------------------------------------------
-# CLI.
-# --------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def finetuned_vit_tiny(tmp_path_factory):
-  """A fine-tuned ViT-T/16 training checkpoint, as MAE's main_finetune writes it."""
-  shape = dict(img_size=224, patch_size=16, embed_dim=192, depth=12, num_heads=3)
-  tm = timm_vit(shape, pooling="avg", num_classes=1000)
-  path = tmp_path_factory.mktemp("cli") / "mae_finetuned_vit_tiny.pth"
-  torch.save({"model": tm.state_dict(), "epoch": 99, "args": argparse.Namespace(nb_classes=1000)}, path)
-  return path, {k: v.numpy() for k, v in tm.state_dict().items()}
-
-
-def test_cli_import(finetuned_vit_tiny, tmp_path, capsys):
-  src, weights = finetuned_vit_tiny
-  out = tmp_path / "vit_t_256.safetensors"
-  rc = convert.main(["import", str(src), "--model", "vit_tiny_patch16", "--img-size", "256",
-                     "--pos-embed", "learn", "--out", str(out)])
-  printed = capsys.readouterr().out
-  assert rc == 0 and "resampled pos_embed: grid 14x14 -> 16x16" in printed and "skipped 2" in printed
-  from safetensors.numpy import load_file
-  written = load_file(out)
-  assert set(written) == set(weights)  # (safetensors stores keys sorted)
-  assert written["pos_embed"].shape == (1, 257, 192)
-  np.testing.assert_allclose(written["pos_embed"], torch_resample(weights["pos_embed"], 16), atol=1e-6)
-  for k in weights:
-    if k != "pos_embed":
-      np.testing.assert_array_equal(written[k], weights[k], err_msg=k)
-  # The written file loads into the 256 model as is.
-  model = nnx.eval_shape(lambda: create_model("vit_tiny_patch16", img_size=256, pooling="avg", num_classes=1000))
-  assert not convert.load_pytorch_weights(model, out).resampled
-
-
-def test_cli_import_reports_mismatch(finetuned_vit_tiny, tmp_path, capsys):
-  src, _ = finetuned_vit_tiny
-  rc = convert.main(["import", str(src), "--model", "vit_small_patch16", "--out", str(tmp_path / "x.safetensors")])
-  err = capsys.readouterr().err
-  assert rc == 1 and "mae_finetuned_vit_tiny.pth" in err and "cls_token: file (1, 1, 192), model expects (1, 1, 384)" in err
-  assert not (tmp_path / "x.safetensors").exists()
-
-
-def test_cli_inspect(finetuned_vit_tiny, capsys):
-  src, weights = finetuned_vit_tiny
-  assert convert.main(["inspect", str(src)]) == 0
-  printed = capsys.readouterr().out
-  assert "vit_tiny_patch16 (D 192, depth 12, patch 16, grid 14x14 = img 224, 1000 classes)" in printed
-  assert "fine-tuned" in printed and "entry:  args" in printed
-  assert "blocks.0.attn.qkv.weight" in printed and "(576, 192)" in printed
-
-
-def test_cli_export_weights_and_workdir(finetuned_vit_tiny, tmp_path, monkeypatch, capsys):
-  src, weights = finetuned_vit_tiny
-  out = tmp_path / "converted.safetensors"
-  assert convert.main(["export", "--weights", str(src), "--out", str(out)]) == 0
-  back = tmp_path / "back.pth"
-  assert convert.main(["export", "--safetensors", str(out), "--out", str(back)]) == 0
-  assert_same(convert.read_pytorch_weights(back)[0], weights)
-
-  # --workdir restores through tinymim_jax.checkpoint.restore_model (stubbed here).
-  student = tiny()
-  monkeypatch.setitem(sys.modules, "tinymim_jax.checkpoint", types.SimpleNamespace(restore_model=lambda d: student))
-  assert convert.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "s.pth")]) == 0
-  assert_same(convert.read_pytorch_weights(tmp_path / "s.pth")[0], convert.export_pytorch_weights(student))
-  monkeypatch.setitem(sys.modules, "tinymim_jax.checkpoint", types.ModuleType("tinymim_jax.checkpoint"))
-  capsys.readouterr()
-  assert convert.main(["export", "--workdir", str(tmp_path), "--out", str(tmp_path / "t.pth")]) == 1
-  assert "restore_model" in capsys.readouterr().err
-
-
-@pytest.mark.parametrize("command", ["import", "export", "inspect"])
-def test_cli_help_has_examples(command, capsys):
-  with pytest.raises(SystemExit) as exit_:
-    convert.main([command, "--help"])
-  assert exit_.value.code == 0
-  assert "Example" in capsys.readouterr().out
-
-
-def test_cli_runs_as_module(finetuned_vit_tiny):
-  src, _ = finetuned_vit_tiny
-  run = subprocess.run([sys.executable, "-m", "tinymim_jax.convert", "inspect", str(src)], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert run.returncode == 0, run.stderr
-  assert "vit_tiny_patch16" in run.stdout
-
-
-def test_cli_top_level_help(capsys):
-  with pytest.raises(SystemExit):
-    convert.main(["--help"])
-  assert "Example" in capsys.readouterr().out
-
-
-def timm_vit(shape=TINY, pooling="cls", num_classes=0, seed=0):
-  return torch_ref.timm_vit(shape, pooling, num_classes, seed)
