@@ -28,12 +28,14 @@ PROTO = "@@BENCH "  # prefix of the worker protocol lines on stdout (anything el
 # --------------------------------------------------------------------------------------------------------
 # Sizes (SPEC 2-3): student layouts (heads in blocks 1..11 / heads of the relation block) and teacher blocks.
 # --------------------------------------------------------------------------------------------------------
-VIT = {  # name: (embed_dim, depth, heads, patch)
-    "vit_tiny_patch16": (192, 12, 3, 16),
-    "vit_small_patch16": (384, 12, 6, 16),
-    "vit_base_patch16": (768, 12, 12, 16),
-    "vit_large_patch16": (1024, 24, 16, 16),
-}
+def _variants() -> dict:
+  # Read from the model zoo's plain-Python table without importing the package (which imports jax).
+  import runpy
+  return runpy.run_path(os.path.join(ROOT, "tinymim_jax", "models", "variants.py"))["VARIANTS"]
+
+
+VIT = {name: (v["embed_dim"], v["depth"], v["num_heads"], v["patch_size"])  # name: (embed_dim, depth, heads, patch)
+       for name, v in _variants().items()}
 
 
 @dataclass(frozen=True)

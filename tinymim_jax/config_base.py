@@ -7,26 +7,38 @@ Placeholders (None by default) are typed so they can still be overridden from th
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
+import numpy as np
 from ml_collections import config_dict
 
 OBJECTIVES = ("distill", "mae_pretrain", "finetune", "eval")
 
 
+# ViTConfig fields the builders set from other sections (the relation block's heads and drop path).
+_BUILDER_SET = ("head_overrides", "drop_path_overrides")
+
+
 def model_config(name: str = "vit_base_patch16") -> ml_collections.ConfigDict:
-  """A ViT: a variant name plus per-field overrides (None = the variant's value)."""
-  ph = config_dict.placeholder
-  return ml_collections.ConfigDict(dict(
-      name=name,
-      img_size=ph(int), patch_size=ph(int), embed_dim=ph(int), depth=ph(int), num_heads=ph(int),
-      mlp_ratio=ph(float),
-      drop_path=0.0, drop_path_mode="linear",   # 'linear' ramp over depth | 'constant'
-      pooling="cls",                            # 'cls' (pretrain layout, `norm`) | 'avg' (fine-tune, `fc_norm`)
-      num_classes=0,
-      pos_embed="sincos",                       # 'sincos' (fixed) | 'learn'
-      dtype="float32",                          # compute dtype; params stay float32
-      attention="default",                      # 'default' | 'cudnn' (GPU flash attention, bf16/fp16) | 'xla'
-  ))
+  """A ViT: a variant name plus one field per ViTConfig field (tinymim_jax/models/vit.py documents them).
+
+  The fields a variant sets (patch_size, embed_dim, depth, num_heads) are None = the variant's value; the
+  others start at ViTConfig's defaults (dtypes as their names, e.g. 'float32').
+  """
+  from tinymim_jax.models.vit import VARIANTS, ViTConfig
+  per_variant = set().union(*VARIANTS.values())
+  c = ml_collections.ConfigDict({"name": name})
+  for f in dataclasses.fields(ViTConfig):
+    if f.name in _BUILDER_SET:
+      continue
+    if f.name in per_variant:
+      c[f.name] = config_dict.placeholder(type(f.default))
+    elif isinstance(f.default, type):  # a dtype such as jnp.float32
+      c[f.name] = np.dtype(f.default).name
+    else:
+      c[f.name] = f.default
+  return c
 
 
 def base_config() -> ml_collections.ConfigDict:

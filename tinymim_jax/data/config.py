@@ -1,5 +1,6 @@
 """The `data` sub-config: defaults, and the checked form the pipeline reads."""
 import dataclasses
+import typing
 from typing import Optional
 
 import ml_collections
@@ -10,60 +11,46 @@ NAMES = ('digits', 'imagenet2012', 'folder')
 AUTOTUNE = -1  # == tf.data.AUTOTUNE, spelled out so that configs need not import TF.
 
 
-def default_config():
-  """All data fields with their defaults; experiment configs start from this."""
-  c = ml_collections.ConfigDict()
-  c.name = 'digits'  # 'digits' (scikit-learn, embedded) | 'imagenet2012' (TFDS) | 'folder'.
-  c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default.
-  c.manual_dir = config_dict.placeholder(str)  # Holds ILSVRC2012_img_{train,val}.tar to prepare from.
-  c.folder = config_dict.placeholder(str)  # Root of root/train/<class>/* and optional root/val/<class>/*.
-  c.image_size = 224
-  c.crop_pct = 0.875  # Eval: resize the shorter side to round(image_size / crop_pct), center crop.
-  # (mean, std) in [0, 1] pixel units. The teacher and the student may expect different statistics.
-  c.teacher_norm = IMAGENET_NORM
-  c.student_norm = IMAGENET_NORM  # Also used by 'mae', 'finetune' and eval.
-  c.flip = True  # Random horizontal flip in every training mode (off for data where it changes the class).
-  c.crop_ratio = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range (torchvision default).
-  c.distill_crop_scale = (0.2, 1.0)
-  c.color_jitter = 0.4  # Brightness = contrast = saturation strength, student view only; 0 = off.
-  c.mae_crop_scale = (0.2, 1.0)
-  c.ft_crop_scale = (0.08, 1.0)
-  c.randaug = 'rand-m9-mstd0.5-inc1'  # timm syntax; '' = off.
-  c.reprob = 0.25  # Random erasing probability (pixel mode, on the normalised image).
-  c.shuffle_buffer = 10_000  # Records; only imagenet2012 (the others shuffle exactly by index).
-  c.num_parallel_calls = AUTOTUNE
-  c.prefetch = 2  # Batches.
-  c.cache = config_dict.placeholder(bool)  # Hold decoded/encoded examples in memory. None: digits if < 64 MB.
-  c.digits_test_fraction = 0.2
-  c.digits_split_seed = 0  # Fixes the stratified digits train/test split.
-  return c
-
-
 @dataclasses.dataclass(frozen=True)
 class Config:
-  """A checked copy of the data config."""
-  name: str
-  data_dir: Optional[str]
-  manual_dir: Optional[str]
-  folder: Optional[str]
-  image_size: int
-  crop_pct: float
-  teacher_norm: tuple
-  student_norm: tuple
-  flip: bool
-  crop_ratio: tuple
-  distill_crop_scale: tuple
-  color_jitter: float
-  mae_crop_scale: tuple
-  ft_crop_scale: tuple
-  randaug: str
-  reprob: float
-  shuffle_buffer: int
-  num_parallel_calls: int
-  prefetch: int
-  cache: Optional[bool]
-  digits_test_fraction: float
-  digits_split_seed: int
+  """The data fields with their defaults (the one list of them), as the pipeline reads them once checked."""
+  name: str = 'digits'  # 'digits' (scikit-learn, embedded) | 'imagenet2012' (TFDS) | 'folder'.
+  data_dir: Optional[str] = None  # TFDS data dir; None = TFDS default.
+  manual_dir: Optional[str] = None  # Holds ILSVRC2012_img_{train,val}.tar to prepare from.
+  folder: Optional[str] = None  # Root of root/train/<class>/* and optional root/val/<class>/*.
+  image_size: int = 224
+  crop_pct: float = 0.875  # Eval: resize the shorter side to round(image_size / crop_pct), center crop.
+  # (mean, std) in [0, 1] pixel units. The teacher and the student may expect different statistics.
+  teacher_norm: tuple = IMAGENET_NORM
+  student_norm: tuple = IMAGENET_NORM  # Also used by 'mae_pretrain', 'finetune' and eval.
+  flip: bool = True  # Random horizontal flip in every training mode (off for data where it changes the class).
+  crop_ratio: tuple = (3 / 4, 4 / 3)  # RandomResizedCrop aspect ratio range (torchvision default).
+  distill_crop_scale: tuple = (0.2, 1.0)
+  color_jitter: float = 0.4  # Brightness = contrast = saturation strength, student view only; 0 = off.
+  mae_crop_scale: tuple = (0.2, 1.0)
+  ft_crop_scale: tuple = (0.08, 1.0)
+  randaug: str = 'rand-m9-mstd0.5-inc1'  # timm syntax; '' = off.
+  reprob: float = 0.25  # Random erasing probability (pixel mode, on the normalised image).
+  shuffle_buffer: int = 10_000  # Records; only imagenet2012 (the others shuffle exactly by index).
+  num_parallel_calls: int = AUTOTUNE
+  prefetch: int = 2  # Batches.
+  cache: Optional[bool] = None  # Hold decoded/encoded examples in memory. None: digits if < 64 MB.
+  digits_test_fraction: float = 0.2
+  digits_split_seed: int = 0  # Fixes the stratified digits train/test split.
+
+
+def default_config():
+  """All data fields with their defaults (`Config`'s) as a ConfigDict; experiment configs start from this.
+
+  Fields whose default is None are typed placeholders, so the command line can still set them.
+  """
+  c = ml_collections.ConfigDict()
+  for f in dataclasses.fields(Config):
+    if f.default is None:  # Optional[T]: a placeholder of type T.
+      c[f.name] = config_dict.placeholder(next(t for t in typing.get_args(f.type) if t is not type(None)))
+    else:
+      c[f.name] = f.default
+  return c
 
 
 def _fields_of(cfg):

@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from tinymim_jax.models.variants import VARIANTS
+
 
 class Constant(nnx.Variable):
   """An array that is part of the model state but is never trained (e.g. the fixed sin-cos table)."""
@@ -305,17 +307,8 @@ class ViT(nnx.Module):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Variants (MAE / timm sizes).
+# Variants (MAE / timm sizes: tinymim_jax/models/variants.py).
 # --------------------------------------------------------------------------------------------------------
-VARIANTS: dict[str, dict[str, Any]] = {
-    "vit_tiny_patch16": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-}
-
-
 def _int_keys(mapping) -> dict[int, Any]:
   return {int(k): v for k, v in dict(mapping or {}).items()}
 
