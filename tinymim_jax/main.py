@@ -27,7 +27,6 @@ from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
 DONE = "done.json"
-DATA_MODES = {"distill": "distill", "mae_pretrain": "mae", "finetune": "finetune"}
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -110,9 +109,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # Data.
   # ---------------------------------------------------------------------------------------------------
   info = data.dataset_info(config.data)
-  # As the input pipeline counts it: each process's smallest share, in whole local batches.
-  pc = jax.process_count()
-  steps_per_epoch = max((info.num_train // pc) // (config.batch_size // pc), 1)
+  steps_per_epoch = data.steps_per_epoch(config.data, global_batch_size=config.batch_size)
   total_steps, warmup_steps = _schedule_lengths(config, steps_per_epoch)
 
   # ---------------------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     writer.write_config(config)
     with open(os.path.join(workdir, "run.json"), "w") as f:
       json.dump({k: v for k, v in meta.items() if k != "config"}, f, indent=2)
-  it = data.make_train_iterator(config.data, mode=DATA_MODES[objective], global_batch_size=config.batch_size,
+  it = data.make_train_iterator(config.data, mode=objective, global_batch_size=config.batch_size,
                                 seed=config.seed, start_step=start_step)
   progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=objective)
   pending, buffer, last_saved = None, [], ckpt.latest_step()

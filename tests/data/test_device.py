@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from tinymim_jax import data
+from tinymim_jax.data import device
 
 import data_testlib
 
@@ -14,7 +15,7 @@ SHAPE = (6, 12, 10, 3)
 
 @jax.jit
 def _mix_and_params(rng, images, labels):  # One compile for both (beta sampling compiles slowly).
-  return data.mixup_cutmix(rng, images, labels, num_classes=5), data.mix_params(rng, height=12, width=10)
+  return data.mixup_cutmix(rng, images, labels, num_classes=5), device.mix_params(rng, height=12, width=10)
 
 
 def _numpy_mixup(images, labels, num_classes, smoothing, params):

@@ -24,7 +24,7 @@ def test_digits_is_the_default_and_its_split():
   assert (info.num_train, info.num_eval) == (898, 899)
 
 
-@pytest.mark.parametrize('mode,keys', [('distill', ('teacher', 'student')), ('mae', ('image',)),
+@pytest.mark.parametrize('mode,keys', [('distill', ('teacher', 'student')), ('mae_pretrain', ('image',)),
                                        ('finetune', ('image',))])
 def test_every_mode(mode, keys):
   it = data.make_train_iterator(_cfg(), mode=mode, global_batch_size=32, seed=0, process_index=0,

@@ -61,7 +61,7 @@ def test_eval_split_across_processes(imagenet_cfg):
 
 
 def test_resume_with_shard_order_and_shuffle_buffer(imagenet_cfg):
-  kwargs = dict(mode='mae', global_batch_size=2, seed=11, process_index=0, process_count=1)
+  kwargs = dict(mode='mae_pretrain', global_batch_size=2, seed=11, process_index=0, process_count=1)
   full = data.make_train_iterator(imagenet_cfg, **kwargs)
   assert full.steps_per_epoch == 6
   batches = [next(full) for _ in range(10)]

@@ -49,7 +49,7 @@ def test_train_processes_cover_every_example_once_per_epoch(identity_folder):
   for count in (1, 2):
     epochs = [[], []]
     for index in range(count):
-      it = data.make_train_iterator(identity_folder, mode='mae', global_batch_size=4, seed=1,
+      it = data.make_train_iterator(identity_folder, mode='mae_pretrain', global_batch_size=4, seed=1,
                                     process_index=index, process_count=count)
       assert it.steps_per_epoch == 6
       for step in range(12):
@@ -104,9 +104,9 @@ def test_bad_arguments_are_named():
     data.make_train_iterator(cfg, mode='pretrain', global_batch_size=8, seed=0, process_index=0,
                              process_count=1)
   with pytest.raises(ValueError, match='global_batch_size'):
-    data.make_train_iterator(cfg, mode='mae', global_batch_size=9, seed=0, process_index=0, process_count=2)
+    data.make_train_iterator(cfg, mode='mae_pretrain', global_batch_size=9, seed=0, process_index=0, process_count=2)
   with pytest.raises(ValueError, match='fewer than one local batch'):
-    data.make_train_iterator(cfg, mode='mae', global_batch_size=4096, seed=0, process_index=0,
+    data.make_train_iterator(cfg, mode='mae_pretrain', global_batch_size=4096, seed=0, process_index=0,
                              process_count=1)
   with pytest.raises(ValueError, match='split'):
     data.make_eval_iterator(cfg, split='validation', global_batch_size=8, process_index=0, process_count=1)

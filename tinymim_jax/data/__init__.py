@@ -8,15 +8,15 @@ importing this package imports neither. `to_global` and `mixup_cutmix` are JAX-o
   ev = data.make_eval_iterator(cfg, split='val', global_batch_size=1024)   # {'image', 'label', 'mask'}
 """
 from tinymim_jax.data.config import default_config
-from tinymim_jax.data.device import mix_params, mixup_cutmix, to_global
+from tinymim_jax.data.device import mixup_cutmix, to_global
 
 
 def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, process_index=None,
                         process_count=None):
   """The training input: an infinite iterator of host-local numpy batches.
 
-  mode 'distill' -> {'teacher', 'student', 'label'}; 'mae' and 'finetune' -> {'image', 'label'}; images
-  float32 (global_batch_size // process_count, S, S, 3), labels int32. Starting at `start_step` gives the
+  mode (the objective it feeds) 'distill' -> {'teacher', 'student', 'label'}; 'mae_pretrain' and 'finetune'
+  -> {'image', 'label'}; images float32 (global_batch_size // process_count, S, S, 3), labels int32. Starting at `start_step` gives the
   batches an uninterrupted run sees from that step on. The iterator has .steps_per_epoch, .skipped
   (undecodable files skipped so far) and .num_classes.
   """
@@ -35,6 +35,13 @@ def make_eval_iterator(cfg, *, split='test', global_batch_size, process_index=No
   from tinymim_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   return pipeline.make_eval_iterator(cfg, split=split, global_batch_size=global_batch_size,
                                      process_index=process_index, process_count=process_count)
+
+
+def steps_per_epoch(cfg, *, global_batch_size, process_count=None):
+  """Training steps per epoch, as the train iterator counts them: every process's smallest share of the train
+  split in whole local batches (process_count: JAX's by default). Raises ValueError below one batch."""
+  from tinymim_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
+  return pipeline.steps_per_epoch(cfg, global_batch_size=global_batch_size, process_count=process_count)
 
 
 def dataset_info(cfg):

@@ -32,7 +32,7 @@ from tinymim_jax.data import sources
 from tinymim_jax.data import transforms
 from tinymim_jax.data._tf import tf
 
-MODES = ('distill', 'mae', 'finetune')
+MODES = ('distill', 'mae_pretrain', 'finetune')  # Named as the objectives they feed.
 _EVAL_SPLITS = {'test': 'eval', 'val': 'eval', 'train': 'train'}
 
 
@@ -88,7 +88,7 @@ def _train_transforms(c, mode):
   inside the try. augment(crop, seed) -> the mode's normalised float32 (S, S, 3) views: cannot fail,
   so it runs in a plain map that tf.data fuses with batching.
   """
-  scale = {'distill': c.distill_crop_scale, 'mae': c.mae_crop_scale, 'finetune': c.ft_crop_scale}[mode]
+  scale = {'distill': c.distill_crop_scale, 'mae_pretrain': c.mae_crop_scale, 'finetune': c.ft_crop_scale}[mode]
   size = c.image_size
   fill = tuple(int(round(255 * m)) for m in c.student_norm[0])  # timm's img_mean for RandAugment.
   if mode == 'finetune' and c.randaug:
@@ -173,10 +173,6 @@ class TrainIterator:
     self.dataset = ds
     self._it = ds.as_numpy_iterator()
 
-  @property
-  def epoch(self):
-    return self.step // self.steps_per_epoch
-
   def __iter__(self):
     return self
 
@@ -225,14 +221,30 @@ class EvalIterator:
       _log_skipped(keys[real & ~valid], self.split_name)
     batch['mask'] = valid
     return batch
+def _steps_per_epoch(name, num_examples, global_batch_size, process_count):
+  batch = _local_batch(global_batch_size, process_count)
+  fewest = num_examples // process_count  # Shares differ by at most one example (sources.Split.shares).
+  if fewest < batch:
+    raise ValueError(f'{name} has {num_examples} examples, {fewest} per process: fewer than '
+                     f'one local batch of {batch} (global_batch_size={global_batch_size}).')
+  return fewest // batch
+
+
+def steps_per_epoch(cfg, *, global_batch_size, process_count=None):
+  """Training steps per epoch as make_train_iterator counts them (see the module docstring)."""
+  source = sources.get(config_lib.resolve(cfg))
+  _, process_count = _processes(None if process_count is None else 0, process_count)
+  return _steps_per_epoch(f'{source.name} train', source.num_train, global_batch_size, process_count)
+
+
 
 
 def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, process_index=None,
                         process_count=None):
   """The training input: an infinite TrainIterator of this process's batches, starting at `start_step`.
 
-  mode 'distill' -> {'teacher', 'student', 'label'}; 'mae' and 'finetune' -> {'image', 'label'}; images
-  are float32 (global_batch_size // process_count, S, S, 3), labels int32.
+  mode 'distill' -> {'teacher', 'student', 'label'}; 'mae_pretrain' and 'finetune' -> {'image', 'label'};
+  images are float32 (global_batch_size // process_count, S, S, 3), labels int32.
   """
   if mode not in MODES:
     raise ValueError(f'mode={mode!r}: expected one of {MODES}.')
@@ -243,11 +255,7 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
   batch = _local_batch(global_batch_size, process_count)
   source = sources.get(c)
   split = source.split('train', process_index, process_count)
-  fewest, _ = split.shares(process_count)
-  steps_per_epoch = fewest // batch
-  if steps_per_epoch < 1:
-    raise ValueError(f'{split.name} has {split.num_examples} examples, {fewest} per process: fewer than '
-                     f'one local batch of {batch} (global_batch_size={global_batch_size}).')
+  steps_per_epoch = _steps_per_epoch(split.name, split.num_examples, global_batch_size, process_count)
   first_epoch, skip_steps = divmod(start_step, steps_per_epoch)
   per_epoch = steps_per_epoch * batch
   base_seed = tf.constant([seed % 2**63, process_index], tf.int64)
