@@ -114,7 +114,7 @@ def np_mae_lr(step, *, peak, warmup, total, min_lr):
 def test_lr_schedule_matches_mae():
   kw = dict(base_lr=1.5e-4, global_batch_size=4096, total_steps=1000,
             warmup_steps=50)
-  assert optim.peak_lr(**kw) == pytest.approx(2.4e-3)
+  assert optim.peak_lr(base_lr=1.5e-4, global_batch_size=4096) == pytest.approx(2.4e-3)
   for min_lr in (0.0, 1e-6):
     sched = optim.lr_schedule(**kw, min_lr=min_lr)
     for step in (0, 1, 25, 49, 50, 51, 300, 525, 999, 1000):
@@ -243,7 +243,7 @@ def test_layer_decay_scales(x64):
   new2, _ = _run(tx2, params, [grads])
   jax.tree.map(np.testing.assert_array_equal, new2, new)
   table = optim.describe(params, no_decay=no_decay, layer_decay=ld,
-                         depth=depth, schedule=None, b2=0.999)
+                         depth=depth)
   assert f"{0.65**3:>10.4g}" in table and "layer decay 0.65" in table
 
 

@@ -155,11 +155,11 @@ def test_progress_plain_lines(monkeypatch):
   p = writers.Progress(1000, stream=out, print_every_s=1e9)
   for step in range(1, 1001):
     clock.t += 0.5 if step == 1 else 0.1  # the first call includes compilation: not counted
-    p.update(step, images_per_step=64, loss=1.0 / step, lr=1.2e-4, grad_norm=0.5)
+    p.update(step, images_per_step=64, loss=1.0 / step, lr=1.2e-4)
   p.close()
   lines = out.getvalue().splitlines()
   assert len(lines) == 10, lines  # ~every 10%
-  assert lines[0].startswith("train: step 100/1000 (10%) loss 0.0100 lr 1.2e-04 grad_norm 0.5 640.0 img/s ETA ")
+  assert lines[0].startswith("train: step 100/1000 (10%) loss 0.0100 lr 1.2e-04 640.0 img/s ETA ")
   m = re.search(r"ETA (\d+):(\d\d):(\d\d)$", lines[0])
   assert m and int(m[2]) * 60 + int(m[3]) == 90  # 900 steps left at 10 steps/s
   assert lines[-1].startswith("train: step 1000/1000 (100%)") and lines[-1].endswith("ETA 0:00:00")

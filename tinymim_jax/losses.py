@@ -23,7 +23,7 @@ def relation_logits(a, b):
     b: (B, H, M, dh) keys (or values).
 
   Returns:
-    (B, H, N, M) float32 logits. dh is the model's own head_dim (SPEC 2: no
+    (B, H, N, M) float32 logits. dh is the model's own head_dim (docs/method.md section 2: no
     extra temperature, each model uses its own 1/sqrt(dh)).
   """
   a, b = _f32(a), _f32(b)
@@ -33,23 +33,9 @@ def relation_logits(a, b):
   return jnp.einsum("bhnd,bhmd->bhnm", a * a.shape[-1] ** -0.5, b)
 
 
-def kl_rows(teacher_logits, student_logits):
-  """KL(softmax(teacher) || softmax(student)) over the last axis.
-
-  Args:
-    teacher_logits: (..., N, M).
-    student_logits: (..., N, M), same shape.
-
-  Returns:
-    Scalar: KL summed over keys (last axis), averaged over all other axes
-    (batch x heads x query rows).
-  """
-  # log_softmax is finite, so p == 0 (underflow) contributes exactly 0.
-  return jnp.mean(_kl_rows_sum(_f32(teacher_logits), _f32(student_logits))[0])
-
-
 def _kl_rows_sum(teacher_logits, student_logits):
-  """Per-row KL(softmax(t) || softmax(s)), summed over keys: (..., N, M) -> (..., N). Same math as kl_rows."""
+  """Per-row KL(softmax(t) || softmax(s)), summed over keys: (..., N, M) -> (..., N); log_softmax is finite, so
+  p == 0 (underflow) contributes exactly 0."""
   log_p = jax.nn.log_softmax(teacher_logits, axis=-1)
   log_q = jax.nn.log_softmax(student_logits, axis=-1)
   return jnp.sum(jnp.exp(log_p) * (log_p - log_q), axis=-1), log_p, log_q
@@ -60,7 +46,7 @@ def _kl_rows_sum(teacher_logits, student_logits):
 # backward (the teacher's p and the student's softmax); at a GPU batch of 256 with 12 heads each is 0.48 GB.
 # Here nothing N x N is saved: the backward recomputes both logits from q/k (or v/v) -- 2 N^2 dh FLOPs per
 # head, ~0.3% of the step -- and forms d/ds = softmax(s) * sum(p) - p (exactly what autodiff of the
-# log_softmax formula gives) in float32. The forward value is computed by the same code as kl_rows.
+# log_softmax formula gives) in float32.
 # Teacher-side gradients are formed only when the teacher operands are differentiated (never in the
 # distillation step, where they are stop_gradient'ed).
 @jax.custom_vjp
@@ -114,7 +100,7 @@ _relation_kl.defvjp(_relation_kl_fwd, _relation_kl_bwd, symbolic_zeros=True)
 
 
 def relation_loss(teacher, student, *, w_qk=1.0, w_vv=1.0):
-  """TinyMIM relation distillation loss (SPEC 2).
+  """TinyMIM relation distillation loss (docs/method.md section 2).
 
   Args:
     teacher: dict with 'q', 'k', 'v', each (B, H, N, dh_t), CLS included.
@@ -215,17 +201,6 @@ def patchify(imgs, patch):
   x = imgs.reshape(b, h, patch, w, patch, c)
   x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, w, p, p, C)
   return x.reshape(b, h * w, patch * patch * c)
-
-
-def unpatchify(x, patch, channels=3):
-  """Inverse of patchify for square images: (B, L, p*p*C) -> (B, H, W, C)."""
-  b, l, _ = x.shape
-  h = int(round(l ** 0.5))
-  if h * h != l:
-    raise ValueError(f"unpatchify needs a square grid, got L={l}.")
-  x = x.reshape(b, h, h, patch, patch, channels)
-  x = x.transpose(0, 1, 3, 2, 4, 5)  # (B, h, p, w, p, C)
-  return x.reshape(b, h * patch, h * patch, channels)
 
 
 def mae_loss(pred, imgs, mask, patch, norm_pix=True):

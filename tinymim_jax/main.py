@@ -207,7 +207,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
       if step % config.log_every_steps == 0 or last:
         buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved))
         pending = None
-        train = {f"train/{k}": v for k, v in _mean_metrics(buffer).items() if k != "nonfinite"}
+        train = {f"train/{k}": v for k, v in _mean_metrics(buffer).items()}
         train["train/skipped_images"] = float(getattr(it, "skipped", 0))
         writer.write(step, train)
         buffer = []

@@ -43,7 +43,7 @@ def match(patterns, name):
   return any(re.fullmatch(p, name) for p in patterns)
 
 
-def peak_lr(*, base_lr, global_batch_size, lr_scaling_batch=256, **_):
+def peak_lr(*, base_lr, global_batch_size, lr_scaling_batch=256):
   """Linear scaling rule: base_lr * global_batch_size / lr_scaling_batch."""
   if lr_scaling_batch is None:
     return base_lr
@@ -181,13 +181,8 @@ def make_optimizer(params, *, schedule, b1=0.9, b2=0.95, eps=1e-8,
       {"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def describe(params, *, no_decay=(), frozen=(), layer_decay=None, depth=None,
-             **unused):
-  """Short table of the rules applied to params, for logging.
-
-  Accepts the same keyword arguments as make_optimizer (others are ignored).
-  """
-  del unused
+def describe(params, *, no_decay=(), frozen=(), layer_decay=None, depth=None):
+  """Short table of the rules applied to params, for logging (the rules as make_optimizer takes them)."""
   depth = _check_rules(params, no_decay, frozen, layer_decay, depth)
   rows = {"decayed": [0, 0], "not decayed": [0, 0], "frozen": [0, 0]}
   per_layer = {}

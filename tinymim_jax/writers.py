@@ -91,9 +91,6 @@ class _EventFile:
     self._writer.write(event.SerializeToString())
     self._writer.flush()
 
-  def flush(self) -> None:
-    self._writer.flush()
-
   def close(self) -> None:
     self._writer.close()
 
@@ -186,11 +183,6 @@ class MetricWriter:
     self._add_to_series(step, metrics)
     if self.plot_every_s is not None and time.monotonic() - self._last_plot >= self.plot_every_s:
       self.plot()
-
-  def flush(self) -> None:
-    if self.enabled:
-      self._file.flush()
-      self._tb.flush()
 
   def write_config(self, config: Any) -> None:
     """Saves the resolved config as config.json and config.txt (a ConfigDict or a plain dict)."""
@@ -307,8 +299,7 @@ class Progress:
     (t0, s0), (t1, s1) = self._times[0], self._times[-1]
     return (s1 - s0) / (t1 - t0) if t1 > t0 and s1 > s0 else None
 
-  def update(self, step: int, *, images_per_step: int, loss: float | None = None, lr: float | None = None,
-             **extra: float) -> None:
+  def update(self, step: int, *, images_per_step: int, loss: float | None = None, lr: float | None = None) -> None:
     if not self.enabled:
       return
     step = int(step)
@@ -320,8 +311,6 @@ class Progress:
       parts.append(f"loss {float(loss):.4f}")
     if lr is not None:
       parts.append(f"lr {float(lr):.1e}")
-    for k, v in extra.items():
-      parts.append(f"{k} {float(v):.4g}")
     if rate is not None:
       parts.append(f"{rate * images_per_step:.1f} img/s")
 

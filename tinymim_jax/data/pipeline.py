@@ -161,7 +161,7 @@ class TrainIterator:
   """Infinite iterator of host-local training batches (dicts of numpy arrays).
 
   Attributes: steps_per_epoch, num_classes, skipped (undecodable examples skipped so far), step (the step
-  the next batch belongs to), epoch.
+  the next batch belongs to).
   """
 
   def __init__(self, ds, *, steps_per_epoch, num_classes, start_step, split_name):
@@ -170,7 +170,6 @@ class TrainIterator:
     self.skipped = 0
     self.step = start_step
     self.split_name = split_name
-    self.dataset = ds
     self._it = ds.as_numpy_iterator()
 
   def __iter__(self):
@@ -200,7 +199,6 @@ class EvalIterator:
     self.num_classes = num_classes
     self.skipped = 0
     self.split_name = split_name
-    self.dataset = ds
     self._batch_size = batch_size
     self._seen = 0
     self._it = ds.as_numpy_iterator()
@@ -235,8 +233,6 @@ def steps_per_epoch(cfg, *, global_batch_size, process_count=None):
   source = sources.get(config_lib.resolve(cfg))
   _, process_count = _processes(None if process_count is None else 0, process_count)
   return _steps_per_epoch(f'{source.name} train', source.num_train, global_batch_size, process_count)
-
-
 
 
 def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, process_index=None,

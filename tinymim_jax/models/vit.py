@@ -252,10 +252,6 @@ class ViT(nnx.Module):
       head_init = jax.nn.initializers.normal(2e-5)
       self.head = nnx.Linear(d, c.num_classes, dtype=c.dtype, kernel_init=head_init, rngs=rngs)
 
-  @property
-  def num_prefix_tokens(self) -> int:
-    return 1
-
   def embed(self, images, keep_ids=None):
     """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then CLS in front."""
     c = self.config
@@ -299,7 +295,7 @@ class ViT(nnx.Module):
       x = self.norm(x)
       pooled = x[:, 0]
     else:
-      pooled = self.fc_norm(x[:, self.num_prefix_tokens:].mean(axis=1))
+      pooled = self.fc_norm(x[:, 1:].mean(axis=1))  # patch tokens: all but CLS
     out.update(tokens=x, cls=x[:, 0], pooled=pooled)
     if c.num_classes:
       out["logits"] = self.head(pooled)
