@@ -26,7 +26,8 @@ PROTO = "@@BENCH "  # prefix of the worker protocol lines on stdout (anything el
 
 
 # --------------------------------------------------------------------------------------------------------
-# Sizes (SPEC 2-3): student layouts (heads in blocks 1..11 / heads of the relation block) and teacher blocks.
+# Sizes (docs/method.md sections 2-3): student layouts (heads in blocks 1..11 / heads of the relation block) and
+# teacher blocks.
 # --------------------------------------------------------------------------------------------------------
 def _variants() -> dict:
   # Read from the model zoo's plain-Python table without importing the package (which imports jax).

@@ -1,6 +1,6 @@
 """The reference TinyMIM distillation step in PyTorch, run the way the authors' code runs it on a device.
 
-An independent re-implementation of the reference behaviour (SPEC 1-3; OliverRensu/TinyMIM on
+An independent re-implementation of the reference behaviour (docs/method.md sections 1-3; OliverRensu/TinyMIM on
 facebookresearch/mae and timm 0.3.2), with the same shapes and work as ours:
 
 - teacher: the MAE ViT run under `torch.no_grad()` up to its target block, which returns

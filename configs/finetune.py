@@ -1,10 +1,10 @@
-r"""ImageNet-1K fine-tuning of a TinyMIM / MAE encoder (MAE's recipe; SPEC section 4).
+r"""ImageNet-1K fine-tuning of a TinyMIM / MAE encoder (MAE's recipe; docs/method.md section 4).
 
   python -m tinymim_jax.main --config configs/finetune.py:model=base \
       --config.init=wd/tinymim_b --config.data.data_dir=$TFDS --workdir wd/tinymim_b_ft
 
-ViT-B: 100 epochs at batch 1024 on 8 H100s / TPU v4-32, ~1 day. Targets (SPEC 5, top-1): TinyMIM-T 75.8,
-TinyMIM-S 83.0, TinyMIM-B 85.0 (MAE-T/S/B 71.6 / 80.6 / 83.6). `init` takes a tinymim-jax workdir or a .pth /
+ViT-B: 100 epochs at batch 1024 on 8 H100s / TPU v4-32, ~1 day. Targets (docs/method.md section 5, top-1):
+TinyMIM-T 75.8, TinyMIM-S 83.0, TinyMIM-B 85.0 (MAE-T/S/B 71.6 / 80.6 / 83.6). `init` takes a tinymim-jax workdir or a .pth /
 .safetensors file (official MAE / TinyMIM releases); the fine-tuning layout re-splits heads to 3 / 6 / 12.
 
 T and S use "the same recipe with a higher lr and larger batch" (values unpublished): we use batch 2048 and

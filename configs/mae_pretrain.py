@@ -1,11 +1,12 @@
-r"""MAE pixel pretraining on ImageNet-1K: the scratch-MIM baseline, and how to pretrain a teacher (SPEC 6).
+r"""MAE pixel pretraining on ImageNet-1K: the scratch-MIM baseline, and how to pretrain a teacher
+(docs/method.md section 6).
 
   python -m tinymim_jax.main --config configs/mae_pretrain.py:model=small \
       --config.data.data_dir=$TFDS --workdir wd/mae_s
 
 Batch 4096, 1600 epochs (MAE's longest; `epochs=` to shorten), 40 warmup epochs, mask 75%, norm_pix loss.
 ViT-B: ~4 days on 64 TPU v3 cores in the MAE paper. Fine-tuned, MAE-T/S/B reach 71.6 / 80.6 / 83.6 top-1
-(SPEC 5), the baselines TinyMIM is compared against.
+(docs/method.md section 5), the baselines TinyMIM is compared against.
 """
 
 from tinymim_jax import config_base

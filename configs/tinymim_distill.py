@@ -1,4 +1,4 @@
-r"""TinyMIM relation distillation on ImageNet-1K (paper Table 1/2; SPEC sections 2-3).
+r"""TinyMIM relation distillation on ImageNet-1K (paper Table 1/2; docs/method.md sections 2-3).
 
 The sequential chain, each command on a TPU v4-64 / 32-64 H100s (global batch 4096, 300 epochs):
 
@@ -12,7 +12,7 @@ The sequential chain, each command on a TPU v4-64 / 32-64 H100s (global batch 40
       --config.teacher.source=wd/tinymim_b --config.data.data_dir=$TFDS --workdir wd/tinymim_t
 
 Then fine-tune with configs/finetune.py (init=the workdir). Published ImageNet top-1 after fine-tuning
-(SPEC 5): TinyMIM-T 75.8, TinyMIM-S 83.0, TinyMIM-B 85.0 (MAE: 71.6 / 80.6 / 83.6).
+(docs/method.md section 5): TinyMIM-T 75.8, TinyMIM-S 83.0, TinyMIM-B 85.0 (MAE: 71.6 / 80.6 / 83.6).
 
 Ablation axes, as config arguments (comma-separated key=value after the ':'):
   target=relation|feature|cls   what is distilled (relation = softmax(QK^T) + softmax(VV^T) KL; default)
@@ -33,7 +33,7 @@ Speed on GPUs (H100 / H200), without changing the recipe:
 
 from tinymim_jax import config_base
 
-# Student layouts during distillation (SPEC 2): heads in blocks 1..11 / heads in the relation block.
+# Student layouts during distillation (docs/method.md section 2): heads in blocks 1..11 / in the relation block.
 STUDENTS = {"tiny": ("vit_tiny_patch16", 6), "small": ("vit_small_patch16", 6), "base": ("vit_base_patch16", 12)}
 TEACHERS = {"base": ("vit_base_patch16", 12), "large": ("vit_large_patch16", 18)}
 

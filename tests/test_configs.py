@@ -1,4 +1,4 @@
-"""Every config loads and builds abstractly; the paper configs' resolved values match the SPEC."""
+"""Every config loads and builds abstractly; the paper configs' resolved values match docs/method.md."""
 
 import glob
 import os
@@ -59,7 +59,7 @@ def test_unknown_field_in_a_config_is_an_error():
     c.optim.bse_lr = 1.0
 
 
-# SPEC 2-3: distillation recipe and student layouts.
+# docs/method.md sections 2-3: distillation recipe and student layouts.
 @pytest.mark.parametrize("student,name,heads,rel_heads,teacher,tblock", [
     ("tiny", "vit_tiny_patch16", 6, 12, "vit_base_patch16", 12),
     ("small", "vit_small_patch16", 6, 12, "vit_base_patch16", 12),

@@ -219,6 +219,8 @@ class EvalIterator:
       _log_skipped(keys[real & ~valid], self.split_name)
     batch['mask'] = valid
     return batch
+
+
 def _steps_per_epoch(name, num_examples, global_batch_size, process_count):
   batch = _local_batch(global_batch_size, process_count)
   fewest = num_examples // process_count  # Shares differ by at most one example (sources.Split.shares).
