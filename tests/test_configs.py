@@ -49,6 +49,8 @@ def test_config_builds_abstractly(name, arg):
     assert teacher.config.depth >= c.distill.teacher_block
     assert (model.config.attention, teacher.config.attention) == (c.model.attention, c.teacher.attention)
     assert model.config.dtype == jax.numpy.dtype(c.model.dtype)
+    assert (model.config.param_dtype, teacher.config.param_dtype) == (jax.numpy.dtype(c.model.param_dtype),
+                                                                      jax.numpy.dtype(c.teacher.param_dtype))
     frozen += ts.distill_frozen_patterns(builders.distill_spec(c), params)
   schedule = optim.lr_schedule(base_lr=c.optim.base_lr, global_batch_size=c.batch_size, total_steps=100,
                                warmup_steps=10)

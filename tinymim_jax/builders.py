@@ -13,7 +13,7 @@ from tinymim_jax import train_steps as ts
 from tinymim_jax.models import MAE_PREFIX, create_model, vit_config
 
 _MODEL_FIELDS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "drop_path",
-                 "drop_path_mode", "pooling", "num_classes", "pos_embed", "dtype",
+                 "drop_path_mode", "pooling", "num_classes", "pos_embed", "dtype", "param_dtype",
                  "attention")
 
 
@@ -66,7 +66,8 @@ def extra_params(config, student: nnx.Module) -> dict | None:
   """Trainable params beside the student: the width projection of the feature / class-token targets."""
   if config.objective != "distill" or config.distill.target == "relation":
     return None
-  return ts.distill_projection(student.config.embed_dim, teacher_vit_config(config).embed_dim, seed=config.seed)
+  return ts.distill_projection(student.config.embed_dim, teacher_vit_config(config).embed_dim, seed=config.seed,
+                               dtype=student.config.param_dtype)
 
 
 def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):

@@ -24,7 +24,8 @@ def model_config(name: str = "vit_base_patch16") -> ml_collections.ConfigDict:
       pooling="cls",                            # 'cls' (pretrain layout, `norm`) | 'avg' (fine-tune, `fc_norm`)
       num_classes=0,
       pos_embed="sincos",                       # 'sincos' (fixed) | 'learn'
-      dtype="float32",                          # compute dtype; params stay float32
+      dtype="float32",                          # compute dtype
+      param_dtype="float32",                    # params; 'float64' with dtype 'float64': float64 end to end
       attention="default",                      # 'default' | 'cudnn' (GPU flash attention, bf16/fp16) | 'xla'
   ))
 

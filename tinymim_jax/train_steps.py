@@ -176,7 +176,7 @@ def make_distill_step(graphdef, teacher_graphdef, tx, schedule, spec: DistillSpe
         return losses.relation_loss(t, s, w_qk=spec.w_qk, w_vv=spec.w_vv)
       hs, ht = s["hidden"], t["hidden"]
       if PROJ in params:
-        hs = hs.astype(jnp.float32) @ params[PROJ]["kernel"] + params[PROJ]["bias"]
+        hs = hs.astype(jnp.promote_types(hs.dtype, jnp.float32)) @ params[PROJ]["kernel"] + params[PROJ]["bias"]
       if spec.target == "feature":
         loss = losses.feature_loss(hs, ht, kind=spec.feature_loss, normalize_target=spec.normalize_target)
       else:
@@ -189,12 +189,13 @@ def make_distill_step(graphdef, teacher_graphdef, tx, schedule, spec: DistillSpe
   return step
 
 
-def distill_projection(student_dim: int, teacher_dim: int, seed: int = 0) -> dict | None:
-  """A Linear student->teacher width for the feature / class-token targets when widths differ."""
+def distill_projection(student_dim: int, teacher_dim: int, seed: int = 0, dtype=jnp.float32) -> dict | None:
+  """A Linear student->teacher width for the feature / class-token targets when widths differ; its params in
+  `dtype` (the student's param_dtype), drawn in float32."""
   if student_dim == teacher_dim:
     return None
-  kernel = jax.nn.initializers.xavier_uniform()(jax.random.PRNGKey(seed), (student_dim, teacher_dim))
-  return {PROJ: {"kernel": kernel, "bias": jnp.zeros((teacher_dim,))}}
+  kernel = jax.nn.initializers.xavier_uniform()(jax.random.PRNGKey(seed), (student_dim, teacher_dim), jnp.float32)
+  return {PROJ: {"kernel": kernel.astype(dtype), "bias": jnp.zeros((teacher_dim,), dtype)}}
 
 
 # --------------------------------------------------------------------------------------------------------

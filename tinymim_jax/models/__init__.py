@@ -15,7 +15,8 @@ def create_model(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, deco
   """Builds a model by name: a ViT variant ('vit_base_patch16', ...) or 'mae_<variant>' for MAE pretraining.
 
   overrides replace ViTConfig fields (img_size, patch_size, embed_dim, depth, num_heads, mlp_ratio,
-  drop_path, drop_path_mode, head_overrides, drop_path_overrides, pooling, num_classes, pos_embed, dtype);
+  drop_path, drop_path_mode, head_overrides, drop_path_overrides, pooling, num_classes, pos_embed, dtype,
+  param_dtype, attention); an MAE's decoder uses its encoder's dtype and param_dtype.
   `decoder` overrides DecoderConfig fields for MAE models.
   """
   rngs = rngs if rngs is not None else nnx.Rngs(seed)
