@@ -352,3 +352,5 @@ def test_float64_params_and_compute():
     for key in ("tokens", "pooled", "logits"):
       assert_close(out[key], ref[key])
   assert not jax.config.jax_enable_x64
+  with pytest.raises(ValueError, match="param_dtype=float64 needs jax's 64-bit mode: set JAX_ENABLE_X64=1"):
+    create_model("vit_tiny_patch16", **kw, param_dtype="float64")

@@ -245,6 +245,10 @@ class ViT(nnx.Module):
       raise ValueError(f"pooling must be 'cls' or 'avg', got {c.pooling!r}")
     if c.attention not in ("default", "xla", "cudnn"):
       raise ValueError(f"attention must be 'default', 'xla' or 'cudnn', got {c.attention!r}")
+    for name in ("dtype", "param_dtype"):
+      if jnp.dtype(getattr(c, name)) != jax.dtypes.canonicalize_dtype(getattr(c, name)):  # jax would truncate
+        raise ValueError(f"model {name}={jnp.dtype(getattr(c, name))} needs jax's 64-bit mode: set JAX_ENABLE_X64=1 "
+                         f"(or jax.config.update('jax_enable_x64', True)) before building the model")
     if c.attention == "cudnn" and jnp.dtype(c.dtype) not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, got {jnp.dtype(c.dtype)}")
     for i in list(c.head_overrides) + list(c.drop_path_overrides):
