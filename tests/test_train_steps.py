@@ -173,7 +173,7 @@ def test_nonfinite_step_leaves_state_unchanged(distill_batch):
 
 # Float64 gradient checks: each step's gradient (read out of the step through an optimizer that records it)
 # against central differences of the step's own loss along a random direction, at dtype = param_dtype =
-# float64. The relation target is checked against the authors' float64 gradients in tests/test_reference.py.
+# float64. The relation target is checked against the authors' float64 gradients in tests/test_reference_float64.py.
 F64 = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, dtype="float64", param_dtype="float64")
 
 

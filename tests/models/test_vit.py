@@ -334,7 +334,7 @@ def test_attention_option_errors():
 
 def test_float64_params_and_compute():
   """param_dtype=float64: every array is float64 and holds the float32 model's initial values (drawn in float32);
-  the forward stays float64. Exactness against the authors' float64 numbers: tests/test_reference.py."""
+  the forward stays float64. Exactness against the authors' float64 numbers: tests/test_reference_float64.py."""
   shape = SHAPES["custom"]
   kw = dict(shape, pooling="avg", num_classes=7, pos_embed="learn", seed=4)
   f32 = create_model("vit_tiny_patch16", **kw)
@@ -348,7 +348,8 @@ def test_float64_params_and_compute():
       assert b.dtype == jnp.float64, path
       np.testing.assert_array_equal(np.asarray(b), np.asarray(a, np.float64), err_msg=str(path))
     out = forward(f64, x.astype(np.float64), capture=(2,))
-    assert {out[k].dtype for k in ("tokens", "pooled", "logits")} | {out["blocks"][2]["q"].dtype} == {np.dtype("float64")}
+    dtypes = {out[k].dtype for k in ("tokens", "pooled", "logits")} | {out["blocks"][2]["q"].dtype}
+    assert dtypes == {np.dtype("float64")}
     for key in ("tokens", "pooled", "logits"):
       assert_close(out[key], ref[key])
   assert not jax.config.jax_enable_x64

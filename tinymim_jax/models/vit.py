@@ -214,7 +214,7 @@ class ViTConfig:
   pos_embed: str = "sincos"
   dtype: Any = jnp.float32  # compute dtype
   # dtype of the parameters and fixed tables (Flax's name). float64 with dtype float64 runs the whole model
-  # in float64 (exactness tests: tests/test_reference.py); the sin-cos tables keep their float32 rounding.
+  # in float64 (exactness tests: tests/test_reference_float64.py); the sin-cos tables keep their float32 rounding.
   param_dtype: Any = jnp.float32
   # softmax(q k^T) v of the blocks: 'default' (written out here; softmax in the wider of float32 and dtype),
   # or an implementation of jax.nn.dot_product_attention: 'cudnn' (fused flash attention; GPUs,
