@@ -47,6 +47,8 @@ def test_config_builds_abstractly(name, arg):
     assert teacher.config.depth >= c.distill.teacher_block
     assert (model.config.attention, teacher.config.attention) == (c.model.attention, c.teacher.attention)
     assert model.config.dtype == jax.numpy.dtype(c.model.dtype)
+    assert (model.config.param_dtype, teacher.config.param_dtype) == (jax.numpy.dtype(c.model.param_dtype),
+                                                                      jax.numpy.dtype(c.teacher.param_dtype))
     spec = builders.distill_spec(c)
   tx, _, _ = builders.make_optimizer(c, params, total_steps=100, warmup_steps=10, spec=spec)
   opt_state = jax.eval_shape(tx.init, params)

@@ -66,8 +66,8 @@ def make_trainable(config, *, num_classes: int | None = None) -> tuple[nnx.Modul
   model = make_model(config, num_classes=num_classes)
   if config.objective != "distill":
     return model, {}
-  extras = ts.TARGETS[config.distill.target].extra_layers(
-      model.config.embed_dim, teacher_vit_config(config).embed_dim, nnx.Rngs(config.seed))
+  extras = ts.TARGETS[config.distill.target].extra_layers(model.config, teacher_vit_config(config),
+                                                         nnx.Rngs(config.seed))
   return model, extras
 
 

@@ -1,16 +1,17 @@
 """Losses of TinyMIM distillation, MAE pretraining and fine-tuning.
 
 Pure jax.numpy functions: no modules, no parameters. Everything is computed in
-float32 whatever the input dtype (the reference runs fp16 autocast but keeps
-softmax, log and KL in fp32); float64 inputs stay float64 so that tests can
-compare against numpy at ~1e-10 under x64.
+the wider of float32 and the input dtype: float32 for bfloat16 / float16 /
+float32 inputs (the reference runs fp16 autocast but keeps softmax, log and KL
+in fp32), float64 for float64 inputs (param_dtype = dtype = float64 models:
+exactness tests against the reference's float64 numbers, gradient checks).
 """
 import jax
 import jax.numpy as jnp
 
 
 def _f32(x):
-  """Casts to float32, except float64 which is kept (x64 tests)."""
+  """Casts to float32, except float64 which is kept (float64 models, x64 tests)."""
   x = jnp.asarray(x)
   return x if x.dtype == jnp.float64 else x.astype(jnp.float32)
 

@@ -150,19 +150,23 @@ class DistillSpec:
 
 
 class WidthProjection(nnx.Module):
-  """Linear student width -> teacher width (float32, xavier-uniform, zero bias): the feature and class-token
-  targets' extra layer when the widths differ."""
+  """Linear student width -> teacher width (xavier-uniform, zero bias; params in the student's param_dtype,
+  computed in the wider of float32 and the input's dtype): the feature and class-token targets' extra layer
+  when the widths differ."""
 
-  def __init__(self, student_dim: int, teacher_dim: int, *, rngs: nnx.Rngs):
-    self.linear = nnx.Linear(student_dim, teacher_dim, kernel_init=vit_lib.xavier_uniform, rngs=rngs)
+  def __init__(self, student_dim: int, teacher_dim: int, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    self.linear = nnx.Linear(student_dim, teacher_dim, kernel_init=vit_lib.xavier_uniform, param_dtype=param_dtype,
+                             rngs=rngs)
 
   def __call__(self, x):
-    return self.linear(x.astype(jnp.float32))
+    return self.linear(x.astype(vit_lib.wide_dtype(x.dtype)))
 
 
-def _width_projection(student_dim: int, teacher_dim: int, rngs: nnx.Rngs) -> dict[str, nnx.Module]:
-  return {} if student_dim == teacher_dim else {"distill_proj": WidthProjection(student_dim, teacher_dim,
-                                                                                rngs=rngs)}
+def _width_projection(student: vit_lib.ViTConfig, teacher: vit_lib.ViTConfig, rngs: nnx.Rngs):
+  if student.embed_dim == teacher.embed_dim:
+    return {}
+  return {"distill_proj": WidthProjection(student.embed_dim, teacher.embed_dim, param_dtype=student.param_dtype,
+                                          rngs=rngs)}
 
 
 def _project(extras, x):
@@ -177,8 +181,8 @@ class Target:
   # (teacher block, student block, extras, spec) -> (loss, aux metrics); blocks as ViT's out['blocks'][i]
   loss: Callable[[dict, dict, dict, DistillSpec], tuple[jax.Array, dict]]
   frozen_in_block: str = ""   # regex under the student's blocks/<i>/: untrained parts of its target block
-  # (student width, teacher width, rngs) -> {name: module} trained with the student (never exported)
-  extra_layers: Callable[[int, int, nnx.Rngs], dict[str, nnx.Module]] = lambda ds, dt, rngs: {}
+  # (student ViTConfig, teacher ViTConfig, rngs) -> {name: module} trained with the student (never exported)
+  extra_layers: Callable[[Any, Any, nnx.Rngs], dict[str, nnx.Module]] = lambda student, teacher, rngs: {}
 
 
 # Adding a target = one entry here plus its loss in losses.py (README, "Extending").

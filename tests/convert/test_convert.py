@@ -52,6 +52,24 @@ def test_import_export_round_trip_is_bit_exact(tmp_path):
     assert_same(convert.export_pytorch_weights(again), sd)
 
 
+def test_float64_file_keeps_its_precision_up_to_the_param_dtype(tmp_path):
+  import jax
+  sd64 = {k: v.astype(np.float64) + 1e-12 for k, v in random_weights(tiny()).items()}  # not float32 values
+  convert.save_pytorch_weights(sd64, tmp_path / "w64.pth")
+  convert.save_pytorch_weights(sd64, tmp_path / "w64.safetensors")
+  with jax.enable_x64(True):
+    for source in (sd64, as_torch(sd64), tmp_path / "w64.pth", tmp_path / "w64.safetensors"):
+      model = tiny(dtype="float64", param_dtype="float64")
+      report = convert.load_pytorch_weights(model, source)
+      assert not any("rounded" in n for n in report.notes)
+      assert_same(convert.export_pytorch_weights(model), sd64)  # float64 in, float64 out, bit for bit
+  # Into a float32 model: rounded as before, and said so.
+  model = tiny()
+  report = convert.load_pytorch_weights(model, tmp_path / "w64.pth")
+  assert any("rounded to the model's param_dtype" in n and "float64 -> float32" in n for n in report.notes)
+  assert_same(convert.export_pytorch_weights(model), {k: v.astype(np.float32) for k, v in sd64.items()})
+
+
 def test_head_overrides_load_the_same_file():
   sd = {k: v.numpy() for k, v in timm_vit().state_dict().items()}
   plain, split = tiny(), tiny(head_overrides={2: 8})

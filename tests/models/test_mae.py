@@ -177,3 +177,23 @@ def test_random_masking(length, ratio):
 def test_random_masking_rejects_empty_keep():
   with pytest.raises(ValueError):
     random_masking(jax.random.key(0), 1, 4, 0.9)
+
+
+def test_float64_params_and_compute():
+  """param_dtype=float64 reaches the decoder too (mask_token, decoder_pos_embed, decoder layers); pred stays
+  float64 and the masks are those of the float32 model."""
+  c = dict(CASES["small"])
+  name = c.pop("name")
+  f32 = create_model(name, **c)
+  x = np.random.RandomState(1).randn(2, c["img_size"], c["img_size"], 3).astype(np.float32)
+  ref = mae_forward(f32, x, jax.random.key(3), 0.75)
+  with jax.enable_x64(True):
+    f64 = create_model(name, **c, dtype="float64", param_dtype="float64")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.state(f32)), jax.tree.leaves(nnx.state(f64))):
+      assert b.dtype == np.float64, path
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a, np.float64), err_msg=str(path))
+    out = mae_forward(f64, x.astype(np.float64), jax.random.key(3), 0.75)
+    assert out["pred"].dtype == out["latent"].dtype == np.float64
+    np.testing.assert_array_equal(np.asarray(out["mask"]), np.asarray(ref["mask"]))
+    assert_close(out["pred"], ref["pred"])
+  assert not jax.config.jax_enable_x64

@@ -330,3 +330,28 @@ def test_attention_option_errors():
     create_model("vit_tiny_patch16", img_size=32, depth=1, attention="flash")
   with pytest.raises(ValueError, match="needs a bfloat16 or float16"):
     create_model("vit_tiny_patch16", img_size=32, depth=1, attention="cudnn")
+
+
+def test_float64_params_and_compute():
+  """param_dtype=float64: every array is float64 and holds the float32 model's initial values (drawn in float32);
+  the forward stays float64. Exactness against the authors' float64 numbers: tests/test_reference_float64.py."""
+  shape = SHAPES["custom"]
+  kw = dict(shape, pooling="avg", num_classes=7, pos_embed="learn", seed=4)
+  f32 = create_model("vit_tiny_patch16", **kw)
+  x = images(shape, seed=4)
+  ref = forward(f32, x)
+  with jax.enable_x64(True):
+    f64 = create_model("vit_tiny_patch16", **kw, dtype="float64", param_dtype="float64")
+    assert create_model("vit_tiny_patch16", **kw).config.param_dtype == jnp.float32  # x64 alone changes nothing
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(nnx.state(create_model("vit_tiny_patch16", **kw))))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(nnx.state(f32)), jax.tree.leaves(nnx.state(f64))):
+      assert b.dtype == jnp.float64, path
+      np.testing.assert_array_equal(np.asarray(b), np.asarray(a, np.float64), err_msg=str(path))
+    out = forward(f64, x.astype(np.float64), capture=(2,))
+    dtypes = {out[k].dtype for k in ("tokens", "pooled", "logits")} | {out["blocks"][2]["q"].dtype}
+    assert dtypes == {np.dtype("float64")}
+    for key in ("tokens", "pooled", "logits"):
+      assert_close(out[key], ref[key])
+  assert not jax.config.jax_enable_x64
+  with pytest.raises(ValueError, match="param_dtype=float64 needs jax's 64-bit mode: set JAX_ENABLE_X64=1"):
+    create_model("vit_tiny_patch16", **kw, param_dtype="float64")

@@ -95,13 +95,14 @@ def _short_list(keys, n=8):
 # Reading files.
 # --------------------------------------------------------------------------------------------------------
 def _to_numpy(value):
-  """A torch tensor / np array / scalar -> np.ndarray (floating point as float32), else None."""
+  """A torch tensor / np array / scalar -> np.ndarray, else None. Floating point: float64 stays float64 (the
+  model's param_dtype decides what is kept, see `_load`), narrower floats become float32 (exactly)."""
   if isinstance(value, np.ndarray):
-    return value.astype(np.float32) if value.dtype.kind == "f" else value
+    return value.astype(np.float32) if value.dtype.kind == "f" and value.dtype != np.float64 else value
   if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
     t = value.detach().cpu()
-    if t.is_floating_point():
-      t = t.float()  # numpy has no bfloat16; our parameters are float32 anyway
+    if t.is_floating_point() and t.element_size() < 8:  # float64 stays
+      t = t.float()  # numpy has no bfloat16
     return t.numpy()
   return None
 
@@ -384,7 +385,7 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
   # fine-tuning start); only accepted when the caller allowed fc_norm to be missing.
   fresh_fc_norm = any(k.startswith("fc_norm.") for k in report.missing_kept_init)
 
-  new_values = {}
+  new_values, rounded = {}, []
   for name, arr in weights.items():
     skip_pattern = _first_match(skip, name)
     if name not in target:
@@ -418,6 +419,10 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
       continue
     new_values[path] = np.asarray(_from_torch_layout(path, arr), dtype=value.dtype)
     report.loaded.append(name)
+    if arr.dtype.kind == "f" and np.dtype(value.dtype).itemsize < arr.dtype.itemsize:
+      rounded.append(f"{name} ({arr.dtype} -> {np.dtype(value.dtype)})")
+  if rounded:  # as intended (a float64 file into a float32 model), but said
+    report.notes.append(f"{len(rounded)} tensor(s) rounded to the model's param_dtype: {_short_list(rounded, 3)}")
 
   if _is_abstract_model(target) and report.missing_kept_init:
     # An nnx.eval_shape model has no init to keep: every parameter has to come from the file.
@@ -486,7 +491,8 @@ def _write(model, new_values: Mapping[tuple, np.ndarray]):
 # Export.
 # --------------------------------------------------------------------------------------------------------
 def export_pytorch_weights(model) -> dict[str, np.ndarray]:
-  """{timm / MAE name: float32 C-contiguous array} of a ViT or MAE model, in timm's order.
+  """{timm / MAE name: float32 C-contiguous array} of a ViT or MAE model, in timm's order (float64 arrays
+  for a param_dtype float64 model: nothing is rounded on the way out either).
 
   A 'cls'-layout ViT loads into timm VisionTransformer(global_pool='token', num_classes=0) (plus a head if
   it has one), an 'avg'-layout ViT into VisionTransformer(global_pool='avg', fc_norm=True), an MAE model
@@ -495,7 +501,8 @@ def export_pytorch_weights(model) -> dict[str, np.ndarray]:
   out = {}
   for name, (path, value) in _mapping(model).items():
     # A copy: writable (torch.from_numpy warns on the read-only views of jax arrays) and C-contiguous.
-    out[name] = np.array(_to_torch_layout(path, np.asarray(value, dtype=np.float32)), order="C")
+    dtype = np.float64 if np.dtype(value.dtype) == np.float64 else np.float32
+    out[name] = np.array(_to_torch_layout(path, np.asarray(value, dtype=dtype)), order="C")
   return out
 
 

@@ -15,7 +15,8 @@ def create_model(name: str, *, seed: int = 0, rngs: nnx.Rngs | None = None, deco
   """Builds a model by name: a ViT variant ('vit_base_patch16', ...) or 'mae_<variant>' for MAE pretraining.
 
   overrides replace fields of the variant's ViTConfig (models/vit.py; an unknown field is a ValueError);
-  `decoder` overrides DecoderConfig fields for MAE models.
+  `decoder` overrides DecoderConfig fields for MAE models (an MAE's decoder uses its encoder's dtype and
+  param_dtype).
   """
   rngs = rngs if rngs is not None else nnx.Rngs(seed)
   if name.startswith(MAE_PREFIX):

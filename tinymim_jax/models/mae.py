@@ -23,7 +23,7 @@ def random_masking(rng, batch: int, length: int, mask_ratio: float):
   len_keep = int(length * (1 - mask_ratio))
   if len_keep < 1:
     raise ValueError(f"mask_ratio {mask_ratio} leaves no visible patch out of {length}")
-  noise = jax.random.uniform(rng, (batch, length))
+  noise = jax.random.uniform(rng, (batch, length), jnp.float32)  # the same masks with and without x64
   ids_shuffle = jnp.argsort(noise, axis=1)
   ids_restore = jnp.argsort(ids_shuffle, axis=1)
   ids_keep = ids_shuffle[:, :len_keep]
@@ -47,19 +47,23 @@ class MAE(nnx.Module):
       raise ValueError("the MAE encoder uses the pretraining layout: pooling='cls', num_classes=0")
     self.config = (encoder, decoder)
     self.encoder = vit_lib.ViT(encoder, rngs=rngs)
-    d, p, dt = decoder.embed_dim, encoder.patch_size, encoder.dtype
-    self.decoder_embed = nnx.Linear(encoder.embed_dim, d, dtype=dt, kernel_init=vit_lib.xavier_uniform,
-                                    rngs=rngs)
-    self.mask_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d)))
-    self.decoder_pos_embed = vit_lib.Constant(jnp.asarray(vit_lib.sincos_pos_embed(d, self.encoder.grid)))
+    # The decoder computes in the encoder's dtype and keeps its parameters in the encoder's param_dtype.
+    d, p, dt, pdt = decoder.embed_dim, encoder.patch_size, encoder.dtype, encoder.param_dtype
+    self.decoder_embed = nnx.Linear(encoder.embed_dim, d, dtype=dt, param_dtype=pdt,
+                                    kernel_init=vit_lib.xavier_uniform, rngs=rngs)
+    self.mask_token = nnx.Param(vit_lib.token_init(rngs.params(), (1, 1, d), pdt))
+    self.decoder_pos_embed = vit_lib.Constant(jnp.asarray(vit_lib.sincos_pos_embed(d, self.encoder.grid), pdt))
     self.decoder_blocks = nnx.List([
-        vit_lib.Block(d, decoder.num_heads, decoder.mlp_ratio, 0.0, dtype=dt, rngs=rngs, attention=encoder.attention)
+        vit_lib.Block(d, decoder.num_heads, decoder.mlp_ratio, 0.0, dtype=dt, rngs=rngs, attention=encoder.attention,
+                      param_dtype=pdt)
         for _ in range(decoder.depth)])
-    self.decoder_norm = vit_lib.layer_norm(d, dt, rngs)
-    self.decoder_pred = nnx.Linear(d, p * p * 3, dtype=dt, kernel_init=vit_lib.xavier_uniform, rngs=rngs)
+    self.decoder_norm = vit_lib.layer_norm(d, dt, rngs, pdt)
+    self.decoder_pred = nnx.Linear(d, p * p * 3, dtype=dt, param_dtype=pdt, kernel_init=vit_lib.xavier_uniform,
+                                   rngs=rngs)
 
   def __call__(self, images, *, rng, mask_ratio: float = 0.75):
-    """Returns {'pred': (B, L, p*p*3) float32, 'mask': (B, L) 1 = masked, 'latent': (B, 1+L_keep, D)}."""
+    """Returns {'pred': (B, L, p*p*3) float32 (float64 for float64 compute), 'mask': (B, L) float32, 1 = masked,
+    'latent': (B, 1+L_keep, D)}."""
     mask_rng, dp_rng = jax.random.split(rng)
     b, length = images.shape[0], self.encoder.grid ** 2
     ids_keep, mask, ids_restore = random_masking(mask_rng, b, length, mask_ratio)
@@ -72,4 +76,4 @@ class MAE(nnx.Module):
     for blk in self.decoder_blocks:
       x, _ = blk(x)
     pred = self.decoder_pred(self.decoder_norm(x))[:, 1:]
-    return {"pred": pred.astype(jnp.float32), "mask": mask, "latent": latent}
+    return {"pred": pred.astype(vit_lib.wide_dtype(pred.dtype)), "mask": mask, "latent": latent}

@@ -60,7 +60,18 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------------
 # Initialisers (MAE style).
 # --------------------------------------------------------------------------------------------------------
-xavier_uniform = jax.nn.initializers.xavier_uniform()
+def drawn_in_float32(init):
+  """`init` drawn in float32, then cast to the parameter dtype: a model's initial values do not depend on its
+  param_dtype (a float64 model starts from the float32 model's values, as the reference's `.double()`)."""
+
+  def init_fn(key, shape, dtype=jnp.float32):
+    return init(key, shape, jnp.float32).astype(dtype)
+
+  return init_fn
+
+
+xavier_uniform = drawn_in_float32(jax.nn.initializers.xavier_uniform())
+token_init = drawn_in_float32(jax.nn.initializers.normal(0.02))  # cls_token, mask_token: N(0, 0.02)
 
 
 def patch_kernel_init(key, shape, dtype=jnp.float32):
@@ -72,6 +83,12 @@ def patch_kernel_init(key, shape, dtype=jnp.float32):
 # --------------------------------------------------------------------------------------------------------
 # Layers.
 # --------------------------------------------------------------------------------------------------------
+def wide_dtype(dtype):
+  """The wider of float32 and `dtype`: where softmax / normalisation statistics are computed (float32 for
+  bfloat16 / float16 / float32 compute, float64 for float64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def drop_path(x, rate: float, rng):
   """Stochastic depth per sample (timm DropPath); identity when rate == 0 or rng is None."""
   if rate == 0.0 or rng is None:
@@ -90,13 +107,15 @@ def linear(layer: nnx.Linear, x):
 
 class Attention(nnx.Module):
 
-  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "default"):
+  def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "default",
+               param_dtype=jnp.float32):
     if dim % num_heads:
       raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.impl = impl
-    self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
-    self.proj = nnx.Linear(dim, dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+    self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform,
+                          rngs=rngs)
+    self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
 
   def split_qkv(self, x):
     """x (B, N, D) -> q, k, v each (B, H, N, dh): qkv outputs are [q | k | v], head h owns [h*dh, (h+1)*dh)."""
@@ -117,24 +136,25 @@ class Attention(nnx.Module):
                                          implementation=self.impl)[:, :n]
       return linear(self.proj, out.reshape(b, n, h * dh))
     logits = jnp.einsum("bhnd,bhmd->bhnm", q * jnp.asarray(dh**-0.5, q.dtype), k)  # see losses.relation_logits
-    # softmax(logits) @ v with the softmax in float32 and its normalisation applied to the (N, dh) output
-    # instead of the (N, N) probabilities: the same function (rounding aside), one pass over the N x N
-    # matrix less (benchmarks/distill_step.py: ~5-10% off a block's forward + backward on CPU).
-    logits = logits.astype(jnp.float32)
+    # softmax(logits) @ v with the softmax in float32 (float64 when computing in float64) and its
+    # normalisation applied to the (N, dh) output instead of the (N, N) probabilities: the same function
+    # (rounding aside), one pass over the N x N matrix less (benchmarks/distill_step.py: ~5-10% off a block's
+    # forward + backward on CPU).
+    logits = logits.astype(wide_dtype(logits.dtype))
     e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     denom = jnp.sum(e, axis=-1, keepdims=True)
     out = jnp.einsum("bhnm,bhmd->bhnd", e.astype(v.dtype), v) / denom.astype(v.dtype)
     return linear(self.proj, jnp.swapaxes(out, 1, 2).reshape(b, n, h * dh))
 
 
-_SQRT_HALF = np.float32(np.sqrt(0.5))
+_SQRT_HALF = np.sqrt(0.5)  # float64; rounded to the compute dtype where it is used
 
 
 class Mlp(nnx.Module):
 
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs):
-    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
-    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, kernel_init=xavier_uniform, rngs=rngs)
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
+    self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
 
   def __call__(self, x):
     # Exact erf GELU written as torch computes it, 0.5 x (1 + erf(x / sqrt 2)). (jax.nn.gelu's exact form
@@ -143,20 +163,21 @@ class Mlp(nnx.Module):
     return linear(self.fc2, 0.5 * h * (1 + jax.lax.erf(h * _SQRT_HALF.astype(h.dtype))))
 
 
-def layer_norm(dim, dtype, rngs):
-  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, rngs=rngs)
+def layer_norm(dim, dtype, rngs, param_dtype=jnp.float32):
+  # Flax computes the statistics in the wider of float32 and the input dtype.
+  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block: x + DropPath(Attn(LN1(x))), then x + DropPath(MLP(LN2(x)))."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs,
-               attention: str = "default"):
+               attention: str = "default", param_dtype=jnp.float32):
     self.drop_path = drop_path
-    self.norm1 = layer_norm(dim, dtype, rngs)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention)
-    self.norm2 = layer_norm(dim, dtype, rngs)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs)
+    self.norm1 = layer_norm(dim, dtype, rngs, param_dtype)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention, param_dtype=param_dtype)
+    self.norm2 = layer_norm(dim, dtype, rngs, param_dtype)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype)
 
   def __call__(self, x, *, rng=None, qkv_only: bool = False):
     """Returns (x_out, (q, k, v)); with qkv_only, x_out is None and nothing past the qkv Linear runs."""
@@ -193,9 +214,13 @@ class ViTConfig:
   num_classes: int = 0
   # 'sincos': fixed table (a Constant, never trained). 'learn': a Param initialised to the same table.
   pos_embed: str = "sincos"
-  dtype: Any = jnp.float32  # compute dtype; parameters are always float32
-  # softmax(q k^T) v of the blocks: 'default' (written out here; float32 softmax), or an implementation of
-  # jax.nn.dot_product_attention: 'cudnn' (fused flash attention; GPUs, bfloat16/float16 compute) or 'xla'.
+  dtype: Any = jnp.float32  # compute dtype
+  # dtype of the parameters and fixed tables (Flax's name). float64 with dtype float64 runs the whole model
+  # in float64 (exactness tests: tests/test_reference_float64.py); the sin-cos tables keep their float32 rounding.
+  param_dtype: Any = jnp.float32
+  # softmax(q k^T) v of the blocks: 'default' (written out here; softmax in the wider of float32 and dtype),
+  # or an implementation of jax.nn.dot_product_attention: 'cudnn' (fused flash attention; GPUs,
+  # bfloat16/float16 compute) or 'xla'.
   # q, k, v (what the relation losses read) are the same either way.
   attention: str = "default"
 
@@ -222,6 +247,10 @@ class ViT(nnx.Module):
       raise ValueError(f"pooling must be 'cls' or 'avg', got {c.pooling!r}")
     if c.attention not in ("default", "xla", "cudnn"):
       raise ValueError(f"attention must be 'default', 'xla' or 'cudnn', got {c.attention!r}")
+    for name in ("dtype", "param_dtype"):
+      if jnp.dtype(getattr(c, name)) != jax.dtypes.canonicalize_dtype(getattr(c, name)):  # jax would truncate
+        raise ValueError(f"model {name}={jnp.dtype(getattr(c, name))} needs jax's 64-bit mode: set JAX_ENABLE_X64=1 "
+                         f"(or jax.config.update('jax_enable_x64', True)) before building the model")
     if c.attention == "cudnn" and jnp.dtype(c.dtype) not in (jnp.bfloat16, jnp.float16):
       raise ValueError(f"attention='cudnn' needs a bfloat16 or float16 compute dtype, got {jnp.dtype(c.dtype)}")
     for i in list(c.head_overrides) + list(c.drop_path_overrides):
@@ -229,10 +258,11 @@ class ViT(nnx.Module):
         raise ValueError(f"per-block override names block {i}, but the model has blocks 1..{c.depth}")
     d, p = c.embed_dim, c.patch_size
     self.grid = c.img_size // p
-    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=c.dtype,
+    pdt = c.param_dtype
+    self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=c.dtype, param_dtype=pdt,
                                 kernel_init=patch_kernel_init, rngs=rngs)
-    self.cls_token = nnx.Param(0.02 * jax.random.normal(rngs.params(), (1, 1, d)))
-    table = jnp.asarray(sincos_pos_embed(d, self.grid))
+    self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, d), pdt))
+    table = jnp.asarray(sincos_pos_embed(d, self.grid), pdt)
     if c.pos_embed == "sincos":
       self.pos_embed = Constant(table)
     elif c.pos_embed == "learn":
@@ -241,16 +271,16 @@ class ViT(nnx.Module):
       raise ValueError(f"pos_embed must be 'sincos' or 'learn', got {c.pos_embed!r}")
     self.blocks = nnx.List([
         Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs,
-              attention=c.attention)
+              attention=c.attention, param_dtype=pdt)
         for i in range(1, c.depth + 1)])
     if c.pooling == "cls":
-      self.norm = layer_norm(d, c.dtype, rngs)
+      self.norm = layer_norm(d, c.dtype, rngs, pdt)
     else:
-      self.fc_norm = layer_norm(d, c.dtype, rngs)
+      self.fc_norm = layer_norm(d, c.dtype, rngs, pdt)
     if c.num_classes:
       # MAE: trunc_normal_(std=2e-5) with bounds +-2 (absolute): in effect a plain normal(0, 2e-5).
-      head_init = jax.nn.initializers.normal(2e-5)
-      self.head = nnx.Linear(d, c.num_classes, dtype=c.dtype, kernel_init=head_init, rngs=rngs)
+      head_init = drawn_in_float32(jax.nn.initializers.normal(2e-5))
+      self.head = nnx.Linear(d, c.num_classes, dtype=c.dtype, param_dtype=pdt, kernel_init=head_init, rngs=rngs)
 
   def embed(self, images, keep_ids=None):
     """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then CLS in front."""
@@ -320,6 +350,7 @@ def vit_config(name: str, **overrides) -> ViTConfig:
   kw = {**VARIANTS[name], **overrides}
   kw["head_overrides"] = _int_keys(kw.get("head_overrides"))
   kw["drop_path_overrides"] = _int_keys(kw.get("drop_path_overrides"))
-  if isinstance(kw.get("dtype"), str):
-    kw["dtype"] = jnp.dtype(kw["dtype"])
+  for name in ("dtype", "param_dtype"):
+    if isinstance(kw.get(name), str):
+      kw[name] = jnp.dtype(kw[name])
   return ViTConfig(**kw)
