@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 
 import jax
@@ -79,6 +81,48 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):
   else:
     raise FileNotFoundError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
   return convert.load_pytorch_weights(model, src, skip=tuple(skip), allow_missing=tuple(allow_missing))
+
+
+def frozen_model(config) -> tuple[nnx.Module, dict]:
+  """The model the `eval` and `linprobe` objectives read features from, and the metadata of the run behind it.
+
+  `config.init` a tinymim-jax workdir: its model exactly as trained (its own layout and head), and its
+  checkpoint metadata ({'config', 'feature', ...}: how it was trained and the feature spec it recorded).
+  A .pth / .safetensors file: `config.model` (its size, heads, resolution) in the file's layout (pooling 'avg'
+  when it holds fc_norm, a head when it holds one), loaded strictly; metadata: the feature spec a tinymim-jax
+  export recorded in its .safetensors header, else {}.
+  """
+  from tinymim_jax import checkpoint, convert
+  source = config.init
+  if os.path.isdir(source):
+    ckpt = checkpoint.Checkpointer(source, async_save=False)
+    if ckpt.latest_step() is None:
+      raise FileNotFoundError(f"config.init={source!r}: no checkpoint under {ckpt.directory}")
+    meta = ckpt.restore_meta()
+    ckpt.close()
+    return checkpoint.restore_model(source), meta
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"config.init={source!r} is neither a file nor a tinymim-jax workdir")
+  weights, extras, label = convert.read_pytorch_weights(source)
+  kw = vit_kwargs(config.model)
+  kw.update(drop_path=0.0, pos_embed="learn",  # whatever table the file holds (frozen all the same)
+            pooling="avg" if "fc_norm.weight" in weights else "cls",
+            num_classes=int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0)
+  model = create_model(config.model.name, seed=config.seed, **kw)
+  report = convert.load_pytorch_weights(model, weights, skip=tuple(config.init_skip))
+  logging.info("frozen model from %s [%s]:\n%s", label, convert.detect_layout(weights, extras), report)
+  return model, _exported_meta(source)
+
+
+def _exported_meta(path: str) -> dict:
+  """{'feature': spec} from the header of a .safetensors that tinymim-jax exported, else {}."""
+  from tinymim_jax import features
+  if not path.endswith(".safetensors"):
+    return {}
+  from safetensors import safe_open
+  with safe_open(path, "np") as f:
+    header = f.metadata() or {}
+  return {"feature": json.loads(header[features.METADATA_KEY])} if features.METADATA_KEY in header else {}
 
 
 def weights_hash(model: nnx.Module) -> str:

@@ -77,8 +77,8 @@ def _teacher_in_compute_dtype(teacher: nnx.Module, pure: dict) -> dict:
 
 
 def checkpointable(state: dict) -> dict:
-  """What a checkpoint holds: everything but the teacher."""
-  return {k: v for k, v in state.items() if k != "teacher"}
+  """What a checkpoint holds: everything but the frozen models (a teacher, a linear probe's encoder)."""
+  return {k: v for k, v in state.items() if k not in ("teacher", "encoder")}
 
 
 def _finish(state, grads, loss, aux, tx, schedule):
@@ -251,17 +251,14 @@ def make_finetune_step(graphdef, tx, schedule, *, num_classes: int, mixup: float
 # --------------------------------------------------------------------------------------------------------
 # Evaluation.
 # --------------------------------------------------------------------------------------------------------
-def make_predict_fn(graphdef) -> Callable:
-  """(state, images) -> {'feature': mean-pooled normalised patch tokens (k-NN), 'logits' if a head}."""
+def make_predict_fn(graphdef, spec) -> Callable:
+  """(state, images) -> {'feature': (B, D) float32 features as `spec` (a features.FeatureSpec) says, 'logits' if
+  the model has a head}. The model runs in eval mode."""
+  from tinymim_jax import features
 
   def predict(state, images):
     model = merge_model(graphdef, state["params"], state["consts"])
-    vit = model.encoder if isinstance(model, mae_lib.MAE) else model
-    out = vit(images)
-    res = {"feature": out["tokens"][:, vit.num_prefix_tokens:].mean(axis=1).astype(jnp.float32)}
-    if "logits" in out:
-      res["logits"] = out["logits"].astype(jnp.float32)
-    return res
+    return features.extract(features.vit_of(model), images, spec, logits=True)
 
   return predict
 
