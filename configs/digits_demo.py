@@ -11,8 +11,9 @@ Seven stages, each a normal run of the main job (`python -m tinymim_jax.demo` ru
   baseline_eval      features) and of the MAE baseline (objective 'eval'; seconds each)
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
-All seven take ~4 minutes on 2 CPU cores (3m36s in the README's reference run); the student reaches ~0.98+ top-1
-on the held-out 20% either way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3).
+All seven take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
+way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3; on frozen features k-NN 66.4 vs
+63.9, 10-shot 75.2 vs 69.7, linear probe 90.6 vs 85.6).
 """
 
 import os

@@ -12,7 +12,8 @@ r"""Linear probe on a frozen encoder (MAE's protocol, main_linprobe.py), and the
   # Every frozen-feature eval of a model (k-NN, few-shot 1/5/10/25-shot, the probe on cached features, and
   # the head's top-1 if it has one), no training; metrics in workdir/done.json:
   ... configs/linprobe.py:init=wd/tinymim_s,objective=eval ...
-  # Small data (the demo's digits, 16 px): seconds on a CPU.
+  # Small data (the demo's digits, 16 px): ~2 minutes on 2 CPU cores (augment=False: seconds). The demo's
+  # students: 86.9 (TinyMIM) / 83.1 (MAE) top-1; on cached features 90.6 / 85.6.
   python -m tinymim_jax.main --config configs/linprobe.py:init=workdirs/demo/student_distill,data=digits \
       --workdir workdirs/demo/student_linprobe
 
