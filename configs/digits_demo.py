@@ -1,23 +1,27 @@
 r"""The demo on the embedded digits data (scikit-learn's 1,797 handwritten digits, upsampled to 16 px).
 
-Five stages, each a normal run of the main job (`python -m tinymim_jax.demo` runs them in order):
+Seven stages, each a normal run of the main job (`python -m tinymim_jax.demo` runs them in order):
   teacher_mae        MAE-pretrain a small ViT teacher (D 128, 6 blocks, 4 heads)
   student_distill    TinyMIM: distill a smaller student (D 64, 4 blocks, 2 heads; 4 in its relation block)
                      from the teacher's intermediate block 4 with Q-K / V-V relation KL
   student_finetune   fine-tune that student on the labels
   baseline_mae       the same student MAE-pretrained from scratch (same epochs as the distillation)
   baseline_finetune  fine-tune the baseline the same way
+  student_eval       frozen-feature evals of the distilled student (k-NN, few-shot, linear probe on cached
+  baseline_eval      features) and of the MAE baseline (objective 'eval'; seconds each)
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
-All five take ~4 minutes on 2 CPU cores (3m36s in the README's reference run); the student reaches ~0.98+ top-1
-on the held-out 20% either way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3).
+All seven take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
+way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3; on frozen features k-NN 66.4 vs
+63.9, 10-shot 75.2 vs 69.7, linear probe 90.6 vs 85.6).
 """
 
 import os
 
 from tinymim_jax import config_base
 
-STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune")
+STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune", "student_eval",
+          "baseline_eval")
 IMG, PATCH = 16, 4
 TEACHER = dict(name="vit_tiny_patch16", embed_dim=128, depth=6, num_heads=4)
 STUDENT = dict(name="vit_tiny_patch16", embed_dim=64, depth=4, num_heads=2)
@@ -54,8 +58,11 @@ def get_config(arg=None):
   c.log_every_steps = 10
   c.ckpt_every_steps = 100
   c.eval_every_steps = 100
-  c.knn.k = 10
-  c.knn.max_train = 2000
+  c.eval.knn.k = 10
+  c.eval.max_train = 2000
+  # The linear probe of the eval stages, as configs/linprobe.py:data=digits (MAE's recipe at a small batch and
+  # a higher lr; see there).
+  c.linprobe.batch_size, c.linprobe.base_lr, c.linprobe.epochs, c.linprobe.warmup_epochs = 256, 25.0, 90.0, 10.0
 
   if a.stage in ("teacher_mae", "baseline_mae"):
     c.objective = "mae_pretrain"
@@ -70,6 +77,10 @@ def get_config(arg=None):
     c.teacher.source = os.path.join(a.root, "teacher_mae")
     c.distill.teacher_block = 4          # an intermediate teacher block (of 6)
     c.distill.student_block = STUDENT["depth"]
+  elif a.stage in ("student_eval", "baseline_eval"):
+    c.objective = "eval"
+    _model(c.model, STUDENT)
+    c.init = os.path.join(a.root, "student_distill" if a.stage == "student_eval" else "baseline_mae")
   else:
     c.objective = "finetune"
     _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
@@ -81,5 +92,5 @@ def get_config(arg=None):
     c.optim.min_lr = 1e-6
     c.optim.no_decay = ("pos_embed", "cls_token")
     c.finetune.mixup, c.finetune.cutmix, c.finetune.label_smoothing = 0.0, 0.0, 0.1
-    c.knn.enabled = False
+    c.eval.knn.enabled = c.eval.fewshot.enabled = False
   return c

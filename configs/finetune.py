@@ -9,7 +9,8 @@ TinyMIM-T 75.8, TinyMIM-S 83.0, TinyMIM-B 85.0 (MAE-T/S/B 71.6 / 80.6 / 83.6). `
 
 T and S use "the same recipe with a higher lr and larger batch" (values unpublished): we use batch 2048 and
 base lr 1e-3 for them (our choice; override with --config.optim.base_lr / --config.batch_size).
-To evaluate a fine-tuned model: add --config.objective=eval --config.init=<workdir or file>.
+To evaluate a fine-tuned model: add --config.objective=eval --config.init=<workdir or file> (the head's top-1;
+configs/linprobe.py:objective=eval adds k-NN, few-shot and a linear probe on frozen features).
 """
 
 from tinymim_jax import config_base
@@ -60,7 +61,8 @@ def get_config(arg=None):
   c.data.reprob = 0.25
   c.data.crop_pct = 224 / 256           # eval: resize 256, center crop 224
 
-  c.knn.enabled = False
+  c.eval.knn.enabled = c.eval.fewshot.enabled = False   # top-1 of the head is the metric
+  c.eval.cached_probe = False
   c.log_every_steps = 50
   c.ckpt_every_steps = 1000
   c.eval_every_steps = 1250             # ~every epoch at batch 1024

@@ -86,6 +86,6 @@ def get_config(arg=None):
   c.log_every_steps = 50
   c.ckpt_every_steps = 1000
   c.keep_every_steps = 50 * 312         # keep every 50 epochs at batch 4096
-  c.eval_every_steps = 20 * 312         # k-NN monitor every 20 epochs
-  c.knn.max_train = 50_000
+  c.eval_every_steps = 20 * 312         # k-NN / few-shot monitors every 20 epochs
+  c.eval.max_train = 50_000           # k-NN and few-shot monitors
   return c

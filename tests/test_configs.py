@@ -19,7 +19,8 @@ ARGS = {
     "finetune": ["model=tiny", "model=small", "model=base"],
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
-                                           "baseline_finetune")],
+                                           "baseline_finetune", "student_eval", "baseline_eval")],
+    "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
 }
 
 
@@ -27,7 +28,7 @@ def load(name, arg):
   c = load_config_module(CONFIGS[name]).get_config(arg)
   if c.objective == "distill" and not c.teacher.source:
     c.teacher.source = "teacher.pth"
-  if c.objective == "eval" and not c.init:
+  if c.objective in ("eval", "linprobe") and not c.init:
     c.init = "model.safetensors"
   return config_base.finalize(c)
 
@@ -113,3 +114,23 @@ def test_mae_config_matches_spec():
   assert (c.mae.decoder_embed_dim, c.mae.decoder_depth, c.mae.decoder_num_heads) == (512, 8, 16)
   assert (c.optim.b1, c.optim.b2, c.optim.base_lr, c.optim.weight_decay) == (0.9, 0.95, 1.5e-4, 0.05)
   assert (c.batch_size, c.warmup_epochs, tuple(c.data.mae_crop_scale)) == (4096, 40.0, (0.2, 1.0))
+
+
+def test_linprobe_config_matches_mae_recipe():
+  c = load("linprobe", "model=base")
+  assert (c.objective, c.model.name, c.linprobe.augment, c.export) == ("linprobe", "vit_base_patch16", True, False)
+  lp = c.linprobe
+  assert (lp.batch_size, lp.base_lr, lp.weight_decay, lp.epochs, lp.warmup_epochs) == (16384, 0.1, 0.0, 90.0, 10.0)
+  assert (lp.momentum, lp.trust_coefficient, c.optim.min_lr) == (0.9, 0.001, 0.0)
+  assert optim.peak_lr(base_lr=lp.base_lr, global_batch_size=lp.batch_size,
+                       lr_scaling_batch=c.optim.lr_scaling_batch) == pytest.approx(6.4)
+  d = c.data
+  assert (d.name, tuple(d.ft_crop_scale), d.flip, d.image_size, round(d.image_size / d.crop_pct)) == (
+      "imagenet2012", (0.08, 1.0), True, 224, 256)
+  assert [c.eval.feature[k] for k in ("block", "pool", "norm")] == [None, None, None]  # the workdir's spec
+  e = load("linprobe", "objective=eval,block=11,pool=cls")
+  assert (e.objective, e.eval.feature.block, e.eval.feature.pool, e.eval.cached_probe) == ("eval", 11, "cls", True)
+  assert e.eval.knn.enabled and e.eval.fewshot.enabled and tuple(e.eval.fewshot.shots) == (1, 5, 10, 25)
+  # The demo's eval stages probe with the small-data recipe of configs/linprobe.py:data=digits.
+  small, demo = load("linprobe", "data=digits").linprobe, load("digits_demo", "stage=student_eval").linprobe
+  assert small.to_dict() == {**demo.to_dict(), "augment": True}

@@ -23,12 +23,12 @@ DEMO = os.path.join(ROOT, "configs", "digits_demo.py")
 def tiny_args(stage, root, steps=12, ckpt=4):
   return [f"--config={DEMO}:stage={stage},root={root}", f"--config.total_steps={steps}",
           f"--config.ckpt_every_steps={ckpt}", "--config.log_every_steps=2", "--config.eval_every_steps=0",
-          "--config.batch_size=32", "--config.knn.max_train=256"]
+          "--config.batch_size=32", "--config.eval.max_train=256"]
 
 
 def tiny_config(stage, root, **overrides):
   c = load_config_module(DEMO).get_config(f"stage={stage},root={root}")
-  c.batch_size, c.log_every_steps, c.eval_every_steps, c.knn.max_train = 32, 2, 0, 256
+  c.batch_size, c.log_every_steps, c.eval_every_steps, c.eval.max_train = 32, 2, 0, 256
   for k, v in overrides.items():
     node = c
     *parents, leaf = k.split(".")
@@ -198,3 +198,39 @@ def test_resume_onto_a_different_mesh(tmp_path):
       np.testing.assert_allclose(y[d:2 * d], x[d:2 * d], atol=1e-4, err_msg=k)
       x, y = np.concatenate([x[:d], x[2 * d:]]), np.concatenate([y[:d], y[2 * d:]])
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6, err_msg=k)
+
+
+def test_eval_and_linprobe_objectives_on_a_distilled_student(teacher_root, tmp_path):
+  root = str(tmp_path)
+  os.symlink(os.path.join(teacher_root, "teacher_mae"), os.path.join(root, "teacher_mae"))
+  student = os.path.join(root, "student_distill")
+  distilled = trainer.train_and_evaluate(tiny_config("student_distill", root, total_steps=6, ckpt_every_steps=6),
+                                         student)
+  # The distilled student's features are its relation block's input (block 4 - 1), recorded in the workdir.
+  spec = {"block": 3, "pool": "mean", "norm": True}
+  assert distilled["feature"] == spec and json.load(open(os.path.join(student, "run.json")))["feature"] == spec
+  recipe = {"linprobe.epochs": 10.0, "linprobe.warmup_epochs": 2.0}
+  ev = trainer.train_and_evaluate(tiny_config("student_eval", root, **recipe), os.path.join(root, "eval"))
+  assert ev["feature"] == spec  # picked up from the workdir
+  assert ev["eval/knn_top1"] == pytest.approx(distilled["eval/knn_top1"], abs=1e-9)  # the same features
+  for k in (1, 5, 10, 25):
+    assert ev[f"eval/fewshot_{k}shot_top1"] == pytest.approx(distilled[f"eval/fewshot_{k}shot_top1"], abs=1e-9)
+  assert 0.1 < ev["eval/linprobe_top1"] <= ev["eval/linprobe_top5"] <= 1 and "eval/top1" not in ev
+  assert json.load(open(os.path.join(root, "eval", "done.json")))["eval/linprobe_top1"] == ev["eval/linprobe_top1"]
+  # The export carries the spec in its header: an eval of the .safetensors reads the same features.
+  ex = trainer.train_and_evaluate(
+      tiny_config("student_eval", root, init=os.path.join(student, "model.safetensors"),
+                  **{"eval.cached_probe": False, "eval.fewshot.enabled": False}), os.path.join(root, "eval_export"))
+  assert ex["feature"] == spec and ex["eval/knn_top1"] == pytest.approx(distilled["eval/knn_top1"], abs=1e-9)
+  # The linprobe objective on cached features (the main loop, sharded, checkpointed) trains the probe the eval
+  # objective trained on its cache.
+  lp_args = dict(objective="linprobe", init=student, **recipe, **{"linprobe.augment": False, "eval.knn.enabled": False,
+                                                                  "eval.fewshot.enabled": False})
+  lp = trainer.train_and_evaluate(tiny_config("student_eval", root, **lp_args), os.path.join(root, "lp"))
+  assert lp["step"] == 10 * (1437 // 256) and lp["feature"] == spec
+  assert lp["eval/linprobe_top1"] == pytest.approx(ev["eval/linprobe_top1"], abs=1.5 / 360)
+  assert lp["eval/linprobe_top5"] == pytest.approx(ev["eval/linprobe_top5"], abs=1.5 / 360)
+  # With augmentation the encoder runs in the loop on RandomResizedCrop views.
+  aug_config = tiny_config("student_eval", root, total_steps=2, **{**lp_args, "linprobe.augment": True})
+  aug = trainer.train_and_evaluate(aug_config, os.path.join(root, "lp_aug"))
+  assert aug["step"] == 2 and 0 <= aug["eval/linprobe_top1"] <= 1

@@ -14,6 +14,7 @@ from flax import nnx
 
 from tests.helpers import exact, tiny
 from tinymim_jax import create_model, optim, sharding as sh, train_steps as ts
+from tinymim_jax.features import FeatureSpec
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,7 +159,7 @@ def test_finetune_overfits_a_small_batch():
                                label_smoothing=0.0)
   state, m = run(step, state, batch, 40, sh.make_mesh(devices=jax.devices()[:1]))
   assert m[-1]["train_top1"] == 1.0 and m[-1]["loss"] < 0.1
-  preds = ts.make_predict_fn(graphdef)(state, batch["image"])
+  preds = ts.make_predict_fn(graphdef, FeatureSpec(block=2))(state, batch["image"])
   assert (np.argmax(preds["logits"], -1) == batch["label"]).all() and preds["feature"].shape == (8, 48)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import os
 
 import jax
@@ -15,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tinymim_jax import checkpoint, convert, optim
+from tinymim_jax import checkpoint, convert, features, optim
 from tinymim_jax import train_steps as ts
 from tinymim_jax.models import MAE_PREFIX, ViTConfig, create_model, vit_config
 
@@ -107,6 +109,11 @@ def restore_model(workdir: str) -> nnx.Module:
 
   Raises FileNotFoundError when `workdir` holds no checkpoint.
   """
+  return _restore(workdir)[0]
+
+
+def _restore(workdir: str) -> tuple[nnx.Module, dict]:
+  """-> (restore_model(workdir), the checkpoint's metadata)."""
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   try:
     if ckpt.latest_step() is None:
@@ -120,7 +127,7 @@ def restore_model(workdir: str) -> nnx.Module:
     restored = ckpt.restore_model_item(checkpoint.abstract(target, jax.tree.map(lambda _: local, target)))
   finally:
     ckpt.close()
-  return ts.merge_model(modeldef, restored["params"], restored["consts"])
+  return ts.merge_model(modeldef, restored["params"], restored["consts"]), meta
 
 
 def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):
@@ -132,6 +139,41 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):
   else:
     raise FileNotFoundError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
   return convert.load_pytorch_weights(model, src, skip=tuple(skip), allow_missing=tuple(allow_missing))
+
+
+def frozen_model(config) -> tuple[nnx.Module, dict]:
+  """The model the `eval` and `linprobe` objectives read features from, and the metadata of the run behind it.
+
+  `config.init` a tinymim-jax workdir: its model exactly as trained (its own layout and head), and its
+  checkpoint metadata ({'config', 'feature', ...}: how it was trained and the feature spec it recorded).
+  A .pth / .safetensors file: `config.model` (its size, heads, resolution) in the file's layout (pooling 'avg'
+  when it holds fc_norm, a head when it holds one), loaded strictly; metadata: the feature spec a tinymim-jax
+  export recorded in its .safetensors header, else {}.
+  """
+  source = config.init
+  if os.path.isdir(source):
+    return _restore(source)
+  if not os.path.exists(source):
+    raise FileNotFoundError(f"config.init={source!r} is neither a file nor a tinymim-jax workdir")
+  weights, extras, label = convert.read_pytorch_weights(source)
+  kw = vit_kwargs(config.model)
+  kw.update(drop_path=0.0, pos_embed="learn",  # whatever table the file holds (frozen all the same)
+            pooling="avg" if "fc_norm.weight" in weights else "cls",
+            num_classes=int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0)
+  model = create_model(config.model.name, seed=config.seed, **kw)
+  report = convert.load_pytorch_weights(model, weights, skip=tuple(config.init_skip))
+  logging.info("frozen model from %s [%s]:\n%s", label, convert.detect_layout(weights, extras), report)
+  return model, _exported_meta(source)
+
+
+def _exported_meta(path: str) -> dict:
+  """{'feature': spec} from the header of a .safetensors that tinymim-jax exported, else {}."""
+  if not path.endswith(".safetensors"):
+    return {}
+  from safetensors import safe_open
+  with safe_open(path, "np") as f:
+    header = f.metadata() or {}
+  return {"feature": json.loads(header[features.METADATA_KEY])} if features.METADATA_KEY in header else {}
 
 
 def weights_hash(model: nnx.Module) -> str:

@@ -13,7 +13,9 @@ import ml_collections
 import numpy as np
 from ml_collections import config_dict
 
-OBJECTIVES = ("distill", "mae_pretrain", "finetune", "eval")
+from tinymim_jax.fewshot import DEFAULT_L2
+
+OBJECTIVES = ("distill", "mae_pretrain", "finetune", "linprobe", "eval")
 
 
 # ViTConfig fields the builders set from other sections (the relation block's heads and drop path).
@@ -94,7 +96,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.keep_ckpts = 3
   c.keep_every_steps = config_dict.placeholder(int)   # also keep every M-th step for good
   c.eval_every_steps = 5000
-  c.knn = ml_collections.ConfigDict(dict(enabled=True, k=20, temperature=0.07, max_train=50000))
+  # Frozen-feature evals (knn.py, fewshot.py, linprobe.py) on the features `feature` names (features.py; None
+  # fields: the spec the `init` workdir recorded (eval / linprobe objectives), else the model's default: its
+  # last block, or a relation-distilled student's relation-block input; mean pool; parameter-free LayerNorm).
+  # k-NN and few-shot run every eval_every_steps and at the end of any run; the `eval` objective reports them
+  # all, with a linear probe on cached features (`linprobe` below) and the head's top-1.
+  c.eval = ml_collections.ConfigDict(dict(
+      feature=ml_collections.ConfigDict(dict(block=config_dict.placeholder(int), pool=config_dict.placeholder(str),
+                                             norm=config_dict.placeholder(bool))),
+      max_train=50000,                  # train images (eval transform) whose features k-NN and few-shot use
+      knn=ml_collections.ConfigDict(dict(enabled=True, k=20, temperature=0.07)),
+      fewshot=ml_collections.ConfigDict(dict(enabled=True, shots=(1, 5, 10, 25), draws=3, val_per_class=10,
+                                             l2_regs=DEFAULT_L2)),
+      cached_probe=True,                # objective 'eval': a linear probe on cached features of the whole train split
+  ))
+  # The linear-probe recipe (MAE's main_linprobe.py): objective 'linprobe' trains with it (its batch_size,
+  # epochs, warmup_epochs, base_lr and weight_decay replace the run's batch_size, total_epochs, warmup_epochs,
+  # optim.base_lr and optim.weight_decay), and so does the eval objective's probe on cached features.
+  c.linprobe = ml_collections.ConfigDict(dict(
+      augment=True,                     # RandomResizedCrop(data.ft_crop_scale) + data.flip; False: cached features
+      batch_size=16384, epochs=90.0, warmup_epochs=10.0,
+      base_lr=0.1,                      # x batch_size / optim.lr_scaling_batch
+      weight_decay=0.0, momentum=0.9, trust_coefficient=0.001,   # LARS (linprobe.lars)
+  ))
   c.export = True                      # write the student as timm-named .safetensors at the end
   return c
 
@@ -105,8 +129,9 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
   if c.objective == "distill" and not c.teacher.source:
     raise ValueError("config.teacher.source is empty: name a .pth/.safetensors file or a tinymim-jax workdir")
-  if c.objective == "eval" and not c.init:
-    raise ValueError("config.init is empty: objective 'eval' needs weights to evaluate")
+  if c.objective in ("eval", "linprobe") and not c.init:
+    raise ValueError(f"config.init is empty: objective {c.objective!r} needs weights to evaluate (a .pth / "
+                     f".safetensors file or a tinymim-jax workdir)")
   c.lock()
   return c
 

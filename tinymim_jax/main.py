@@ -3,9 +3,13 @@ r"""The main job: one flat trainer for TinyMIM distillation, MAE pretraining, fi
   python -m tinymim_jax.main --config configs/tinymim_distill.py:student=small --workdir workdirs/tinymim_s \
       [--config.batch_size=1024 --config.data.data_dir=/data/tfds ...]
 
-The config's `objective` picks the step ('distill' | 'mae_pretrain' | 'finetune' | 'eval'). A rerun with the same
-workdir resumes from its latest checkpoint; a finished run (workdir/done.json) is not run again. Sections:
-processes & mesh, data, model & teacher, optimizer, checkpoint, loop, evals, export.
+The config's `objective` picks the step ('distill' | 'mae_pretrain' | 'finetune' | 'linprobe' | 'eval'). A rerun
+with the same workdir resumes from its latest checkpoint; a finished run (workdir/done.json) is not run again.
+Sections: processes & mesh, data, model & teacher, optimizer, checkpoint, loop, evals, export.
+
+'linprobe' trains a linear probe on a frozen encoder (linprobe.py); 'eval' reports every eval of a trained
+model (`init`: a workdir or a .pth / .safetensors file) without training: k-NN, few-shot and a linear probe on
+cached features, plus the head's top-1 if it has one.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import builders, checkpoint, config_base, data, knn, writers
+from tinymim_jax import builders, checkpoint, config_base, data, features, fewshot, knn, linprobe, optim, writers
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
@@ -93,9 +97,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     preemption.restore()
 
 
+def _linprobe_recipe(config):
+  """The run's batch size, epochs and lr from config.linprobe (the recipe the eval objective's probe uses too)."""
+  config = config.copy_and_resolve_references()
+  lp = config.linprobe
+  config.batch_size, config.total_epochs, config.warmup_epochs = lp.batch_size, lp.epochs, lp.warmup_epochs
+  config.optim.base_lr, config.optim.weight_decay = lp.base_lr, lp.weight_decay
+  return config
+
+
+def _at_resolution(config, img_size: int):
+  """A frozen encoder sees its own resolution: data.image_size follows the model's."""
+  if config.data.image_size != img_size:
+    logging.info("data.image_size %d -> %d (the frozen model's resolution)", config.data.image_size, img_size)
+    config = config.copy_and_resolve_references()
+    config.data.image_size = img_size
+  return config
+
+
 def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   objective = config.objective
+  if objective == "linprobe":
+    config = _linprobe_recipe(config)
 
   # ---------------------------------------------------------------------------------------------------
   # Mesh. (Processes were started by main() through sharding.initialize_distributed().)
@@ -115,14 +139,28 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # ---------------------------------------------------------------------------------------------------
   # Model and teacher.
   # ---------------------------------------------------------------------------------------------------
-  model, extras = builders.make_trainable(config, num_classes=info.num_classes)
   meta: dict[str, Any] = {"objective": objective, "num_classes": info.num_classes, "seed": config.seed}
-  if config.init:
-    # Fine-tuning starts from a pretrained / distilled encoder: a fresh fc_norm + head, `norm` dropped.
-    report = builders.load_weights(model, config.init, skip=config.init_skip,
-                                   allow_missing=(r"fc_norm\..*", r"head\..*") if objective != "eval" else ())
-    logging.info("init from %s:\n%s", config.init, report)
+  extras: dict = {}  # a distillation target's layers trained beside the model
+  if objective in ("eval", "linprobe"):
+    # A frozen model: a workdir's as it was trained (its features as that workdir recorded them, unless
+    # config.eval.feature says otherwise), or config.model with a file's weights.
+    model, trained = builders.frozen_model(config)
+    vit = features.vit_of(model)
+    feature_spec = features.resolve(config.eval.feature, depth=vit.config.depth, recorded=trained.get("feature"),
+                            run_config=trained.get("config"))
+    config = _at_resolution(config, vit.config.img_size)
     meta["init"] = os.path.abspath(config.init)
+  else:
+    model, extras = builders.make_trainable(config, num_classes=info.num_classes)
+    if config.init:
+      # Fine-tuning starts from a pretrained / distilled encoder: a fresh fc_norm + head, `norm` dropped.
+      report = builders.load_weights(model, config.init, skip=config.init_skip,
+                                     allow_missing=(r"fc_norm\..*", r"head\..*"))
+      logging.info("init from %s:\n%s", config.init, report)
+      meta["init"] = os.path.abspath(config.init)
+    vit = features.vit_of(model)
+    feature_spec = features.resolve(config.eval.feature, depth=vit.config.depth, run_config=config)
+  meta["feature"] = feature_spec.to_dict()  # what evals and exports of this run's model read
   teacher = None
   if objective == "distill":
     teacher = builders.make_teacher(config)
@@ -131,18 +169,30 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     meta["teacher"] = {"source": os.path.abspath(config.teacher.source), "sha256": builders.weights_hash(teacher),
                        "name": config.teacher.name, "block": config.distill.teacher_block}
   if objective == "eval":
-    return _final_evals(config, workdir, model, mesh, meta, step=0)
+    return _final_evals(config, workdir, vit, mesh, meta, feature_spec, info)
 
   # ---------------------------------------------------------------------------------------------------
   # Optimizer.
   # ---------------------------------------------------------------------------------------------------
-  spec = builders.distill_spec(config) if objective == "distill" else None
-  tx, schedule, rules_table = builders.make_optimizer(config, ts.split_model(model, extras)[1], spec=spec,
-                                                      total_steps=total_steps, warmup_steps=warmup_steps)
-  if is_main:
-    logging.info("optimizer:\n%s", rules_table)
-  modeldef, teacher_graphdef, state = ts.init_state(model, tx, teacher=teacher, extras=extras)
-  del model, teacher, extras
+  distill_spec = builders.distill_spec(config) if objective == "distill" else None
+  if objective == "linprobe":
+    # Only the probe trains (LARS); the encoder rides in the state like a teacher, frozen and never saved.
+    o = config.optim
+    schedule = optim.lr_schedule(base_lr=o.base_lr, global_batch_size=config.batch_size, total_steps=total_steps,
+                                 warmup_steps=warmup_steps, min_lr=o.min_lr, lr_scaling_batch=o.lr_scaling_batch)
+    lp = config.linprobe
+    tx = linprobe.lars(schedule, momentum=lp.momentum, trust_coefficient=lp.trust_coefficient,
+                       weight_decay=lp.weight_decay)
+    modeldef, state = linprobe.init_state(vit, tx, dim=vit.config.embed_dim, num_classes=info.num_classes,
+                                          seed=config.seed)
+    teacher_graphdef = None
+  else:
+    tx, schedule, rules_table = builders.make_optimizer(config, ts.split_model(model, extras)[1], spec=distill_spec,
+                                                        total_steps=total_steps, warmup_steps=warmup_steps)
+    if is_main:
+      logging.info("optimizer:\n%s", rules_table)
+    modeldef, teacher_graphdef, state = ts.init_state(model, tx, teacher=teacher, extras=extras)
+  del model, teacher, vit, extras
 
   # ---------------------------------------------------------------------------------------------------
   # Checkpoint: resume from the latest one, onto this mesh.
@@ -166,10 +216,12 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # Steps.
   # ---------------------------------------------------------------------------------------------------
   if objective == "distill":
-    step_fn = ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, spec)
+    step_fn = ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, distill_spec)
   elif objective == "mae_pretrain":
     step_fn = ts.make_mae_step(modeldef, tx, schedule, mask_ratio=config.mae.mask_ratio,
                                norm_pix=config.mae.norm_pix)
+  elif objective == "linprobe":
+    step_fn = linprobe.make_step(modeldef, tx, schedule, feature_spec)
   else:
     f = config.finetune
     step_fn = ts.make_finetune_step(modeldef, tx, schedule, num_classes=info.num_classes, mixup=f.mixup,
@@ -185,11 +237,23 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     writer.write_config(config)
     with open(os.path.join(workdir, "run.json"), "w") as f:
       json.dump({k: v for k, v in meta.items() if k != "config"}, f, indent=2)
-  it = data.make_train_iterator(config.data, mode=objective, global_batch_size=config.batch_size,
-                                seed=config.seed, start_step=start_step)
+  if objective == "linprobe":
+    evaluator = _Evaluator(config, linprobe.make_predict_fn(modeldef, feature_spec), state_sharding,
+                           ("params", "consts", "encoder"), mesh, info, head="linprobe")
+  else:
+    evaluator = _Evaluator(config, ts.make_predict_fn(modeldef, feature_spec), state_sharding, ("params", "consts"),
+                           mesh, info)
+  if objective == "linprobe" and not config.linprobe.augment:
+    # Without augmentation the features never change: one pass over each split, then the probe trains (and is
+    # evaluated) on them alone.
+    f_train, y_train = evaluator.cache_features(state)
+    it = linprobe.CacheIterator({"feature": f_train, "label": y_train}, global_batch_size=config.batch_size,
+                                seed=config.seed, start_step=start_step, steps_per_epoch=steps_per_epoch)
+  else:
+    it = data.make_train_iterator(config.data, mode=objective, global_batch_size=config.batch_size,
+                                  seed=config.seed, start_step=start_step)
   progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=objective)
   pending, buffer, last_saved = None, [], ckpt.latest_step()
-  evaluator = _Evaluator(config, modeldef, mesh, state_sharding, info)
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -232,8 +296,10 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   writer.write(total_steps, final)
   writer.close()
   ckpt.close()
-  model = ts.merge_model(modeldef, jax.device_get(state["params"]), jax.device_get(state["consts"]))
-  return _finish_run(config, workdir, model, {**final, "step": total_steps})
+  model = None  # a probe exports nothing
+  if objective != "linprobe":
+    model = ts.merge_model(modeldef, jax.device_get(state["params"]), jax.device_get(state["consts"]))
+  return _finish_run(config, workdir, model, {**final, "step": total_steps, "feature": meta["feature"]})
 
 
 def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
@@ -249,20 +315,27 @@ def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
 # Evals.
 # -----------------------------------------------------------------------------------------------------
 class _Evaluator:
-  """k-NN top-1 on features (pretraining / distillation monitor) and top-1 of the head (fine-tuning)."""
+  """The evals of a run, every eval_every_steps and at the end: the top-1 of the model's head (`head='top1'`:
+  eval/top1) or of a linear probe (`head='linprobe'`: eval/linprobe_top1, eval/linprobe_top5) on the held-out
+  split, and k-NN and few-shot on frozen features (config.eval; up to eval.max_train train images).
 
-  def __init__(self, config, modeldef, mesh, state_sharding, info):
-    self.config, self.mesh, self.info = config, mesh, info
-    sub = {"params": state_sharding["params"], "consts": state_sharding["consts"]}
-    predict = ts.make_predict_fn(modeldef)
+  predict(sub_state, images) -> {'feature', 'logits' (optional)} reads the state entries named in `keys`.
+  After cache_features() (a probe on fixed features) both splits come from the cache and only the probe runs.
+  """
+
+  def __init__(self, config, predict, state_sharding, keys, mesh, info, *, head: str = "top1"):
+    self.config, self.mesh, self.info, self.keys, self.head = config, mesh, info, tuple(keys), head
+    sub = {k: state_sharding[k] for k in self.keys}
 
     def fn(state, batch):  # labels and masks ride along so every process sees the global batch
       return {**predict(state, batch["image"]), "label": batch["label"], "mask": batch["mask"]}
 
     self.predict = jax.jit(fn, in_shardings=(sub, sh.batch_sharding(mesh)), out_shardings=sh.replicated(mesh))
+    self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-  def _outputs(self, state, split: str, limit: int | None = None):
-    sub = {"params": state["params"], "consts": state["consts"]}
+  def features(self, state, split: str, limit: int | None = None):
+    """-> (features (n, D), logits (n, C) or None, labels (n,)) of the first `limit` examples of `split`."""
+    sub = {k: state[k] for k in self.keys}
     outs = []
     seen = 0
     for batch in data.make_eval_iterator(self.config.data, split=split, global_batch_size=self.config.batch_size):
@@ -273,35 +346,89 @@ class _Evaluator:
       seen += int(mask.sum())
       if limit and seen >= limit:
         break
-    cat = {k: np.concatenate([o[k] for o in outs]) for k in outs[0]}
+    cat = {k: np.concatenate([o[k] for o in outs])[:limit] for k in outs[0]}
     return cat["feature"], cat.get("logits"), cat["label"]
 
-  def __call__(self, state) -> dict[str, float]:
+  def cache_features(self, state) -> tuple[np.ndarray, np.ndarray]:
+    """Features of both splits, computed once and kept; -> the train split's (features, labels)."""
+    for split in ("train", "test"):
+      f, _, y = self.features(state, split)
+      self.cache[split] = (f, y.astype(np.int32))
+    return self.cache["train"]
+
+  def __call__(self, state, *, cached_probe: bool = False) -> dict[str, float]:
+    """The metrics; `cached_probe` (the eval objective) adds a linear probe on cached features of the whole
+    train split (config.linprobe's recipe, no augmentation)."""
     t0 = time.time()
+    e = self.config.eval
     res: dict[str, float] = {}
-    f_test, logits, y_test = self._outputs(state, "test")
+    if "test" in self.cache:
+      f_test, y_test = self.cache["test"]
+      logits = linprobe.predict_on_cache(*_host((state["params"], state["consts"])), f_test)
+    else:
+      f_test, logits, y_test = self.features(state, "test")
     if logits is not None:
-      res["eval/top1"] = float((logits.argmax(-1) == y_test).mean())
-    if self.config.knn.enabled:
-      f_train, _, y_train = self._outputs(state, "train", self.config.knn.max_train)
-      k = min(self.config.knn.k, len(y_train))
-      res["eval/knn_top1"] = knn.knn_top1(f_train, y_train, f_test, y_test, k=k,
-                                          temperature=self.config.knn.temperature,
-                                          num_classes=self.info.num_classes)
+      res.update(_head_metrics(logits, y_test, self.head))
+    if e.knn.enabled or e.fewshot.enabled or cached_probe:
+      if "train" in self.cache:
+        f_train, y_train = self.cache["train"]
+      else:
+        f_train, _, y_train = self.features(state, "train", None if cached_probe else e.max_train)
+      res.update(_frozen_feature_metrics(e, f_train[:e.max_train], y_train[:e.max_train], f_test, y_test,
+                                         self.info.num_classes))
+      if cached_probe:
+        lp = self.config.linprobe
+        params, consts = linprobe.fit_on_cache(
+            f_train, y_train, num_classes=self.info.num_classes, batch_size=lp.batch_size, epochs=lp.epochs,
+            warmup_epochs=lp.warmup_epochs, base_lr=lp.base_lr, weight_decay=lp.weight_decay,
+            momentum=lp.momentum, trust_coefficient=lp.trust_coefficient, seed=self.config.seed,
+            lr_scaling_batch=self.config.optim.lr_scaling_batch, min_lr=self.config.optim.min_lr)
+        res.update(_head_metrics(linprobe.predict_on_cache(params, consts, f_test), y_test, "linprobe"))
     res["time/eval_seconds"] = time.time() - t0
     return res
 
 
-def _final_evals(config, workdir, model, mesh, meta, step):
-  modeldef, params, consts = ts.split_model(model)
+def _host(tree):
+  """A replicated (possibly multi-process) pytree as numpy."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def _head_metrics(logits, labels, head: str) -> dict[str, float]:
+  if head == "top1":
+    return {"eval/top1": linprobe.topk_accuracy(logits, labels, 1)}
+  return {f"eval/{head}_top1": linprobe.topk_accuracy(logits, labels, 1),
+          f"eval/{head}_top5": linprobe.topk_accuracy(logits, labels, 5)}
+
+
+def _frozen_feature_metrics(e, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """k-NN and few-shot top-1 (config.eval.knn / .fewshot) of train -> test features."""
+  res = {}
+  if e.knn.enabled:
+    res["eval/knn_top1"] = knn.knn_top1(f_train, y_train, f_test, y_test, k=min(e.knn.k, len(y_train)),
+                                        temperature=e.knn.temperature, num_classes=num_classes)
+  if e.fewshot.enabled:
+    f = e.fewshot
+    accs = fewshot.fewshot_top1(f_train, y_train, f_test, y_test, num_classes=num_classes, shots=tuple(f.shots),
+                                draws=f.draws, val_per_class=f.val_per_class, l2_regs=tuple(f.l2_regs))
+    res.update({f"eval/fewshot_{k}shot_top1": v for k, v in accs.items()})
+  return res
+
+
+def _final_evals(config, workdir, vit, mesh, meta, feature_spec, info):
+  """The eval objective: every eval of a frozen model, written as step 0."""
+  modeldef, params, consts = ts.split_model(vit)
   state = {"params": params, "consts": consts}
   shardings = sh.tree_sharding(state, mesh)
   state = jax.device_put(state, shardings)
-  info = data.dataset_info(config.data)
-  res = _Evaluator(config, modeldef, mesh, shardings, info)(state)
+  evaluator = _Evaluator(config, ts.make_predict_fn(modeldef, feature_spec), shardings, ("params", "consts"), mesh, info)
+  res = evaluator(state, cached_probe=config.eval.cached_probe)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "run.json"), "w") as f:
+      json.dump(meta, f, indent=2)
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
-    w.write(step, res)
-  return _finish_run(config, workdir, None, {**res, "step": step})
+    w.write_config(config)
+    w.write(0, res)
+  return _finish_run(config, workdir, None, {**res, "step": 0, "feature": meta["feature"]})
 
 
 def _finish_run(config, workdir, model, final: dict) -> dict:
@@ -309,7 +436,8 @@ def _finish_run(config, workdir, model, final: dict) -> dict:
     if model is not None and config.export:
       from tinymim_jax import convert
       path = os.path.join(workdir, "model.safetensors")
-      convert.save_pytorch_weights(model, path)
+      # The feature spec rides in the header, so that evals of the exported file read the same features.
+      convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
       final["export"] = path
     tmp = os.path.join(workdir, DONE + ".tmp")
     with open(tmp, "w") as f:

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tinymim_jax import losses, optim
+from tinymim_jax import features, losses, optim
 from tinymim_jax import sharding as sh
 from tinymim_jax.models import mae as mae_lib
 from tinymim_jax.models import vit as vit_lib
@@ -101,8 +101,8 @@ def _teacher_in_compute_dtype(teacher: nnx.Module, pure: dict) -> dict:
 
 
 def checkpointable(state: dict) -> dict:
-  """What a checkpoint holds: everything but the teacher."""
-  return {k: v for k, v in state.items() if k != "teacher"}
+  """What a checkpoint holds: everything but the frozen models (a teacher, a linear probe's encoder)."""
+  return {k: v for k, v in state.items() if k not in ("teacher", "encoder")}
 
 
 def _finish(state, grads, loss, aux, tx, schedule):
@@ -315,17 +315,13 @@ def make_finetune_step(modeldef, tx, schedule, *, num_classes: int, mixup: float
 # --------------------------------------------------------------------------------------------------------
 # Evaluation.
 # --------------------------------------------------------------------------------------------------------
-def make_predict_fn(modeldef) -> Callable:
-  """(state, images) -> {'feature': mean-pooled normalised patch tokens (k-NN), 'logits' if a head}."""
+def make_predict_fn(modeldef, spec) -> Callable:
+  """(state, images) -> {'feature': (B, D) float32 features as `spec` (a features.FeatureSpec) says, 'logits' if
+  the model has a head}. The model runs in eval mode."""
 
   def predict(state, images):
     model = merge_model(modeldef, state["params"], state["consts"])
-    vit = model.encoder if isinstance(model, mae_lib.MAE) else model
-    out = vit(images)
-    res = {"feature": out["tokens"][:, 1:].mean(axis=1).astype(jnp.float32)}
-    if "logits" in out:
-      res["logits"] = out["logits"].astype(jnp.float32)
-    return res
+    return features.extract(features.vit_of(model), images, spec, logits=True)
 
   return predict
 

@@ -506,8 +506,9 @@ def export_pytorch_weights(model) -> dict[str, np.ndarray]:
   return out
 
 
-def save_pytorch_weights(model_or_dict, path) -> dict[str, np.ndarray]:
-  """Writes timm-named weights: .safetensors (no torch needed) or .pth/.pt ({'model': state_dict})."""
+def save_pytorch_weights(model_or_dict, path, metadata: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+  """Writes timm-named weights: .safetensors (no torch needed; `metadata` goes into its header) or .pth/.pt
+  ({'model': state_dict})."""
   from flax import nnx
 
   weights = (export_pytorch_weights(model_or_dict) if isinstance(model_or_dict, nnx.Module)
@@ -515,7 +516,7 @@ def save_pytorch_weights(model_or_dict, path) -> dict[str, np.ndarray]:
   path = os.fspath(path)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
-    save_file(weights, path, metadata={"format": "pt"})  # 'pt' lets timm / HF loaders read it as torch
+    save_file(weights, path, metadata={**(metadata or {}), "format": "pt"})  # 'pt': timm / HF read it as torch
   elif path.endswith((".pth", ".pt")):
     import torch
     torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}}, path)

@@ -15,8 +15,9 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
                         process_count=None):
   """The training input: an infinite iterator of host-local numpy batches.
 
-  mode (the objective it feeds) 'distill' -> {'teacher', 'student', 'label'}; 'mae_pretrain' and 'finetune'
-  -> {'image', 'label'}; images float32 (global_batch_size // process_count, S, S, 3), labels int32. Starting at `start_step` gives the
+  mode (the objective it feeds) 'distill' -> {'teacher', 'student', 'label'}; 'mae_pretrain', 'finetune',
+  'linprobe' -> {'image', 'label'}; images float32 (global_batch_size // process_count, S, S, 3), labels int32.
+  Starting at `start_step` gives the
   batches an uninterrupted run sees from that step on. The iterator has .steps_per_epoch, .skipped
   (undecodable files skipped so far) and .num_classes.
   """

@@ -32,7 +32,7 @@ from tinymim_jax.data import sources
 from tinymim_jax.data import transforms
 from tinymim_jax.data._tf import tf
 
-MODES = ('distill', 'mae_pretrain', 'finetune')  # Named as the objectives they feed.
+MODES = ('distill', 'mae_pretrain', 'finetune', 'linprobe')  # Named as the objectives they feed.
 _EVAL_SPLITS = {'test': 'eval', 'val': 'eval', 'train': 'train'}
 
 
@@ -88,7 +88,9 @@ def _train_transforms(c, mode):
   inside the try. augment(crop, seed) -> the mode's normalised float32 (S, S, 3) views: cannot fail,
   so it runs in a plain map that tf.data fuses with batching.
   """
-  scale = {'distill': c.distill_crop_scale, 'mae_pretrain': c.mae_crop_scale, 'finetune': c.ft_crop_scale}[mode]
+  # 'linprobe' (MAE's linear probe): the fine-tuning crop and flip, without RandAugment or erasing.
+  scale = {'distill': c.distill_crop_scale, 'mae_pretrain': c.mae_crop_scale, 'finetune': c.ft_crop_scale,
+           'linprobe': c.ft_crop_scale}[mode]
   size = c.image_size
   fill = tuple(int(round(255 * m)) for m in c.student_norm[0])  # timm's img_mean for RandAugment.
   if mode == 'finetune' and c.randaug:
@@ -241,7 +243,7 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
                         process_count=None):
   """The training input: an infinite TrainIterator of this process's batches, starting at `start_step`.
 
-  mode 'distill' -> {'teacher', 'student', 'label'}; 'mae_pretrain' and 'finetune' -> {'image', 'label'};
+  mode 'distill' -> {'teacher', 'student', 'label'}; 'mae_pretrain', 'finetune', 'linprobe' -> {'image', 'label'};
   images are float32 (global_batch_size // process_count, S, S, 3), labels int32.
   """
   if mode not in MODES:
