@@ -6,17 +6,20 @@ import ml_collections
 from ml_collections import config_dict
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-NAMES = ('digits', 'imagenet2012', 'folder')
+NAMES = ('digits', 'fashion_mnist', 'imagenet2012', 'folder')
 AUTOTUNE = -1  # == tf.data.AUTOTUNE, spelled out so that configs need not import TF.
 
 
 def default_config():
   """All data fields with their defaults; experiment configs start from this."""
   c = ml_collections.ConfigDict()
-  c.name = 'digits'  # 'digits' (scikit-learn, embedded) | 'imagenet2012' (TFDS) | 'folder'.
+  c.name = 'digits'  # 'digits' (scikit-learn, embedded) | 'fashion_mnist' | 'imagenet2012' (TFDS) | 'folder'.
   c.data_dir = config_dict.placeholder(str)  # TFDS data dir; None = TFDS default.
   c.manual_dir = config_dict.placeholder(str)  # Holds ILSVRC2012_img_{train,val}.tar to prepare from.
   c.folder = config_dict.placeholder(str)  # Root of root/train/<class>/* and optional root/val/<class>/*.
+  # fashion_mnist: directory of {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz. None: the Debian package's
+  # /usr/share/datasets/fashion-mnist when present, else TFDS fashion_mnist prepared in data_dir.
+  c.idx_dir = config_dict.placeholder(str)
   c.image_size = 224
   c.crop_pct = 0.875  # Eval: resize the shorter side to round(image_size / crop_pct), center crop.
   # (mean, std) in [0, 1] pixel units. The teacher and the student may expect different statistics.
@@ -46,6 +49,7 @@ class Config:
   data_dir: Optional[str]
   manual_dir: Optional[str]
   folder: Optional[str]
+  idx_dir: Optional[str]
   image_size: int
   crop_pct: float
   teacher_norm: tuple
