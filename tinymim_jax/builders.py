@@ -51,7 +51,8 @@ def make_model(config, *, num_classes: int | None = None, seed: int | None = Non
     kw["head_overrides"] = {d.student_block: heads}
     kw["drop_path_overrides"] = {d.student_block: 0.0}
     return create_model(config.model.name, seed=seed, **kw)
-  if num_classes and not kw.get("num_classes"):
+  # 'eval' builds the layout it is told (num_classes 0: a pretrained encoder, frozen-feature evals only).
+  if num_classes and not kw.get("num_classes") and config.objective != "eval":
     kw["num_classes"] = num_classes
   return create_model(config.model.name, seed=seed, **kw)
 
