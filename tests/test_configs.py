@@ -20,6 +20,9 @@ ARGS = {
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
                                            "baseline_finetune")],
+    "fmnist_study": ["stage=teacher", "stage=middle", "stage=eval", "stage=finetune", "stage=finetune,quick=True"]
+                    + [f"stage=pretrain,arm={a}" for a in ("tinymim", "rel_last", "feature", "cls", "mae", "masked",
+                                                           "dp0", "seq")],
 }
 
 
