@@ -21,6 +21,9 @@ ARGS = {
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
                                            "baseline_finetune", "student_eval", "baseline_eval")],
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
+    "fmnist_study": ["stage=teacher", "stage=middle", "stage=eval", "stage=finetune", "stage=finetune,quick=True"]
+                    + [f"stage=pretrain,arm={a}" for a in ("tinymim", "rel_last", "feature", "cls", "mae", "masked",
+                                                           "dp0", "seq")],
 }
 
 

@@ -7,17 +7,20 @@ import ml_collections
 from ml_collections import config_dict
 
 IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-NAMES = ('digits', 'imagenet2012', 'folder')
+NAMES = ('digits', 'fashion_mnist', 'imagenet2012', 'folder')
 AUTOTUNE = -1  # == tf.data.AUTOTUNE, spelled out so that configs need not import TF.
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
   """The data fields with their defaults (the one list of them), as the pipeline reads them once checked."""
-  name: str = 'digits'  # 'digits' (scikit-learn, embedded) | 'imagenet2012' (TFDS) | 'folder'.
+  name: str = 'digits'  # 'digits' (scikit-learn, embedded) | 'fashion_mnist' | 'imagenet2012' (TFDS) | 'folder'.
   data_dir: Optional[str] = None  # TFDS data dir; None = TFDS default.
   manual_dir: Optional[str] = None  # Holds ILSVRC2012_img_{train,val}.tar to prepare from.
   folder: Optional[str] = None  # Root of root/train/<class>/* and optional root/val/<class>/*.
+  # fashion_mnist: directory of {train,t10k}-{images-idx3,labels-idx1}-ubyte.gz. None: the Debian package's
+  # /usr/share/datasets/fashion-mnist when present, else TFDS fashion_mnist prepared in data_dir.
+  idx_dir: Optional[str] = None
   image_size: int = 224
   crop_pct: float = 0.875  # Eval: resize the shorter side to round(image_size / crop_pct), center crop.
   # (mean, std) in [0, 1] pixel units. The teacher and the student may expect different statistics.

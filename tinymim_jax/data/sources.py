@@ -1,4 +1,4 @@
-"""Where examples come from: scikit-learn digits, an image folder, or TFDS imagenet2012.
+"""Where examples come from: scikit-learn digits, Fashion-MNIST, an image folder, or TFDS imagenet2012.
 
 A source hands out one process's share of a split as a `Split`: `epoch(seed, skip)` lists the share in
 the order of one epoch (a permutation fixed by `seed`, or storage order for seed None), starting at
@@ -10,6 +10,8 @@ Shares follow tfds.even_splits(drop_remainder=False): the first (n mod processes
 example more.
 """
 import dataclasses
+import functools
+import gzip
 import os
 from typing import Callable
 
@@ -20,6 +22,10 @@ from tinymim_jax.data._tf import tf, tfds
 
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 IMAGENET_TARS = ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+# Where the Debian package dataset-fashion-mnist installs the four standard idx files.
+FASHION_MNIST_DIR = '/usr/share/datasets/fashion-mnist'
+FASHION_MNIST_FILES = {'train': ('train-images-idx3-ubyte.gz', 'train-labels-idx1-ubyte.gz'),
+                       'test': ('t10k-images-idx3-ubyte.gz', 't10k-labels-idx1-ubyte.gz')}
 
 
 @dataclasses.dataclass
@@ -45,7 +51,8 @@ class Source:
 
 
 def get(c):
-  return {'digits': _digits, 'folder': _folder, 'imagenet2012': _imagenet}[c.name](c)
+  return {'digits': _digits, 'fashion_mnist': _fashion_mnist, 'folder': _folder,
+          'imagenet2012': _imagenet}[c.name](c)
 
 
 def _share(n, process_index, process_count):
@@ -108,6 +115,121 @@ def _digits(c):
     return _indexed_split(split_name, len(members), process_index, process_count, load)
 
   return Source('digits', 10, len(train), len(test), split)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Fashion-MNIST (Xiao et al. 2017): 70,000 28x28 grey photos of clothing, 10 classes, the standard 60k train /
+# 10k test split. Read from the four idx .gz files (data.idx_dir, else the Debian package's directory when
+# present), or from TFDS fashion_mnist when prepared in data.data_dir. Held in memory (55 MB) as grey uint8.
+
+_IDX_MAGIC = {'images': 0x803, 'labels': 0x801}  # 0x08 = unsigned bytes; last byte = number of dims.
+_IDX_DIMS = {'images': 3, 'labels': 1}
+
+
+def read_idx(path, kind):
+  """A gzip'd idx file (LeCun et al.'s MNIST format) as a uint8 array.
+
+  kind 'images' -> (n, rows, cols) (magic 0x00000803), 'labels' -> (n,) (magic 0x00000801). Raises
+  FileNotFoundError if `path` is missing, ValueError naming the file for a bad gzip stream, a wrong magic
+  number or dimensions, or a data size that differs from the one the header declares.
+  """
+  if not tf.io.gfile.exists(path):
+    raise FileNotFoundError(f'{path}: no such file.')
+  try:
+    with tf.io.gfile.GFile(path, 'rb') as f, gzip.GzipFile(fileobj=f) as g:
+      buf = g.read()
+  except (OSError, EOFError) as e:
+    raise ValueError(f'{path}: not a readable gzip file ({e}).') from e
+  ndim = _IDX_DIMS[kind]
+  header = 4 + 4 * ndim
+  if len(buf) < header:
+    raise ValueError(f'{path}: {len(buf)} bytes, shorter than an idx {kind} header ({header} bytes).')
+  magic = int.from_bytes(buf[:4], 'big')
+  if magic != _IDX_MAGIC[kind]:
+    raise ValueError(f'{path}: idx magic number {magic:#010x}, expected {_IDX_MAGIC[kind]:#010x} (unsigned '
+                     f'bytes, {ndim} dims) for an idx {kind} file.')
+  dims = tuple(int(d) for d in np.frombuffer(buf, '>u4', ndim, offset=4))
+  if kind == 'images' and min(dims[1:]) < 1:
+    raise ValueError(f'{path}: the header gives images of {dims[1]}x{dims[2]} pixels.')
+  size = int(np.prod(dims))
+  if len(buf) - header != size:
+    raise ValueError(f'{path}: the header declares {" x ".join(map(str, dims))} = {size} bytes of data, '
+                     f'the file holds {len(buf) - header}.')
+  return np.frombuffer(buf, np.uint8, size, offset=header).reshape(dims)
+
+
+def _fashion_mnist_missing(why):
+  return FileNotFoundError(
+      f"data.name='fashion_mnist': {why}. Get the four standard idx files with `apt-get install "
+      f"dataset-fashion-mnist` (Debian/Ubuntu; they land in {FASHION_MNIST_DIR}, the default) or from "
+      'github.com/zalandoresearch/fashion-mnist into a directory named by data.idx_dir, or run '
+      f"`tfds build fashion_mnist --data_dir=DIR` on a machine with a network and set data.data_dir=DIR.")
+
+
+@functools.lru_cache(maxsize=4)
+def _read_fashion_mnist_idx(directory):
+  arrays = {}
+  for split, (images_file, labels_file) in FASHION_MNIST_FILES.items():
+    images_path, labels_path = (os.path.join(directory, f) for f in (images_file, labels_file))
+    images, labels = read_idx(images_path, 'images'), read_idx(labels_path, 'labels')
+    if len(images) != len(labels):
+      raise ValueError(f'{images_path} holds {len(images)} images but {labels_path} {len(labels)} labels.')
+    if len(labels) and labels.max() > 9:
+      raise ValueError(f'{labels_path}: label {labels.max()} is outside the 10 Fashion-MNIST classes 0..9.')
+    arrays[split] = (images, labels.astype(np.int32))
+  if arrays['train'][0].shape[1:] != arrays['test'][0].shape[1:]:
+    raise ValueError(f'{directory}: train images are {arrays["train"][0].shape[1:]} pixels, test images '
+                     f'{arrays["test"][0].shape[1:]}.')
+  return arrays
+
+
+@functools.lru_cache(maxsize=4)
+def _read_fashion_mnist_tfds(data_dir):
+  builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+  arrays = {}
+  for split in ('train', 'test'):
+    ex = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1))
+    arrays[split] = (ex['image'][..., 0], ex['label'].astype(np.int32))
+  return arrays
+
+
+def fashion_mnist_arrays(c):
+  """{'train': (images, labels), 'test': (...)}: grey uint8 (n, 28, 28) and int32 (n,); read once per place.
+
+  From the idx files in data.idx_dir; with idx_dir None, from FASHION_MNIST_DIR when it exists, else from
+  TFDS fashion_mnist prepared in data.data_dir (never downloaded). FileNotFoundError says how to get them.
+  """
+  directory = c.idx_dir or (FASHION_MNIST_DIR if tf.io.gfile.isdir(FASHION_MNIST_DIR) else None)
+  if directory:
+    missing = [f for files in FASHION_MNIST_FILES.values() for f in files
+               if not tf.io.gfile.exists(os.path.join(directory, f))]
+    if missing:
+      field = 'data.idx_dir' if c.idx_dir else 'the default directory'
+      raise _fashion_mnist_missing(f'{field} {directory} lacks {missing}')
+    return _read_fashion_mnist_idx(directory)
+  if not tfds.builder('fashion_mnist', data_dir=c.data_dir).is_prepared():
+    raise _fashion_mnist_missing(
+        f'data.idx_dir is not set, {FASHION_MNIST_DIR} does not exist, and TFDS fashion_mnist is not '
+        f'prepared in data.data_dir={c.data_dir!r}')
+  return _read_fashion_mnist_tfds(c.data_dir)
+
+
+def _fashion_mnist(c):
+  arrays = fashion_mnist_arrays(c)
+
+  def split(name, process_index, process_count):
+    split_name = 'train' if name == 'train' else 'test'
+    images, labels = arrays[split_name]
+    images_t, labels_t = tf.constant(images), tf.constant(labels)
+
+    def load(i):  # Grey -> 3 equal channels.
+      image = tf.repeat(images_t[i][..., None], 3, axis=-1)
+      key = tf.strings.join([f'fashion_mnist[{split_name} ', tf.strings.as_string(i), ']'])
+      return {'raw': image, 'label': labels_t[i], 'key': key}
+
+    return _indexed_split(f"fashion_mnist '{split_name}'", len(labels), process_index, process_count, load)
+
+  return Source('fashion_mnist', 10, len(arrays['train'][1]), len(arrays['test'][1]), split)
 
 
 # ---------------------------------------------------------------------------------------------------------

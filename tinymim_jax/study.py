@@ -1,0 +1,533 @@
+r"""A multi-run study over the main job: runs a study config's plan in order, then aggregates it.
+
+  python -m tinymim_jax.study --config configs/fmnist_study.py --workdir workdirs/fmnist --write-results
+  python -m tinymim_jax.study --config configs/fmnist_study.py --workdir workdirs/fmnist_quick --quick
+  python -m tinymim_jax.study --config configs/fmnist_study.py --workdir workdirs/fmnist --aggregate-only
+  python -m tinymim_jax.study --config configs/fmnist_study.py --workdir /tmp/fmnist_timing --time 40
+
+Every run is a normal main-job workdir under --workdir (resumable; a rerun skips finished runs, which have a
+done.json). The report (a Markdown table with mean +- std over seeds, paired differences to arm 1 with 95%
+t-intervals and the paper's prediction for each comparison, plus two plots) is written at the end, also
+after a failed or interrupted run, from whatever has finished: to --results (default
+<workdir>/RESULTS.md), or to the repository's RESULTS.md with --write-results; plots go to results/ beside it.
+--time N runs each kind of stage for N steps in --workdir and projects the full study's compute time.
+
+A study config module provides: plan(quick) -> [(run name, config argument)], get_config(arg) (arguments
+stage, arm, seed, root, quick, plus any the user gives after ':'), ARMS {name: (label, prediction
+'lower'|'higher'|None against the first arm, overrides)}, CLAIMS {arm: the paper's claim}, SEEDS, and a
+docstring whose part from "Every run is" on describes the runs, the arms and the hyper-parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMES = "study_times.json"    # run name -> {wall_s, cpu_s} of the invocation that finished it
+STAGES = ("teacher", "middle", "pretrain", "eval", "finetune")
+# (done.json of stage, key, column title). The frozen-feature keys are those main's 'eval' objective writes.
+METRICS = (("finetune", "eval/top1", "fine-tune top-1"),
+           ("eval", "eval/linprobe_top1", "linear probe top-1"),
+           ("eval", "eval/linprobe_top5", "linear probe top-5"),
+           ("eval", "eval/knn_top1", "k-NN top-1"),
+           *(("eval", f"eval/fewshot_{k}shot_top1", f"{k}-shot top-1") for k in (1, 5, 10, 25)))
+ALWAYS_SHOWN = ("eval/top1", "eval/linprobe_top1", "eval/knn_top1")
+VERDICT_METRICS = ("eval/top1", "eval/linprobe_top1", "eval/knn_top1", "eval/fewshot_10shot_top1")
+
+
+def load_config_module(path: str):
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"study config {path} not found")
+  spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  for name in ("plan", "get_config", "ARMS", "CLAIMS", "SEEDS"):
+    if not hasattr(module, name):
+      raise AttributeError(f"study config {path} lacks {name} (see tinymim_jax/study.py)")
+  return module
+
+
+def _arg(base: str, run_arg: str, root: str, quick: bool) -> str:
+  return ",".join(filter(None, [run_arg, f"root={root}", f"quick={quick}", base]))
+
+
+def _stage(name: str) -> str:
+  return name.rsplit("/", 1)[-1]
+
+
+def _read_json(path: str, default=None):
+  if not os.path.exists(path):
+    return default
+  with open(path) as f:
+    return json.load(f)
+
+
+def _write_json(path: str, obj) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=2)
+  os.replace(path + ".tmp", path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running.
+# ---------------------------------------------------------------------------------------------------------
+def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> bool:
+  """Runs every unfinished run of the plan in order; True when all have finished (False: preempted)."""
+  from tinymim_jax import config_base, main as trainer
+  os.makedirs(root, exist_ok=True)
+  times_path = os.path.join(root, TIMES)
+  runs = module.plan(quick)
+  for i, (name, run_arg) in enumerate(runs):
+    workdir = os.path.join(root, name)
+    if os.path.exists(os.path.join(workdir, trainer.DONE)):
+      print(f"== [{i + 1}/{len(runs)}] {name}: finished earlier", flush=True)
+      continue
+    config = config_base.finalize(module.get_config(_arg(base_arg, run_arg, root, quick)))
+    print(f"== [{i + 1}/{len(runs)}] {name}: {config.objective} ({config.model.embed_dim}-wide, "
+          f"{config.model.depth} blocks)", flush=True)
+    t, cpu = time.time(), time.process_time()
+    res = trainer.train_and_evaluate(config, workdir)
+    if res.get("preempted"):
+      print(f"stopped during {name}; rerun the same command to resume", flush=True)
+      return False
+    seconds = time.time() - t
+    times = _read_json(times_path, {})
+    times[name] = {"wall_s": seconds, "cpu_s": time.process_time() - cpu}
+    _write_json(times_path, times)
+    shown = {k: round(v, 4) for k, v in res.items() if k.startswith("eval/") and "seconds" not in k}
+    print(f"   done in {seconds:.0f}s: {shown}", flush=True)
+  return True
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Statistics.
+# ---------------------------------------------------------------------------------------------------------
+def t_quantile(df: int, q: float = 0.975) -> float:
+  from scipy import stats  # scikit-learn's dependency
+  return float(stats.t.ppf(q, df))
+
+
+def paired_difference(x: dict, ref: dict):
+  """Mean of x[s] - ref[s] over the seeds both have, and its 95% t-interval (None for fewer than 2 pairs).
+
+  -> (n, mean or None, (low, high) or None).
+  """
+  seeds = sorted(set(x) & set(ref))
+  d = np.array([x[s] - ref[s] for s in seeds], np.float64)
+  if len(d) == 0:
+    return 0, None, None
+  if len(d) < 2:
+    return 1, float(d[0]), None
+  half = t_quantile(len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+  return len(d), float(d.mean()), (float(d.mean() - half), float(d.mean() + half))
+
+
+def verdict(prediction: str | None, ci) -> str:
+  """'held' iff the interval excludes 0 in the predicted direction, 'contradicted' iff in the other."""
+  if prediction is None:
+    return ""
+  if ci is None:
+    return "n/a (< 2 paired seeds)"
+  lo, hi = ci
+  if (prediction == "lower" and hi < 0) or (prediction == "higher" and lo > 0):
+    return "held"
+  if (prediction == "lower" and lo > 0) or (prediction == "higher" and hi < 0):
+    return "contradicted"
+  return "not significant"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Collecting.
+# ---------------------------------------------------------------------------------------------------------
+def collect(module, root: str, quick: bool = False) -> dict:
+  """{'values': {arm: {key: {seed: value}}}, 'missing': [run names], 'done': {run: done.json}}."""
+  values: dict = {}
+  missing, done = [], {}
+  for name, run_arg in module.plan(quick):
+    d = _read_json(os.path.join(root, name, "done.json"))
+    if d is None:
+      missing.append(name)
+      continue
+    done[name] = d
+    if not name.startswith("seed"):
+      continue
+    seed_part, arm, stage = name.split("/")
+    seed = int(seed_part[len("seed"):])
+    for metric_stage, key, _ in METRICS:
+      if metric_stage == stage and isinstance(d.get(key), (int, float)):
+        values.setdefault(arm, {}).setdefault(key, {})[seed] = float(d[key])
+  return {"values": values, "missing": missing, "done": done}
+
+
+def _arms(module, quick: bool) -> list[str]:
+  seen = []
+  for name, _ in module.plan(quick):
+    if name.startswith("seed") and name.split("/")[1] not in seen:
+      seen.append(name.split("/")[1])
+  return seen
+
+
+def _pct(v: float) -> str:
+  return f"{100 * v:.2f}"
+
+
+def _mean_std(by_seed: dict, n_planned: int) -> str:
+  if not by_seed:
+    return "—"
+  v = np.array(list(by_seed.values()))
+  s = f"{_pct(v.mean())} ± {_pct(v.std(ddof=1))}" if len(v) > 1 else _pct(v[0])
+  return s + (f" (n={len(v)}/{n_planned})" if len(v) < n_planned else "")
+
+
+def _diff(n, mean, ci) -> str:
+  if mean is None:
+    return "—"
+  if ci is None:
+    return f"{100 * mean:+.2f} (n={n})"
+  return f"{100 * mean:+.2f} [{100 * ci[0]:+.2f}, {100 * ci[1]:+.2f}]"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Report.
+# ---------------------------------------------------------------------------------------------------------
+def _git(*args) -> str:
+  try:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout.strip()
+  except (OSError, subprocess.SubprocessError):
+    return ""
+
+
+def machine() -> str:
+  model = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
+  except OSError:
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return f"{model or platform.processor() or platform.machine()}, {cores} cores ({platform.system()})"
+
+
+def _design(module) -> str:
+  """The config docstring from its run layout ("Every run is ...") on: runs, arms, hyper-parameters."""
+  doc = module.__doc__ or ""
+  start = doc.find("Every run is")
+  return doc[max(start, 0):].strip()
+
+
+def _fmt_time(s: float) -> str:
+  return str(datetime.timedelta(seconds=int(round(s))))
+
+
+def write_report(module, root: str, path: str, *, quick: bool = False, config_path: str = "",
+                 command: str = "", wall_s: float | None = None) -> str:
+  """Writes the Markdown report to `path` and the plots to results/ beside it; returns the Markdown."""
+  c = collect(module, root, quick)
+  vals, arms = c["values"], _arms(module, quick)
+  ref = arms[0]
+  n_seeds = len({n.split("/")[0] for n, _ in module.plan(quick) if n.startswith("seed")})
+  present = [m for m in METRICS if m[1] in ALWAYS_SHOWN or any(m[1] in vals.get(a, {}) for a in arms)]
+  absent = [title for _, key, title in METRICS if not any(key in vals.get(a, {}) for a in arms)]
+
+  plot_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
+  stem = os.path.splitext(os.path.basename(path))[0].lower()
+  os.makedirs(plot_dir, exist_ok=True)
+  summary_png = os.path.join(plot_dir, f"{stem}_scores.png")
+  curves_png = os.path.join(plot_dir, f"{stem}_curves.png")
+  _plot_scores(summary_png, module, vals, arms, [m for m in present if any(m[1] in vals.get(a, {}) for a in arms)])
+  _plot_curves(curves_png, module, root, arms, seed=min(module.SEEDS))
+  rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))
+
+  L = [f"# {'Quick check: ' if quick else ''}TinyMIM's findings on Fashion-MNIST, reproduced small", ""]
+  L += [f"Produced by `{command or 'python -m tinymim_jax.study'}` (config `{config_path}`) on "
+        f"{datetime.date.today().isoformat()}; commit `{_git('rev-parse', 'HEAD') or 'unknown'}`"
+        f"{' (with uncommitted changes)' if _git('status', '--porcelain', '--untracked-files=no') else ''}; "
+        f"machine: {machine()}.", ""]
+  if quick:
+    L += ["**Quick mode: a few dozen steps per run, one seed. These numbers only show that the pipeline runs; "
+          "they say nothing about the method.**", ""]
+  if c["missing"]:
+    L += [f"**Partial: {len(c['missing'])} of {len(module.plan(quick))} runs have not finished**: "
+          + ", ".join(f"`{m}`" for m in c["missing"][:30]) + (" ..." if len(c["missing"]) > 30 else "")
+          + ". Cells show n=done/planned seeds.", ""]
+
+  # The table.
+  L += ["## Scores (test split, %, mean ± std over seeds)", ""]
+  head = ["arm"] + [m[2] for m in present] + [f"Δ fine-tune vs arm 1 [95% CI]"]
+  L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for arm in arms:
+    row = [module.ARMS[arm][0]] + [_mean_std(vals.get(arm, {}).get(key, {}), n_seeds) for _, key, _ in present]
+    ft, ft_ref = vals.get(arm, {}).get("eval/top1", {}), vals.get(ref, {}).get("eval/top1", {})
+    row.append("(reference)" if arm == ref else _diff(*paired_difference(ft, ft_ref)))
+    L.append("| " + " | ".join(row) + " |")
+  L.append("")
+  if absent:
+    L += [f"Not reported by this version of the `eval` objective: {', '.join(absent)}.", ""]
+  teacher = c["done"].get("teacher", {})
+  if "eval/knn_top1" in teacher:
+    L += [f"The teacher (MAE, trained once, shared by all seeds and arms): k-NN top-1 "
+          f"{_pct(teacher['eval/knn_top1'])}.", ""]
+
+  # The paper's predictions.
+  shown = [m for m in present if m[1] in VERDICT_METRICS]
+  L += ["## The paper's predictions", "",
+        "Each row compares an arm with arm 1 on the same seeds (paired: the difference arm - arm 1 per seed, in "
+        "percentage points, its mean and 95% t-interval over seeds). *held*: the interval excludes 0 in the "
+        "predicted direction; *contradicted*: it excludes 0 in the other; *not significant*: it contains 0.", ""]
+  head = ["comparison", "paper", "predicted"] + [f"Δ {m[2]} [95% CI]" for m in shown]
+  L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for arm in arms:
+    label, prediction, _ = module.ARMS[arm]
+    if prediction is None:
+      continue
+    row = [label, module.CLAIMS.get(arm, ""), f"arm {prediction} than arm 1"]
+    for _, key, _ in shown:
+      n, mean, ci = paired_difference(vals.get(arm, {}).get(key, {}), vals.get(ref, {}).get(key, {}))
+      v = verdict(prediction, ci)
+      row.append(f"{_diff(n, mean, ci)}: **{v}**" if mean is not None else "—")
+    L.append("| " + " | ".join(row) + " |")
+  L += ["", f"![scores]({rel(summary_png)})", "",
+        f"![curves]({rel(curves_png)})", "",
+        f"Left: scores per arm (mean ± std over seeds, dots: seeds). Right: training loss of seed "
+        f"{min(module.SEEDS)} per arm (pretraining losses differ in kind between targets; compare shapes).", ""]
+
+  # Time.
+  times = _read_json(os.path.join(root, TIMES), {})
+  L += ["## Wall time", ""]
+  per_stage: dict = {}
+  for name, t in times.items():
+    per_stage.setdefault(_stage(name), []).append((t["wall_s"], t["cpu_s"]))
+  L += ["| stage | runs | wall time | per run | CPU time (all threads) |", "|---|---|---|---|---|"]
+  for stage in STAGES:
+    if stage in per_stage:
+      wall, cpu = np.sum(per_stage[stage], axis=0)
+      n = len(per_stage[stage])
+      L.append(f"| {stage} | {n} | {_fmt_time(wall)} | {_fmt_time(wall / n)} | {_fmt_time(cpu)} |")
+  if times:
+    wall, cpu = np.sum([(t["wall_s"], t["cpu_s"]) for t in times.values()], axis=0)
+    L.append(f"| all | {len(times)} | {_fmt_time(wall)} | | {_fmt_time(cpu)} |")
+  L += ["", "Wall time depends on what else the machine runs; CPU time (user + system, all threads) much less.", ""]
+  if wall_s is not None:
+    load = f" (1-minute load average at its end: {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg") else ""
+    L += [f"This invocation of the runner: {_fmt_time(wall_s)} of wall time{load}. Stage times are those of the "
+          "invocation that finished each run.", ""]
+  L += ["## Design and hyper-parameters (fixed before the first run, the same for every arm)", "",
+        f"From the docstring of `{config_path}`:", "", "```", _design(module), "```", ""]
+  text = "\n".join(L)
+  with open(path + ".tmp", "w") as f:
+    f.write(text)
+  os.replace(path + ".tmp", path)
+  return text
+
+
+def _plot_scores(path, module, vals, arms, metrics) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  metrics = metrics or [METRICS[0]]
+  fig = Figure(figsize=(3.2 * len(metrics) + 1.5, 0.32 * len(arms) + 1.2), dpi=80)
+  FigureCanvasAgg(fig)
+  axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+  y = np.arange(len(arms))[::-1]
+  for ax, (_, key, title) in zip(axes, metrics):
+    ref = list(vals.get(arms[0], {}).get(key, {}).values())
+    if ref:  # arm 1's mean, for reference
+      ax.axvline(100 * np.mean(ref), color="tab:blue", ls="--", lw=0.8, alpha=0.5)
+    for yi, arm in zip(y, arms):
+      v = np.array(list(vals.get(arm, {}).get(key, {}).values())) * 100
+      if len(v):
+        ax.errorbar(v.mean(), yi, xerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="o", color="tab:blue", capsize=3)
+        ax.plot(v, np.full(len(v), yi), ".", color="tab:gray", alpha=0.6)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("%", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.tick_params(labelsize=8)
+  axes[0].set_yticks(y, [module.ARMS[a][0] for a in arms], fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+def _plot_curves(path, module, root, arms, seed) -> None:
+  from matplotlib.backends.backend_agg import FigureCanvasAgg
+  from matplotlib.figure import Figure
+  from tinymim_jax import writers
+  fig = Figure(figsize=(10, 3.4), dpi=80)
+  FigureCanvasAgg(fig)
+  ax_pre, ax_ft = fig.subplots(1, 2)
+  for arm in arms:
+    for ax, stage in ((ax_pre, "pretrain"), (ax_ft, "finetune")):
+      recs = [r for r in writers.read_metrics(os.path.join(root, f"seed{seed}", arm, stage)) if "train/loss" in r]
+      if recs:
+        ax.plot([r["step"] for r in recs], [r["train/loss"] for r in recs], label=module.ARMS[arm][0], lw=1)
+  ax_pre.set_yscale("log")
+  ax_pre.set_title("pretraining loss (each arm's own loss)", fontsize=9)
+  ax_ft.set_title("fine-tuning loss (cross-entropy)", fontsize=9)
+  for ax in (ax_pre, ax_ft):
+    ax.set_xlabel("step", fontsize=8)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+  if ax_pre.lines:
+    ax_pre.legend(fontsize=6)
+  fig.tight_layout()
+  fig.savefig(path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Timing: a short run of each stage kind, projected onto the full plan.
+# ---------------------------------------------------------------------------------------------------------
+def _kind(module, name: str, run_arg: str) -> str:
+  stage = _stage(name)
+  if stage != "pretrain":
+    return stage
+  arm = name.split("/")[1]
+  return "pretrain_mae" if module.ARMS[arm][2].get("mae") else "pretrain_distill"
+
+
+class CpuSampler:
+  """Samples (wall time, CPU seconds of this process, all threads) every `every_s` in a daemon thread.
+
+  On a shared machine the wall time per step depends on the others' load; the CPU time per step much less so.
+  """
+
+  def __init__(self, every_s: float = 0.25):
+    import threading
+    self.samples = [(time.time(), time.process_time())]
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, args=(every_s,), daemon=True)
+    self._thread.start()
+
+  def _run(self, every_s):
+    while not self._stop.wait(every_s):
+      self.samples.append((time.time(), time.process_time()))
+
+  def stop(self):
+    self._stop.set()
+    self._thread.join()
+    self.samples.append((time.time(), time.process_time()))
+
+  def cpu_at(self, wall: float) -> float:
+    t, c = np.array(self.samples).T
+    return float(np.interp(wall, t, c))
+
+
+def _full_steps(c, num_train: int) -> int:
+  """Train steps of a run, as main counts them (0 for 'eval')."""
+  if c.objective == "eval":
+    return 0
+  return c.total_steps if c.total_steps is not None else int(c.total_epochs * max(num_train // c.batch_size, 1))
+
+
+def time_stages(module, root: str, steps: int, *, base_arg: str = "") -> dict:
+  """Runs each stage kind for `steps` steps in `root`; projects each run of the full plan and the total.
+
+  A run's projection = (its measured fixed cost: start-up, compilation, final evals, saves) + (its full
+  step count) x (the measured time per step between the first and the last logged step). Stage kinds:
+  teacher, middle, pretrain_distill (timed on the first distillation arm, used for all), pretrain_mae,
+  eval, finetune.
+  """
+  from tinymim_jax import config_base, data, main as trainer, writers
+  if os.path.isdir(root) and os.listdir(root):
+    raise FileExistsError(f"--time needs an empty --workdir (its runs would be skipped as finished): {root}")
+  full = module.plan(False)
+  first_of_kind = {}
+  for name, run_arg in full:
+    first_of_kind.setdefault(_kind(module, name, run_arg), (name, run_arg))
+  num_train = None
+  measured = {}
+  for kind, (name, run_arg) in first_of_kind.items():
+    c = module.get_config(_arg(base_arg, run_arg, root, False))
+    num_train = num_train or data.dataset_info(c.data).num_train
+    full_steps = _full_steps(c, num_train)
+    if c.objective != "eval":
+      c.total_steps, c.log_every_steps, c.ckpt_every_steps = steps, max(steps // 8, 1), steps
+    c = config_base.finalize(c)
+    workdir = os.path.join(root, name)
+    print(f"== timing {kind}: {name} ({_full_steps(c, num_train)} of its {full_steps} steps)", flush=True)
+    sampler = CpuSampler()
+    trainer.train_and_evaluate(c, workdir)
+    sampler.stop()
+    (t0, c0), (t1, c1) = sampler.samples[0], sampler.samples[-1]
+    recs = [r for r in writers.read_metrics(workdir) if "train/loss" in r]
+    per_step = cpu_per_step = 0.0
+    if len(recs) > 1:
+      n = recs[-1]["step"] - recs[0]["step"]
+      per_step = (recs[-1]["time"] - recs[0]["time"]) / n
+      cpu_per_step = (sampler.cpu_at(recs[-1]["time"]) - sampler.cpu_at(recs[0]["time"])) / n
+    done_steps = _full_steps(c, num_train)
+    measured[kind] = dict(run=name, steps=done_steps, full_steps=full_steps, wall_s=t1 - t0, cpu_s=c1 - c0,
+                          per_step_s=per_step, cpu_per_step_s=cpu_per_step,
+                          fixed_s=t1 - t0 - done_steps * per_step, fixed_cpu_s=c1 - c0 - done_steps * cpu_per_step)
+    print(f"   {t1 - t0:.0f}s ({c1 - c0:.0f} CPU-s): {per_step * 1000:.0f} ms/step ({cpu_per_step * 1000:.0f} "
+          f"CPU-ms/step), fixed {measured[kind]['fixed_s']:.0f}s ({measured[kind]['fixed_cpu_s']:.0f} CPU-s)",
+          flush=True)
+  wall, cpu, runs = {}, {}, {}
+  for name, run_arg in full:
+    kind = _kind(module, name, run_arg)
+    m = measured[kind]
+    n = _full_steps(module.get_config(_arg(base_arg, run_arg, root, False)), num_train)
+    wall[kind] = wall.get(kind, 0.0) + m["fixed_s"] + n * m["per_step_s"]
+    cpu[kind] = cpu.get(kind, 0.0) + m["fixed_cpu_s"] + n * m["cpu_per_step_s"]
+    runs[kind] = runs.get(kind, 0) + 1
+  out = {"measured": measured, "runs": runs, "projected_wall_s": wall, "projected_cpu_s": cpu,
+         "projected_total_wall_s": sum(wall.values()), "projected_total_cpu_s": sum(cpu.values()),
+         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "machine": machine()}
+  _write_json(os.path.join(root, "timing.json"), out)
+  for kind in runs:
+    print(f"projected {kind}: {runs[kind]} runs, {_fmt_time(wall[kind])} at this load, {_fmt_time(cpu[kind])} of CPU")
+  print(f"projected total: {_fmt_time(out['projected_total_wall_s'])} of wall time at this load, "
+        f"{_fmt_time(out['projected_total_cpu_s'])} of CPU time (load average now {out['load_average']})", flush=True)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line.
+# ---------------------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", required=True, help="study config file, optionally with ':key=value,...'")
+  p.add_argument("--workdir", required=True, help="root of the study's run workdirs")
+  p.add_argument("--quick", action="store_true", help="the config's quick subset (one seed, a few steps)")
+  p.add_argument("--results", default=None, help="report path (default <workdir>/RESULTS.md)")
+  p.add_argument("--write-results", action="store_true", help="write the repository's RESULTS.md")
+  p.add_argument("--aggregate-only", action="store_true", help="only write the report from finished runs")
+  p.add_argument("--time", type=int, default=0, metavar="STEPS",
+                 help="time each stage kind for STEPS steps in --workdir and project the full study")
+  args = p.parse_args(argv)
+  if args.write_results and (args.quick or args.results):
+    p.error("--write-results writes the repository's RESULTS.md from the full study: not with --quick / --results")
+  config_path, _, base_arg = args.config.partition(":")
+  module = load_config_module(config_path)
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+  if args.time:
+    time_stages(module, args.workdir, args.time, base_arg=base_arg)
+    return 0
+  results = (os.path.join(REPO, "RESULTS.md") if args.write_results
+             else args.results or os.path.join(args.workdir, "RESULTS.md"))
+  command = "python -m tinymim_jax.study " + " ".join(sys.argv[1:] if argv is None else argv)
+  t0, finished = time.time(), False
+  try:
+    if not args.aggregate_only:
+      finished = run_plan(module, args.workdir, base_arg=base_arg, quick=args.quick)
+  finally:  # also after a failure or Ctrl-C: the report of what has finished
+    try:
+      write_report(module, args.workdir, results, quick=args.quick, config_path=config_path, command=command,
+                   wall_s=None if args.aggregate_only else time.time() - t0)
+      print(f"report: {results}", flush=True)
+    except Exception:  # pylint: disable=broad-except  (must not hide the run's own error)
+      logging.exception("could not write the report %s", results)
+  return 0 if finished or args.aggregate_only else 1
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
