@@ -265,7 +265,7 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
 
   # The table.
   L += ["## Scores (test split, %, mean ± std over seeds)", ""]
-  head = ["arm"] + [m[2] for m in present] + [f"Δ fine-tune vs arm 1 [95% CI]"]
+  head = ["arm"] + [m[2] for m in present] + ["Δ fine-tune vs arm 1 [95% CI]"]
   L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for arm in arms:
     row = [module.ARMS[arm][0]] + [_mean_std(vals.get(arm, {}).get(key, {}), n_seeds) for _, key, _ in present]
