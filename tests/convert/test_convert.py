@@ -3,6 +3,7 @@
 import argparse
 import builtins
 import os
+import re
 
 import numpy as np
 import pytest
@@ -315,3 +316,30 @@ def test_only_namespace_is_allowed(tmp_path):
   torch.save({"model": {}, "args": argparse.Namespace(lr=np.float64(1e-3))}, path)
   with pytest.raises(convert.UnsafeCheckpointError, match="numpy"):
     convert.read_pytorch_weights(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# The safe loader's floor.
+# --------------------------------------------------------------------------------------------------------
+def test_torch_with_a_weights_only_bypass_is_refused(tmp_path, monkeypatch):
+  weights = random_weights(tiny())
+  convert.save_pytorch_weights(weights, tmp_path / "w.pth")
+  convert.save_pytorch_weights(weights, tmp_path / "w.safetensors")
+  for version in ("2.5.1", "2.4.0+cu121", "1.13.1"):
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(convert.UnsafeCheckpointError, match=rf"torch {re.escape(version)}: .*CVE-2025-32434"):
+      convert.read_pytorch_weights(tmp_path / "w.pth")
+  assert convert.read_pytorch_weights(tmp_path / "w.safetensors")[0]  # no torch involved
+  monkeypatch.setattr(torch, "__version__", "2.6.0")
+  assert convert.read_pytorch_weights(tmp_path / "w.pth")[0]
+
+
+def test_torch_extra_floor_excludes_known_bypasses():
+  import tomllib
+  from packaging.requirements import Requirement
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+    extra = tomllib.load(f)["project"]["optional-dependencies"]["torch"]
+  spec = next(Requirement(r) for r in extra if Requirement(r).name == "torch").specifier
+  assert not any(spec.contains(v) for v in ("2.4.0", "2.5.1", "2.5.99", "1.13.1"))
+  assert spec.contains("2.6.0") and spec.contains(torch.__version__.split("+")[0])

@@ -14,7 +14,7 @@ MAE keeps the encoder keys at the top level of its state dict, so our `encoder.`
 
 Loading is all-or-nothing: every key of the file is either loaded or reported as skipped with a reason,
 and any missing / unexpected / mis-shaped key raises one WeightMismatchError listing all of them before
-anything is written to the model. `.pth` files are read with torch's weights-only unpickler.
+anything is written to the model. `.pth` files are read with torch's weights-only unpickler (torch >= 2.6).
 
 Command line: python -m tinymim_jax.convert {import,export,inspect} --help (tinymim_jax/convert/cli.py).
 """
@@ -44,6 +44,9 @@ SAFE_GLOBALS = (argparse.Namespace,)
 # train.py saves 'state_dict'.
 _WEIGHT_ENTRIES = ("model", "state_dict")
 
+# torch < 2.6 has a published bypass of torch.load(weights_only=True) (CVE-2025-32434): refuse to unpickle there.
+TORCH_FLOOR = (2, 6)
+
 _DECODER_RE = re.compile(r"^(mask_token$|decoder_)")
 
 
@@ -56,7 +59,8 @@ class WeightMismatchError(ConvertError):
 
 
 class UnsafeCheckpointError(ConvertError):
-  """A .pth pickle references a global outside SAFE_GLOBALS (it is never executed)."""
+  """A .pth pickle references a global outside SAFE_GLOBALS (it is never executed), or the installed torch's
+  weights-only unpickler has a known bypass."""
 
 
 @dataclasses.dataclass
@@ -106,9 +110,20 @@ def _to_numpy(value):
   return None
 
 
+def _check_torch_version(torch):
+  m = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+  if m is None or (int(m[1]), int(m[2])) < TORCH_FLOOR:
+    floor = ".".join(map(str, TORCH_FLOOR))
+    raise UnsafeCheckpointError(
+        f"refusing to unpickle with torch {torch.__version__}: torch < {floor} has a published bypass of "
+        f"torch.load(weights_only=True) (CVE-2025-32434), so a .pth file could run code. Install torch>={floor} "
+        f"(pip install 'tinymim-jax[torch]'), or use a .safetensors file (no torch needed).")
+
+
 def _torch_load(path: str):
   import torch  # lazy: only .pth files need torch
 
+  _check_torch_version(torch)
   try:
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
       return torch.load(path, map_location="cpu", weights_only=True)
