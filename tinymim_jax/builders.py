@@ -101,19 +101,32 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec:
 # --------------------------------------------------------------------------------------------------------
 # Weights.
 # --------------------------------------------------------------------------------------------------------
+def _open_run(workdir: str) -> checkpoint.Checkpointer:
+  """A finished or running run's checkpoints, read-only: nothing is created in a directory that is not one."""
+  if not os.path.isdir(os.path.join(workdir, checkpoint.CKPT_DIR)):
+    raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {checkpoint.CKPT_DIR}/ "
+                                     f"directory")
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  if ckpt.latest_step() is None:
+    ckpt.close()
+    raise convert.MissingSourceError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
+  return ckpt
+
+
+def _saved_trainable(meta: dict):
+  config = ml_collections.ConfigDict(meta["config"])
+  return nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+
+
 def restore_model(workdir: str) -> nnx.Module:
   """The trained model of a tinymim-jax run (latest checkpoint, without a target's extra layers), rebuilt from
-  the config it saved, on this process's first device whatever mesh saved it.
+  the config it saved, on this process's first device whatever mesh saved it. Reads only.
 
-  Raises FileNotFoundError when `workdir` holds no checkpoint.
+  Raises convert.MissingSourceError (a FileNotFoundError) when `workdir` holds no checkpoint.
   """
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt = _open_run(workdir)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
-    meta = ckpt.restore_meta()
-    config = ml_collections.ConfigDict(meta["config"])
-    model, extras = nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+    model, extras = _saved_trainable(ckpt.restore_meta())
     modeldef, params, consts = ts.split_model(model, extras)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {"params": params, "consts": consts}

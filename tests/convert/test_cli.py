@@ -81,7 +81,7 @@ def test_cli_export_weights_and_workdir(finetuned_vit_tiny, tmp_path, monkeypatc
   monkeypatch.undo()
   capsys.readouterr()
   assert cli.main(["export", "--workdir", str(tmp_path / "not_a_run"), "--out", str(tmp_path / "t.pth")]) == 1
-  assert "no checkpoint under" in capsys.readouterr().err and not (tmp_path / "t.pth").exists()
+  assert "not a tinymim-jax workdir" in capsys.readouterr().err and not (tmp_path / "t.pth").exists()
 
 
 @pytest.mark.parametrize("command", ["import", "export", "inspect"])
@@ -196,6 +196,14 @@ def test_cli_damaged_files_give_one_error_line(tmp_path, capsys):
       err = capsys.readouterr().err
       assert err.count("\n") == 1 and err.startswith(f"error: cannot read {tmp_path / name}: ") and what in err, err
   assert not (tmp_path / "o.safetensors").exists() and not (tmp_path / "o.pth").exists()
+
+
+def test_cli_not_a_workdir_is_left_untouched(tmp_path, capsys):
+  plain = tmp_path / "photos"
+  plain.mkdir()
+  assert cli.main(["export", "--workdir", str(plain), "--out", str(tmp_path / "s.pth")]) == 1
+  assert "is not a tinymim-jax workdir: it has no checkpoints/ directory" in capsys.readouterr().err
+  assert os.listdir(plain) == [] and not (tmp_path / "s.pth").exists()
 
 
 def test_cli_heads_round_trip_through_the_sidecar(tinymim_t_like, tmp_path, capsys):
