@@ -72,8 +72,13 @@ def make_trainable(config, *, num_classes: int | None = None) -> tuple[nnx.Modul
 
 
 def make_teacher(config) -> nnx.Module:
+  """The frozen teacher: only what it runs, the embeddings and blocks 1..distill.teacher_block (eval mode, CLS
+  layout; its final norm is built but never run)."""
+  block, depth = config.distill.teacher_block, teacher_vit_config(config).depth
+  if not 1 <= block <= depth:
+    raise ValueError(f"config.distill.teacher_block={block}, but {config.teacher.name} has blocks 1..{depth}")
   kw = vit_kwargs(config.teacher)
-  kw.update(drop_path=0.0, num_classes=0, pooling="cls")  # the teacher runs in eval mode, pretrain layout
+  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=block)
   return create_model(config.teacher.name, seed=0, **kw)
 
 
@@ -136,15 +141,92 @@ def restore_model(workdir: str) -> nnx.Module:
   return ts.merge_model(modeldef, restored["params"], restored["consts"])
 
 
-def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):
-  """Loads a .pth / .safetensors file or a tinymim-jax workdir into `model` (strict, via timm names)."""
+def source_architecture(source: str) -> tuple[dict, str] | None:
+  """-> (convert.architecture of the model `source` holds, where it was read) or None when nothing records it:
+  a workdir's saved config, or the `<name>.config.json` beside a weight file."""
   if os.path.isdir(source):
-    src = convert.export_pytorch_weights(restore_model(source))
+    ckpt = _open_run(source)
+    try:
+      model, _ = _saved_trainable(ckpt.restore_meta())
+    finally:
+      ckpt.close()
+    return convert.architecture(model), f"the config saved in {source}"
+  if os.path.isfile(source):
+    side = convert.read_sidecar(source)
+    return (side, os.path.basename(convert.sidecar_path(source))) if side is not None else None
+  return None
+
+
+def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), ema: bool = True,
+                 prefix: str | None = None, depth: int | None = None,
+                 hint_context: convert.HintContext = "api") -> convert.LoadReport:
+  """Loads a .pth / .safetensors file or a tinymim-jax workdir into `model` (strict, via timm names); the
+  arguments are convert.load_pytorch_weights'. Raises convert.MissingSourceError for a source that is neither."""
+  if os.path.isdir(source):
+    restored = restore_model(source)
+    src = convert.Checkpoint(weights=convert.export_pytorch_weights(restored), extras={}, label=source,
+                             sidecar=convert.architecture(restored), sidecar_label=f"the config saved in {source}")
   elif os.path.exists(source):
     src = source
   else:
-    raise FileNotFoundError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
-  return convert.load_pytorch_weights(model, src, skip=tuple(skip), allow_missing=tuple(allow_missing))
+    raise convert.MissingSourceError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
+  return convert.load_pytorch_weights(model, src, skip=tuple(skip), allow_missing=tuple(allow_missing), ema=ema,
+                                      prefix=prefix, depth=depth, hint_context=hint_context)
+
+
+# How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
+INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix"}
+TEACHER_OPTIONS = {"skip": "teacher.skip", "ema": "teacher.ema", "prefix": "teacher.prefix"}
+
+
+def load_init(model: nnx.Module, config) -> convert.LoadReport:
+  """config.init into the model a run trains. Fine-tuning starts from a pretrained / distilled encoder: a fresh
+  fc_norm + head, the file's `norm` dropped; objective 'eval' needs every key."""
+  return load_weights(model, config.init, skip=config.init_skip, ema=config.init_ema, prefix=config.init_prefix,
+                      allow_missing=(r"fc_norm\..*", r"head\..*") if config.objective != "eval" else (),
+                      hint_context=INIT_OPTIONS)
+
+
+def load_teacher(teacher: nnx.Module, config) -> convert.LoadReport:
+  """config.teacher.source into make_teacher's model: exactly what the teacher runs (the embeddings and blocks
+  1..distill.teacher_block) is required and loaded; the rest of the file is reported as not run."""
+  t = config.teacher
+  return load_weights(teacher, t.source, skip=t.skip, ema=t.ema, prefix=t.prefix, depth=config.distill.teacher_block,
+                      hint_context=TEACHER_OPTIONS)
+
+
+def resolve_source_heads(config) -> list[str]:
+  """Takes the head counts the sources record where the config leaves them to the variant; -> log lines.
+
+  A state dict does not store head counts. Where config.teacher.source / config.init records its model
+  (source_architecture) and teacher.num_heads / model.num_heads is None (the variant's), the recorded count is
+  written into the config, so the run is built, saved and restored with it. An explicit teacher.num_heads that
+  differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
+  model.num_heads that differs is kept and noted: fine-tuning regroups the same weights into the standard heads
+  (docs/method.md 2.3). Per-block overrides (a distilled student's relation block) are not carried over: the
+  builders set the relation block's heads from config.distill.
+  """
+  notes = []
+  sections = [("teacher", config.teacher.source)] if config.objective == "distill" and config.teacher.source else []
+  sections += [("model", config.init)] if config.init else []
+  for field, source in sections:
+    found = source_architecture(source)
+    if found is None:
+      continue
+    side, origin = found
+    recorded, section = int(side["model_args"]["num_heads"]), config[field]
+    if section.num_heads is None:
+      section.num_heads = recorded
+      notes.append(f"config.{field}.num_heads = {recorded}: the count {origin} records for {source}")
+    elif section.num_heads != recorded and field == "teacher":
+      raise convert.ConvertError(
+          f"config.teacher.num_heads={section.num_heads}, but {origin} records {recorded} heads per block for "
+          f"{source}; the teacher's relations depend on its head split. Leave the field unset to use the recorded "
+          f"count, or set --config.teacher.num_heads={recorded}")
+    elif section.num_heads != recorded:
+      notes.append(f"config.model.num_heads = {section.num_heads}, while {origin} records {recorded}: the same "
+                   f"weights regrouped into {section.num_heads} heads (docs/method.md 2.3)")
+  return notes
 
 
 def weights_hash(model: nnx.Module) -> str:

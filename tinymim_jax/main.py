@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import builders, checkpoint, config_base, data, knn, writers
+from tinymim_jax import builders, checkpoint, config_base, convert, data, knn, writers
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
@@ -115,18 +115,18 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # ---------------------------------------------------------------------------------------------------
   # Model and teacher.
   # ---------------------------------------------------------------------------------------------------
+  for note in builders.resolve_source_heads(config):  # a state dict does not store head counts
+    logging.info("%s", note)
   model, extras = builders.make_trainable(config, num_classes=info.num_classes)
   meta: dict[str, Any] = {"objective": objective, "num_classes": info.num_classes, "seed": config.seed}
   if config.init:
-    # Fine-tuning starts from a pretrained / distilled encoder: a fresh fc_norm + head, `norm` dropped.
-    report = builders.load_weights(model, config.init, skip=config.init_skip,
-                                   allow_missing=(r"fc_norm\..*", r"head\..*") if objective != "eval" else ())
+    report = builders.load_init(model, config)
     logging.info("init from %s:\n%s", config.init, report)
     meta["init"] = os.path.abspath(config.init)
   teacher = None
   if objective == "distill":
     teacher = builders.make_teacher(config)
-    report = builders.load_weights(teacher, config.teacher.source)
+    report = builders.load_teacher(teacher, config)
     logging.info("teacher from %s:\n%s", config.teacher.source, report)
     meta["teacher"] = {"source": os.path.abspath(config.teacher.source), "sha256": builders.weights_hash(teacher),
                        "name": config.teacher.name, "block": config.distill.teacher_block}
@@ -307,9 +307,8 @@ def _final_evals(config, workdir, model, mesh, meta, step):
 def _finish_run(config, workdir, model, final: dict) -> dict:
   if jax.process_index() == 0:
     if model is not None and config.export:
-      from tinymim_jax import convert
       path = os.path.join(workdir, "model.safetensors")
-      convert.save_pytorch_weights(model, path)
+      convert.save_pytorch_weights(model, path)  # + model.config.json: the architecture (heads, pooling, ...)
       final["export"] = path
     tmp = os.path.join(workdir, DONE + ".tmp")
     with open(tmp, "w") as f:
@@ -349,7 +348,11 @@ def main(argv=None) -> int:
     quiet_library_logs()
     sh.initialize_distributed()
     config = config_base.finalize(flags.FLAGS.config)
-    res = train_and_evaluate(config, flags.FLAGS.workdir)
+    try:
+      res = train_and_evaluate(config, flags.FLAGS.workdir)
+    except convert.ConvertError as e:  # a weights source that cannot be read or does not fit: the message says why
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
     if jax.process_index() == 0:
       print(json.dumps(res, indent=2))
 
