@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tinymim_jax import config_base, main as trainer
+from tinymim_jax import builders, config_base, main as trainer
 from tinymim_jax.demo import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,3 +234,28 @@ def test_eval_and_linprobe_objectives_on_a_distilled_student(teacher_root, tmp_p
   aug_config = tiny_config("student_eval", root, total_steps=2, **{**lp_args, "linprobe.augment": True})
   aug = trainer.train_and_evaluate(aug_config, os.path.join(root, "lp_aug"))
   assert aug["step"] == 2 and 0 <= aug["eval/linprobe_top1"] <= 1
+
+
+def test_final_export_writes_the_architecture_beside_the_weights(tmp_path):
+  c = tiny_config("student_distill", str(tmp_path))  # the student: 2 heads, 4 in its relation block
+  model = builders.make_model(c)
+  res = trainer._finish_run(c, str(tmp_path), model, {"step": 1, "feature": {"block": 3, "pool": "mean", "norm": True}})
+  side = json.load(open(tmp_path / "model.config.json"))
+  assert res["export"] == str(tmp_path / "model.safetensors") and side["heads_per_block"] == [2, 2, 2, 4]
+  assert side["model_args"]["num_heads"] == 2 and json.load(open(tmp_path / "done.json"))["step"] == 1
+
+
+@pytest.mark.parametrize("kind", ["empty_file", "not_a_workdir"])
+def test_main_job_names_a_bad_weights_source_in_one_error_line(tmp_path, kind):
+  source = tmp_path / ("teacher.pth" if kind == "empty_file" else "photos")
+  if kind == "empty_file":
+    source.write_bytes(b"")
+    want = f"error: cannot read {source}: the file is empty (0 bytes)"
+  else:
+    source.mkdir()
+    want = f"error: '{source}' is not a tinymim-jax workdir: it has no checkpoints/ directory"
+  proc = run_cli([f"--config={DEMO}:stage=student_distill,root={tmp_path}", f"--config.teacher.source={source}"],
+                 tmp_path / "wd")
+  out = proc.communicate(timeout=300)[0]
+  assert proc.returncode == 1 and want in out and "Traceback" not in out, out[-3000:]
+  assert kind == "empty_file" or os.listdir(source) == []

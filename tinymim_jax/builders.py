@@ -74,8 +74,13 @@ def make_trainable(config, *, num_classes: int | None = None) -> tuple[nnx.Modul
 
 
 def make_teacher(config) -> nnx.Module:
+  """The frozen teacher: only what it runs, the embeddings and blocks 1..distill.teacher_block (eval mode, CLS
+  layout; its final norm is built but never run)."""
+  block, depth = config.distill.teacher_block, teacher_vit_config(config).depth
+  if not 1 <= block <= depth:
+    raise ValueError(f"config.distill.teacher_block={block}, but {config.teacher.name} has blocks 1..{depth}")
   kw = vit_kwargs(config.teacher)
-  kw.update(drop_path=0.0, num_classes=0, pooling="cls")  # the teacher runs in eval mode, pretrain layout
+  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=block)
   return create_model(config.teacher.name, seed=0, **kw)
 
 
@@ -103,24 +108,38 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec:
 # --------------------------------------------------------------------------------------------------------
 # Weights.
 # --------------------------------------------------------------------------------------------------------
+def _open_run(workdir: str) -> checkpoint.Checkpointer:
+  """A finished or running run's checkpoints, read-only: nothing is created in a directory that is not one."""
+  if not os.path.isdir(os.path.join(workdir, checkpoint.CKPT_DIR)):
+    raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {checkpoint.CKPT_DIR}/ "
+                                     f"directory")
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+  if ckpt.latest_step() is None:
+    ckpt.close()
+    raise convert.MissingSourceError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
+  return ckpt
+
+
+def _saved_trainable(meta: dict):
+  config = ml_collections.ConfigDict(meta["config"])
+  return nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+
+
 def restore_model(workdir: str) -> nnx.Module:
   """The trained model of a tinymim-jax run (latest checkpoint, without a target's extra layers), rebuilt from
-  the config it saved, on this process's first device whatever mesh saved it.
+  the config it saved, on this process's first device whatever mesh saved it. Reads only.
 
-  Raises FileNotFoundError when `workdir` holds no checkpoint.
+  Raises convert.MissingSourceError (a FileNotFoundError) when `workdir` holds no checkpoint.
   """
   return _restore(workdir)[0]
 
 
 def _restore(workdir: str) -> tuple[nnx.Module, dict]:
   """-> (restore_model(workdir), the checkpoint's metadata)."""
-  ckpt = checkpoint.Checkpointer(workdir, async_save=False)
+  ckpt = _open_run(workdir)
   try:
-    if ckpt.latest_step() is None:
-      raise FileNotFoundError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
     meta = ckpt.restore_meta()
-    config = ml_collections.ConfigDict(meta["config"])
-    model, extras = nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+    model, extras = _saved_trainable(meta)
     modeldef, params, consts = ts.split_model(model, extras)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = {"params": params, "consts": consts}
@@ -130,15 +149,92 @@ def _restore(workdir: str) -> tuple[nnx.Module, dict]:
   return ts.merge_model(modeldef, restored["params"], restored["consts"]), meta
 
 
-def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):
-  """Loads a .pth / .safetensors file or a tinymim-jax workdir into `model` (strict, via timm names)."""
+def source_architecture(source: str) -> tuple[dict, str] | None:
+  """-> (convert.architecture of the model `source` holds, where it was read) or None when nothing records it:
+  a workdir's saved config, or the `<name>.config.json` beside a weight file."""
   if os.path.isdir(source):
-    src = convert.export_pytorch_weights(restore_model(source))
+    ckpt = _open_run(source)
+    try:
+      model, _ = _saved_trainable(ckpt.restore_meta())
+    finally:
+      ckpt.close()
+    return convert.architecture(model), f"the config saved in {source}"
+  if os.path.isfile(source):
+    side = convert.read_sidecar(source)
+    return (side, os.path.basename(convert.sidecar_path(source))) if side is not None else None
+  return None
+
+
+def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), ema: bool = True,
+                 prefix: str | None = None, depth: int | None = None,
+                 hint_context: convert.HintContext = "api") -> convert.LoadReport:
+  """Loads a .pth / .safetensors file or a tinymim-jax workdir into `model` (strict, via timm names); the
+  arguments are convert.load_pytorch_weights'. Raises convert.MissingSourceError for a source that is neither."""
+  if os.path.isdir(source):
+    restored = restore_model(source)
+    src = convert.Checkpoint(weights=convert.export_pytorch_weights(restored), extras={}, label=source,
+                             sidecar=convert.architecture(restored), sidecar_label=f"the config saved in {source}")
   elif os.path.exists(source):
     src = source
   else:
-    raise FileNotFoundError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
-  return convert.load_pytorch_weights(model, src, skip=tuple(skip), allow_missing=tuple(allow_missing))
+    raise convert.MissingSourceError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
+  return convert.load_pytorch_weights(model, src, skip=tuple(skip), allow_missing=tuple(allow_missing), ema=ema,
+                                      prefix=prefix, depth=depth, hint_context=hint_context)
+
+
+# How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
+INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix"}
+TEACHER_OPTIONS = {"skip": "teacher.skip", "ema": "teacher.ema", "prefix": "teacher.prefix"}
+
+
+def load_init(model: nnx.Module, config) -> convert.LoadReport:
+  """config.init into the model a run trains. Fine-tuning starts from a pretrained / distilled encoder: a fresh
+  fc_norm + head, the file's `norm` dropped; objective 'eval' needs every key."""
+  return load_weights(model, config.init, skip=config.init_skip, ema=config.init_ema, prefix=config.init_prefix,
+                      allow_missing=(r"fc_norm\..*", r"head\..*") if config.objective != "eval" else (),
+                      hint_context=INIT_OPTIONS)
+
+
+def load_teacher(teacher: nnx.Module, config) -> convert.LoadReport:
+  """config.teacher.source into make_teacher's model: exactly what the teacher runs (the embeddings and blocks
+  1..distill.teacher_block) is required and loaded; the rest of the file is reported as not run."""
+  t = config.teacher
+  return load_weights(teacher, t.source, skip=t.skip, ema=t.ema, prefix=t.prefix, depth=config.distill.teacher_block,
+                      hint_context=TEACHER_OPTIONS)
+
+
+def resolve_source_heads(config) -> list[str]:
+  """Takes the head counts the sources record where the config leaves them to the variant; -> log lines.
+
+  A state dict does not store head counts. Where config.teacher.source / config.init records its model
+  (source_architecture) and teacher.num_heads / model.num_heads is None (the variant's), the recorded count is
+  written into the config, so the run is built, saved and restored with it. An explicit teacher.num_heads that
+  differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
+  model.num_heads that differs is kept and noted: fine-tuning regroups the same weights into the standard heads
+  (docs/method.md 2.3). Per-block overrides (a distilled student's relation block) are not carried over: the
+  builders set the relation block's heads from config.distill.
+  """
+  notes = []
+  sections = [("teacher", config.teacher.source)] if config.objective == "distill" and config.teacher.source else []
+  sections += [("model", config.init)] if config.init else []
+  for field, source in sections:
+    found = source_architecture(source)
+    if found is None:
+      continue
+    side, origin = found
+    recorded, section = int(side["model_args"]["num_heads"]), config[field]
+    if section.num_heads is None:
+      section.num_heads = recorded
+      notes.append(f"config.{field}.num_heads = {recorded}: the count {origin} records for {source}")
+    elif section.num_heads != recorded and field == "teacher":
+      raise convert.ConvertError(
+          f"config.teacher.num_heads={section.num_heads}, but {origin} records {recorded} heads per block for "
+          f"{source}; the teacher's relations depend on its head split. Leave the field unset to use the recorded "
+          f"count, or set --config.teacher.num_heads={recorded}")
+    elif section.num_heads != recorded:
+      notes.append(f"config.model.num_heads = {section.num_heads}, while {origin} records {recorded}: the same "
+                   f"weights regrouped into {section.num_heads} heads (docs/method.md 2.3)")
+  return notes
 
 
 def frozen_model(config) -> tuple[nnx.Module, dict]:
@@ -155,13 +251,14 @@ def frozen_model(config) -> tuple[nnx.Module, dict]:
     return _restore(source)
   if not os.path.exists(source):
     raise FileNotFoundError(f"config.init={source!r} is neither a file nor a tinymim-jax workdir")
-  weights, extras, label = convert.read_pytorch_weights(source)
+  weights, extras, label = convert.read_pytorch_weights(source, ema=config.init_ema, prefix=config.init_prefix,
+                                                        hint_context=INIT_OPTIONS)
   kw = vit_kwargs(config.model)
   kw.update(drop_path=0.0, pos_embed="learn",  # whatever table the file holds (frozen all the same)
             pooling="avg" if "fc_norm.weight" in weights else "cls",
             num_classes=int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0)
   model = create_model(config.model.name, seed=config.seed, **kw)
-  report = convert.load_pytorch_weights(model, weights, skip=tuple(config.init_skip))
+  report = convert.load_pytorch_weights(model, weights, skip=tuple(config.init_skip), hint_context=INIT_OPTIONS)
   logging.info("frozen model from %s [%s]:\n%s", label, convert.detect_layout(weights, extras), report)
   return model, _exported_meta(source)
 

@@ -22,10 +22,16 @@ CKPT_DIR = "checkpoints"
 
 class Checkpointer:
 
-  def __init__(self, workdir: str, *, keep: int = 3, keep_every: int | None = None, async_save: bool = True):
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
-                                           enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+  def __init__(self, workdir: str, *, keep: int = 3, keep_every: int | None = None, async_save: bool = True,
+               read_only: bool = False):
+    """read_only: restore only; nothing is created, cleaned up or saved under `workdir`."""
+    if read_only:
+      options = ocp.CheckpointManagerOptions(read_only=True, create=False, max_to_keep=None, save_interval_steps=0,
+                                             enable_async_checkpointing=False, cleanup_tmp_directories=False)
+    else:
+      options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
+                                             enable_async_checkpointing=async_save,
+                                             cleanup_tmp_directories=True)
     self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
     self.mngr = ocp.CheckpointManager(self.directory, options=options, item_names=("model", "opt", "meta"))
 

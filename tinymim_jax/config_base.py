@@ -55,12 +55,19 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.model = model_config("vit_small_patch16")     # the model being trained (student / MAE / classifier)
   c.init = ""    # weights to start from: a .pth / .safetensors file or a tinymim-jax workdir ('' = random)
+  # (a state dict stores no head count: where the source records one and model.num_heads is None, it is used)
   c.init_skip = ()                                 # extra regexes of source keys to skip (timm names)
+  c.init_ema = True                                # a training checkpoint's EMA copy where it has one (timm's way)
+  c.init_prefix = config_dict.placeholder(str)     # the wrapper prefix of the model in the file (None: found)
 
   # Distillation (objective 'distill').
   c.teacher = model_config("vit_base_patch16")
   c.teacher.source = ""               # .pth / .safetensors (official MAE / TinyMIM / timm) or a workdir
+  #                                     (teacher.num_heads None: the count the source records, else the variant's)
   c.teacher.dtype = "bfloat16"        # the teacher only runs forward
+  c.teacher.skip = ()                 # regexes of source keys to skip (timm names)
+  c.teacher.ema = True                # a training checkpoint's EMA copy where it has one (timm's way)
+  c.teacher.prefix = config_dict.placeholder(str)  # the wrapper prefix of the teacher in the file (None: found)
   c.distill = ml_collections.ConfigDict(dict(
       target="relation",              # 'relation' | 'feature' | 'cls'
       teacher_block=12, student_block=12,   # 1-based; the teacher runs only up to teacher_block

@@ -26,7 +26,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import builders, checkpoint, config_base, data, features, fewshot, knn, linprobe, optim, writers
+from tinymim_jax import builders, checkpoint, config_base, convert, data, features, fewshot, knn, linprobe, optim
+from tinymim_jax import writers
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
@@ -139,6 +140,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # ---------------------------------------------------------------------------------------------------
   # Model and teacher.
   # ---------------------------------------------------------------------------------------------------
+  for note in builders.resolve_source_heads(config):  # a state dict does not store head counts
+    logging.info("%s", note)
   meta: dict[str, Any] = {"objective": objective, "num_classes": info.num_classes, "seed": config.seed}
   extras: dict = {}  # a distillation target's layers trained beside the model
   if objective in ("eval", "linprobe"):
@@ -147,15 +150,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
     model, trained = builders.frozen_model(config)
     vit = features.vit_of(model)
     feature_spec = features.resolve(config.eval.feature, depth=vit.config.depth, recorded=trained.get("feature"),
-                            run_config=trained.get("config"))
+                                    run_config=trained.get("config"))
     config = _at_resolution(config, vit.config.img_size)
     meta["init"] = os.path.abspath(config.init)
   else:
     model, extras = builders.make_trainable(config, num_classes=info.num_classes)
     if config.init:
-      # Fine-tuning starts from a pretrained / distilled encoder: a fresh fc_norm + head, `norm` dropped.
-      report = builders.load_weights(model, config.init, skip=config.init_skip,
-                                     allow_missing=(r"fc_norm\..*", r"head\..*"))
+      report = builders.load_init(model, config)
       logging.info("init from %s:\n%s", config.init, report)
       meta["init"] = os.path.abspath(config.init)
     vit = features.vit_of(model)
@@ -164,7 +165,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   teacher = None
   if objective == "distill":
     teacher = builders.make_teacher(config)
-    report = builders.load_weights(teacher, config.teacher.source)
+    report = builders.load_teacher(teacher, config)
     logging.info("teacher from %s:\n%s", config.teacher.source, report)
     meta["teacher"] = {"source": os.path.abspath(config.teacher.source), "sha256": builders.weights_hash(teacher),
                        "name": config.teacher.name, "block": config.distill.teacher_block}
@@ -420,7 +421,8 @@ def _final_evals(config, workdir, vit, mesh, meta, feature_spec, info):
   state = {"params": params, "consts": consts}
   shardings = sh.tree_sharding(state, mesh)
   state = jax.device_put(state, shardings)
-  evaluator = _Evaluator(config, ts.make_predict_fn(modeldef, feature_spec), shardings, ("params", "consts"), mesh, info)
+  evaluator = _Evaluator(config, ts.make_predict_fn(modeldef, feature_spec), shardings, ("params", "consts"), mesh,
+                         info)
   res = evaluator(state, cached_probe=config.eval.cached_probe)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "run.json"), "w") as f:
@@ -434,9 +436,9 @@ def _final_evals(config, workdir, vit, mesh, meta, feature_spec, info):
 def _finish_run(config, workdir, model, final: dict) -> dict:
   if jax.process_index() == 0:
     if model is not None and config.export:
-      from tinymim_jax import convert
       path = os.path.join(workdir, "model.safetensors")
-      # The feature spec rides in the header, so that evals of the exported file read the same features.
+      # The feature spec rides in the header, so that evals of the exported file read the same features; the
+      # architecture (heads, pooling, ...) goes beside it, in model.config.json.
       convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
       final["export"] = path
     tmp = os.path.join(workdir, DONE + ".tmp")
@@ -477,7 +479,11 @@ def main(argv=None) -> int:
     quiet_library_logs()
     sh.initialize_distributed()
     config = config_base.finalize(flags.FLAGS.config)
-    res = train_and_evaluate(config, flags.FLAGS.workdir)
+    try:
+      res = train_and_evaluate(config, flags.FLAGS.workdir)
+    except convert.ConvertError as e:  # a weights source that cannot be read or does not fit: the message says why
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
     if jax.process_index() == 0:
       print(json.dumps(res, indent=2))
 

@@ -2,7 +2,10 @@
 
 import argparse
 import builtins
+import dataclasses
+import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -333,3 +336,279 @@ def test_only_namespace_is_allowed(tmp_path):
   torch.save({"model": {}, "args": argparse.Namespace(lr=np.float64(1e-3))}, path)
   with pytest.raises(convert.UnsafeCheckpointError, match="numpy"):
     convert.read_pytorch_weights(path)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Half precision: the file's dtype is kept until the model's parameters take the values.
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("ext", [".safetensors", ".pth"])
+def test_file_dtype_is_kept_and_cast_into_the_model(tmp_path, dtype, ext):
+  model = tiny()
+  weights = convert.cast_weights(random_weights(model, seed=7), dtype)
+  path = tmp_path / f"w{ext}"
+  convert.save_pytorch_weights(weights, path)
+  read = convert.read_pytorch_weights(path)[0]
+  assert {v.dtype.name for v in read.values()} == {dtype}
+  assert_same(read, weights)  # bit for bit, bfloat16 too
+  report = convert.load_pytorch_weights(model, path)
+  assert report.dtypes == (dtype if dtype == "float32" else f"{dtype} -> float32") and f"({report.dtypes})" in str(report)
+  exported = convert.export_pytorch_weights(model)
+  assert all(v.dtype == np.float32 for v in exported.values())
+  # Widening is exact; float64 rounds to the float32 parameters.
+  assert_same(exported, {k: v.astype(np.float32) for k, v in weights.items()})
+  if ext == ".pth" and dtype == "bfloat16":  # torch reads it as its own bfloat16
+    sd = torch.load(path, weights_only=True)["model"]
+    assert sd["cls_token"].dtype == torch.bfloat16
+    np.testing.assert_array_equal(sd["cls_token"].float().numpy(), weights["cls_token"].astype(np.float32))
+
+
+def test_cast_weights_refuses_overflow():
+  with pytest.raises(convert.ConvertError, match=r"big: values up to 70000 overflow float16"):
+    convert.cast_weights({"big": np.array([70000.0], np.float32)}, "float16")
+  out = convert.cast_weights({"n": np.array([1, 2], np.int64), "x": np.ones(2, np.float64)}, "bfloat16")
+  assert out["n"].dtype == np.int64 and out["x"].dtype.name == "bfloat16"
+
+
+# --------------------------------------------------------------------------------------------------------
+# EMA copies: timm's choice (load_checkpoint(use_ema=True) by default).
+# --------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def ema_files(tmp_path_factory):
+  """A timm train.py checkpoint (state_dict + state_dict_ema) and a DeiT one (model + model_ema)."""
+  raw = timm_vit(seed=1).state_dict()
+  ema = timm_vit(seed=2).state_dict()
+  d = tmp_path_factory.mktemp("ema")
+  timm_ckpt = {"epoch": 9, "arch": "vit_tiny_patch16_224", "state_dict": raw, "optimizer": {}, "version": 2,
+               "args": argparse.Namespace(model_ema=True), "metric": 0.5, "state_dict_ema": ema}
+  deit_ckpt = {"model": raw, "optimizer": {}, "lr_scheduler": {}, "epoch": 9, "model_ema": ema, "scaler": {},
+               "args": argparse.Namespace(model_ema=True)}
+  torch.save(timm_ckpt, d / "timm_train.pth.tar")
+  torch.save(deit_ckpt, d / "deit.pth")
+  return d, raw, ema
+
+
+@pytest.mark.parametrize("name,ema_entry,raw_entry", [("timm_train.pth.tar", "state_dict_ema", "state_dict"),
+                                                      ("deit.pth", "model_ema", "model")])
+def test_ema_copy_is_loaded_by_default_as_timm_does(ema_files, name, ema_entry, raw_entry):
+  from timm.models import load_checkpoint
+  d, raw, ema = ema_files
+  for use_ema, want, entry, other in ((True, ema, ema_entry, raw_entry), (False, raw, raw_entry, ema_entry)):
+    tm = timm_vit(seed=3)
+    load_checkpoint(tm, str(d / name), use_ema=use_ema)  # timm's own choice is the reference
+    assert_same({k: v.numpy() for k, v in tm.state_dict().items()}, {k: v.numpy() for k, v in want.items()})
+    model = tiny()
+    report = (convert.load_pytorch_weights(model, d / name) if use_ema else
+              convert.load_pytorch_weights(model, d / name, ema=False))
+    assert_same(convert.export_pytorch_weights(model), {k: v.numpy() for k, v in tm.state_dict().items()})
+    line = f"weights: {entry!r} ({'the EMA copy' if use_ema else 'the raw weights, not the EMA copy'}; " \
+           f"ema={not use_ema} loads {other!r})"
+    assert line in str(report), str(report)
+    assert report.skipped[other].startswith("the EMA copy" if not use_ema else "the raw weights")
+  # In the main job's words: the config field that flips it.
+  report = convert.load_pytorch_weights(tiny(), d / name, hint_context={"ema": "teacher.ema"})
+  assert f"--config.teacher.ema=false loads {raw_entry!r}" in str(report)
+
+
+def test_only_an_ema_copy_with_ema_false_is_an_error(tmp_path):
+  torch.save({"model_ema": timm_vit().state_dict(), "epoch": 1}, tmp_path / "ema_only.pth")
+  assert convert.load_pytorch_weights(tiny(), tmp_path / "ema_only.pth").loaded
+  with pytest.raises(convert.ConvertError, match=r"only the EMA copy 'model_ema'.*ema=True"):
+    convert.load_pytorch_weights(tiny(), tmp_path / "ema_only.pth", ema=False)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Wrapper prefixes.
+# --------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prefix", ["module.", "model.", "backbone.", "encoder.", "student.", "_orig_mod.module.",
+                                    "model.backbone."])
+def test_wrapper_prefix_is_found_removed_and_reported(prefix):
+  weights = random_weights(tiny(), seed=8)
+  wrapped = {prefix + k: v for k, v in weights.items()}
+  wrapped["neck.proj.weight"] = np.zeros((2, 2), np.float32)  # another part of the wrapper
+  model = tiny()
+  report = convert.load_pytorch_weights(model, wrapped)
+  assert set(report.loaded) == set(weights)
+  assert f"prefix: {prefix!r} removed from every key" in str(report)
+  assert report.skipped["neck.proj.weight"] == f"outside the model's key prefix {prefix!r}"
+  assert_same(convert.export_pytorch_weights(model), weights)
+
+
+def test_two_models_in_one_file_are_chosen_by_name(tmp_path):
+  student, teacher = random_weights(tiny(), seed=1), random_weights(tiny(), seed=2)
+  dino = {**{f"student.backbone.{k}": v for k, v in student.items()},
+          **{f"teacher.backbone.{k}": v for k, v in teacher.items()}, "student.head.mlp.0.weight": np.zeros(3)}
+  path = tmp_path / "dino.pth"
+  torch.save({"model": as_torch(dino)}, path)
+  for context, fixes in (("api", ["prefix='student.backbone'", "prefix='teacher.backbone'"]),
+                         ("cli", ["--prefix student.backbone", "--prefix teacher.backbone"]),
+                         ({"prefix": "init_prefix"}, ["--config.init_prefix=student.backbone"])):
+    with pytest.raises(convert.AmbiguousCheckpointError) as err:
+      convert.load_pytorch_weights(tiny(), path, hint_context=context)
+    assert "dino.pth holds 2 models" in str(err.value) and "'student.backbone.' (30 keys)" in str(err.value)
+    assert all(f in str(err.value) for f in fixes), str(err.value)
+  for name, want in (("teacher", teacher), ("student.backbone", student), ("student.backbone.", student)):
+    model = tiny()
+    report = convert.load_pytorch_weights(model, path, prefix=name)
+    assert_same(convert.export_pytorch_weights(model), want)
+  assert "student.head.mlp.0.weight" in report.skipped
+  with pytest.raises(convert.ConvertError, match="prefix 'pupil' names none"):
+    convert.load_pytorch_weights(tiny(), path, prefix="pupil")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Parts the job never runs.
+# --------------------------------------------------------------------------------------------------------
+def test_depth_loads_only_what_runs_and_still_needs_all_of_it():
+  ft = {k: v.numpy() for k, v in timm_vit(pooling="avg", num_classes=10, seed=4).state_dict().items()}
+  assert "norm.weight" not in ft  # a fine-tuned tail: fc_norm + head, no final norm
+  teacher = tiny(depth=1)  # what builders.make_teacher builds for teacher_block 1
+  before = convert.export_pytorch_weights(teacher)
+  report = convert.load_pytorch_weights(teacher, ft, depth=1)
+  unused = {k for k in ft if k.startswith(("blocks.1.", "fc_norm.", "head."))}
+  assert {k for k, r in report.skipped.items() if r == "not run: this job runs blocks 1..1 only"} == unused
+  assert set(report.loaded) == set(ft) - unused and report.unused_kept_init == ["norm.weight", "norm.bias"]
+  assert "not run by this job, kept at init (2): norm.weight, norm.bias" in str(report)
+  np.testing.assert_array_equal(convert.export_pytorch_weights(teacher)["norm.weight"], before["norm.weight"])
+  # Block 1 computes what the full fine-tuned model's block 1 computes.
+  full = tiny(pooling="avg", num_classes=10)
+  convert.load_pytorch_weights(full, ft)
+  x = images()
+  np.testing.assert_array_equal(teacher(x, depth=1, capture=(1,))["blocks"][1]["q"],
+                                full(x, depth=1, capture=(1,))["blocks"][1]["q"])
+  del ft["blocks.0.mlp.fc2.bias"]
+  with pytest.raises(convert.WeightMismatchError, match=r"(?s)1 missing.*blocks\.0\.mlp\.fc2\.bias \(64,\)"):
+    convert.load_pytorch_weights(tiny(depth=1), ft, depth=1)
+
+
+@pytest.mark.parametrize("context,skip_fix,missing_fix", [
+    ("api", "skip=(r'^head\\.',)", "skip=(r'^head\\.',), allow_missing=(r'^head\\.',)"),
+    ("cli", "--skip '^head\\.'", "--skip '^head\\.' --allow-missing '^head\\.'"),
+    ({"skip": "init_skip"}, "--config.init_skip='^head\\.'", None),
+])
+def test_hints_name_what_the_user_can_type_there(context, skip_fix, missing_fix):
+  ft = {k: v.numpy() for k, v in timm_vit(pooling="avg", num_classes=10).state_dict().items()}
+  # A class-count mismatch (the file's head has 10 classes, the model 5).
+  with pytest.raises(convert.WeightMismatchError) as err:
+    convert.load_pytorch_weights(tiny(pooling="avg", num_classes=5), ft, hint_context=context)
+  msg = str(err.value)
+  assert (f"another number of classes; to start a fresh head: {missing_fix}" in msg) == (missing_fix is not None)
+  assert "skip=" not in msg if context != "api" else True
+  # With the head allowed missing (as the trainer does for fine-tuning), skipping it is the whole fix.
+  with pytest.raises(convert.WeightMismatchError) as err:
+    convert.load_pytorch_weights(tiny(pooling="avg", num_classes=5), ft, allow_missing=[r"head\..*"],
+                                 hint_context=context)
+  assert f"to start a fresh head: {skip_fix}" in str(err.value)
+  # A part the model does not have (DeiT's distillation token).
+  weights = random_weights(tiny())
+  weights["dist_token"] = np.zeros((1, 1, 64), np.float32)
+  with pytest.raises(convert.WeightMismatchError) as err:
+    convert.load_pytorch_weights(tiny(), weights, hint_context=context)
+  want = skip_fix.replace("head\\.", "dist_token$")
+  assert f"to ignore the file's dist_token (the model has no such part): {want}" in str(err.value)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Damaged and foreign files.
+# --------------------------------------------------------------------------------------------------------
+def _safetensors_parts():
+  from safetensors.numpy import save
+  blob = save({"a": np.zeros(10, np.float32)})
+  n = int.from_bytes(blob[:8], "little")
+  return blob, n, blob[8:8 + n], blob[8 + n:]
+
+
+def damaged_files(d):
+  """{file name: what the error says} for every kind of damage."""
+  blob, n, header, data = _safetensors_parts()
+  good = d / "good.pth"
+  torch.save({"model": {"a": torch.zeros(1000)}}, good)
+  raw = good.read_bytes()
+  bad_offsets = header.replace(b"[0,40]", b"[0,4000]")
+  assert bad_offsets != header
+  files = {
+      "empty.pth": (b"", "the file is empty"),
+      "notes.pth": (b"hello world\n", "not a PyTorch checkpoint (neither a zip archive nor a pickle"),
+      "truncated.pth": (raw[:len(raw) // 2], "damaged or truncated PyTorch checkpoint"),
+      "garbage_pickle.pth": (b"\x80\x02garbage", "damaged"),
+      "short.safetensors": (b"abc", "shorter than the 8-byte header length"),
+      "huge_header.safetensors": ((2 ** 62).to_bytes(8, "little") + header + data,
+                                  f"header length {2 ** 62} runs past the end of the file"),
+      "past_end.safetensors": ((len(blob)).to_bytes(8, "little") + header + data, "runs past the end of the file"),
+      "not_utf8.safetensors": ((4).to_bytes(8, "little") + b"\xff\xfe\xfd\xfc" + data, "header is not UTF-8"),
+      "not_json.safetensors": ((4).to_bytes(8, "little") + b"{{{{" + data, "header is not JSON"),
+      "offsets.safetensors": (len(bad_offsets).to_bytes(8, "little") + bad_offsets + data,
+                              "tensor 'a': data_offsets [0, 4000] outside the 40 data bytes"),
+  }
+  for name, (content, _) in files.items():
+    (d / name).write_bytes(content)
+  return {name: what for name, (_, what) in files.items()}
+
+
+def test_damaged_files_are_one_clear_error(tmp_path):
+  for name, what in damaged_files(tmp_path).items():
+    with pytest.raises(convert.UnreadableFileError) as err:
+      convert.read_checkpoint(tmp_path / name)
+    msg = str(err.value)
+    assert msg.startswith(f"cannot read {tmp_path / name}: ") and what in msg and "\n" not in msg, msg
+  with pytest.raises(convert.MissingSourceError, match="no such checkpoint file"):
+    convert.read_checkpoint(tmp_path / "absent.pth")
+
+
+# --------------------------------------------------------------------------------------------------------
+# What the weights cannot say: the architecture beside them.
+# --------------------------------------------------------------------------------------------------------
+def test_sidecar_records_every_vit_field_and_the_heads(tmp_path):
+  from tinymim_jax.models import ViTConfig
+  model = tiny(num_heads=8, head_overrides={2: 16}, pooling="avg", num_classes=10)
+  convert.save_pytorch_weights(model, tmp_path / "tinymim_t.safetensors")
+  side = json.loads((tmp_path / "tinymim_t.config.json").read_text())
+  assert set(side["model_args"]) == {f.name for f in dataclasses.fields(ViTConfig)}
+  assert side["heads_per_block"] == [8, 16] and side["model_args"]["head_overrides"] == {"2": 16}
+  assert (side["img_size"], side["patch_size"], side["embed_dim"], side["depth"], side["num_classes"],
+          side["global_pool"], side["library"]) == (32, 8, 64, 2, 10, "avg", "tinymim_jax")
+  name, overrides, decoder = convert.sidecar_model(side)
+  assert create_model(name, **overrides).config == model.config and decoder is None
+  # The load report says where the heads came from, or that they were assumed.
+  assert "heads: 8 per block (block 2: 16), as tinymim_t.config.json records" in str(
+      convert.load_pytorch_weights(tiny(num_heads=8, head_overrides={2: 16}, pooling="avg", num_classes=10),
+                                   tmp_path / "tinymim_t.safetensors"))
+  report = convert.load_pytorch_weights(tiny(pooling="avg", num_classes=10), tmp_path / "tinymim_t.safetensors")
+  assert ("heads: the model's 4 per block, but tinymim_t.config.json records 8 per block (block 2: 16): the same "
+          "weights split into other heads") in str(report)
+  sd = convert.export_pytorch_weights(model)
+  assert "heads: not stored in the file; assumed the model's 4 per block" in str(
+      convert.load_pytorch_weights(tiny(pooling="avg", num_classes=10), sd))
+  # An MAE's sidecar carries its decoder too.
+  mae = create_model("mae_vit_tiny_patch16", **TINY, decoder=MAE_DECODER)
+  convert.save_pytorch_weights(mae, tmp_path / "mae.pth")
+  side = convert.read_sidecar(tmp_path / "mae.pth")
+  name, overrides, decoder = convert.sidecar_model(side)
+  assert name == "mae_vit_tiny_patch16" and create_model(name, decoder=decoder, **overrides).config == mae.config
+
+
+# --------------------------------------------------------------------------------------------------------
+# The safe loader's floor.
+# --------------------------------------------------------------------------------------------------------
+def test_torch_with_a_weights_only_bypass_is_refused(tmp_path, monkeypatch):
+  weights = random_weights(tiny())
+  convert.save_pytorch_weights(weights, tmp_path / "w.pth")
+  convert.save_pytorch_weights(weights, tmp_path / "w.safetensors")
+  for version in ("2.5.1", "2.4.0+cu121", "1.13.1"):
+    monkeypatch.setattr(torch, "__version__", version)
+    with pytest.raises(convert.UnsafeCheckpointError, match=rf"torch {re.escape(version)}: .*CVE-2025-32434"):
+      convert.read_pytorch_weights(tmp_path / "w.pth")
+  assert convert.read_pytorch_weights(tmp_path / "w.safetensors")[0]  # no torch involved
+  monkeypatch.setattr(torch, "__version__", "2.6.0")
+  assert convert.read_pytorch_weights(tmp_path / "w.pth")[0]
+
+
+def test_torch_extra_floor_excludes_known_bypasses():
+  import tomllib
+  from packaging.requirements import Requirement
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+    extra = tomllib.load(f)["project"]["optional-dependencies"]["torch"]
+  spec = next(Requirement(r) for r in extra if Requirement(r).name == "torch").specifier
+  assert not any(spec.contains(v) for v in ("2.4.0", "2.5.1", "2.5.99", "1.13.1"))
+  assert spec.contains("2.6.0") and spec.contains(torch.__version__.split("+")[0])

@@ -14,7 +14,17 @@ MAE keeps the encoder keys at the top level of its state dict, so our `encoder.`
 
 Loading is all-or-nothing: every key of the file is either loaded or reported as skipped with a reason,
 and any missing / unexpected / mis-shaped key raises one WeightMismatchError listing all of them before
-anything is written to the model. `.pth` files are read with torch's weights-only unpickler.
+anything is written to the model. `.pth` files are read with torch's weights-only unpickler (torch >= 2.6), a
+.safetensors header is checked against the file's size before anything is read, and a file that is neither
+raises UnreadableFileError naming it.
+
+What a file holds beyond its tensors is chosen the way timm does: the EMA copy of a training checkpoint
+(`state_dict_ema` of timm's train.py, `model_ema` of DeiT) unless ema=False, a wrapper's key prefix (`module.`,
+`model.`, `backbone.`, ...) removed and reported. Tensors keep the file's dtype (float16 / bfloat16 via ml_dtypes /
+float32 / float64) until they are written into a model, which casts them to its parameters' dtype.
+
+A state dict does not store head counts: `save_pytorch_weights` writes the architecture beside the weights
+(`<name>.config.json`, timm / Hugging Face hub style, every ViTConfig field) and readers use it when present.
 
 Command line: python -m tinymim_jax.convert {import,export,inspect} --help (tinymim_jax/convert/cli.py).
 """
@@ -24,6 +34,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import json
 import math
 import os
 import pickle
@@ -40,9 +51,18 @@ import numpy as np
 # nothing else (numpy scalars, pathlib paths, arbitrary callables) is allowed.
 SAFE_GLOBALS = (argparse.Namespace,)
 
-# Top-level entries that hold the weights of a training checkpoint: MAE / TinyMIM save 'model', timm's
-# train.py saves 'state_dict'.
-_WEIGHT_ENTRIES = ("model", "state_dict")
+# Top-level entries that hold the weights of a training checkpoint, in the order timm's load_state_dict prefers
+# them (docs/method.md 7.6): the EMA copies of timm's train.py ('state_dict_ema') and of DeiT ('model_ema') when
+# use_ema (timm's default), then the raw weights of timm ('state_dict') and of MAE / TinyMIM / DeiT ('model').
+_EMA_ENTRIES = ("state_dict_ema", "model_ema")
+_WEIGHT_ENTRIES = ("state_dict", "model")
+
+# Every ViT / MAE state dict has this key; what precedes it in a file is a wrapper's prefix (DistributedDataParallel
+# 'module.', torch.compile '_orig_mod.', Lightning 'model.', 'backbone.', DINO-style 'student.' / 'teacher.', ...).
+_ANCHOR = "patch_embed.proj.weight"
+
+# torch < 2.6 has a published bypass of torch.load(weights_only=True) (CVE-2025-32434): refuse to unpickle there.
+TORCH_FLOOR = (2, 6)
 
 _DECODER_RE = re.compile(r"^(mask_token$|decoder_)")
 
@@ -56,7 +76,60 @@ class WeightMismatchError(ConvertError):
 
 
 class UnsafeCheckpointError(ConvertError):
-  """A .pth pickle references a global outside SAFE_GLOBALS (it is never executed)."""
+  """A .pth pickle references a global outside SAFE_GLOBALS (it is never executed), or the installed torch's
+  weights-only unpickler has a known bypass."""
+
+
+class UnreadableFileError(ConvertError):
+  """A file that is empty, damaged, or not a checkpoint at all; the message names the file and the fault."""
+
+
+class MissingSourceError(ConvertError, FileNotFoundError):
+  """A weights source that does not exist, or a directory that is not a tinymim-jax workdir."""
+
+
+class AmbiguousCheckpointError(ConvertError):
+  """A file holds more than one model (e.g. a student and a teacher): the caller has to name one."""
+
+
+# --------------------------------------------------------------------------------------------------------
+# Hints: what the user types where they are.
+# --------------------------------------------------------------------------------------------------------
+# A hint_context says how the caller's user sets the loader's options: 'api' (Python arguments of
+# load_pytorch_weights), 'cli' (flags of `python -m tinymim_jax.convert`), or a mapping {option: config field} for
+# the main job's config (e.g. {'skip': 'init_skip', 'ema': 'init_ema'}), rendered as `--config.<field>=value`. An
+# option without a config field cannot be set there, and a fix that needs it is not offered.
+HintContext = str | Mapping[str, str]
+
+
+def _option_text(context: HintContext, option: str, value) -> str | None:
+  patterns = isinstance(value, (list, tuple))
+  if context == "api":
+    if patterns:
+      return f"{option}=(" + ", ".join(f"r'{p}'" for p in value) + ",)"
+    return f"{option}={value!r}"
+  if context == "cli":
+    if patterns:
+      return " ".join(f"--{option.replace('_', '-')} '{p}'" for p in value)
+    if option == "ema":
+      return "--ema" if value else "--no-ema"
+    return f"--{option.replace('_', '-')} {value or repr('')}"
+  field = context.get(option) if isinstance(context, Mapping) else None
+  if field is None:
+    return None
+  if patterns:
+    text = f"'{value[0]}'" if len(value) == 1 else "'(" + ",".join(f'"{p}"' for p in value) + ")'"
+  elif isinstance(value, bool):
+    text = str(value).lower()
+  else:
+    text = value or repr("")
+  return f"--config.{field}={text}"
+
+
+def render_fix(context: HintContext, **options) -> str | None:
+  """How to set `options` ({option: value}) where the user is (see HintContext); None if one cannot be set."""
+  parts = [_option_text(context, k, v) for k, v in options.items()]
+  return None if None in parts else (", " if context == "api" else " ").join(parts)
 
 
 @dataclasses.dataclass
@@ -69,9 +142,14 @@ class LoadReport:
   missing_kept_init: list[str] = dataclasses.field(default_factory=list)
   resampled: dict[str, tuple[tuple[int, int], tuple[int, int]]] = dataclasses.field(default_factory=dict)
   notes: list[str] = dataclasses.field(default_factory=list)
+  unused_kept_init: list[str] = dataclasses.field(default_factory=list)  # model params the job never runs
+  dtypes: str = ""          # the file's dtype(s) -> the model's, e.g. 'bfloat16 -> float32'
+  info: list[str] = dataclasses.field(default_factory=list)  # which copy / prefix was read, the heads assumed
 
   def __str__(self):
-    lines = [f"loaded {len(self.loaded)} tensors from {self.source} [{self.layout}]"]
+    dtypes = f" ({self.dtypes})" if self.dtypes else ""
+    lines = [f"loaded {len(self.loaded)} tensors{dtypes} from {self.source} [{self.layout}]"]
+    lines += [f"  {line}" for line in self.info]
     for name, (old, new) in self.resampled.items():
       lines.append(f"  resampled {name}: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]} (bicubic, prefix kept)")
     by_reason = collections.defaultdict(list)
@@ -82,6 +160,9 @@ class LoadReport:
     if self.missing_kept_init:
       lines.append(f"  not in file, kept at init ({len(self.missing_kept_init)}): "
                    f"{_short_list(self.missing_kept_init)}")
+    if self.unused_kept_init:
+      lines.append(f"  not run by this job, kept at init ({len(self.unused_kept_init)}): "
+                   f"{_short_list(self.unused_kept_init)}")
     lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
 
@@ -95,21 +176,41 @@ def _short_list(keys, n=8):
 # Reading files.
 # --------------------------------------------------------------------------------------------------------
 def _to_numpy(value):
-  """A torch tensor / np array / scalar -> np.ndarray, else None. Floating point: float64 stays float64 (the
-  model's param_dtype decides what is kept, see `_load`), narrower floats become float32 (exactly)."""
+  """A torch tensor / np array / scalar -> np.ndarray in its own dtype (bfloat16 as ml_dtypes.bfloat16), else None."""
   if isinstance(value, np.ndarray):
-    return value.astype(np.float32) if value.dtype.kind == "f" and value.dtype != np.float64 else value
+    return value
   if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
     t = value.detach().cpu()
-    if t.is_floating_point() and t.element_size() < 8:  # float64 stays
-      t = t.float()  # numpy has no bfloat16
+    if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: the same bits through int16, as ml_dtypes'
+      import ml_dtypes
+      import torch
+      return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
     return t.numpy()
   return None
+
+
+def _check_torch_version(torch):
+  m = re.match(r"(\d+)\.(\d+)", str(torch.__version__))
+  if m is None or (int(m[1]), int(m[2])) < TORCH_FLOOR:
+    floor = ".".join(map(str, TORCH_FLOOR))
+    raise UnsafeCheckpointError(
+        f"refusing to unpickle with torch {torch.__version__}: torch < {floor} has a published bypass of "
+        f"torch.load(weights_only=True) (CVE-2025-32434), so a .pth file could run code. Install torch>={floor} "
+        f"(pip install 'tinymim-jax[torch]'), or use a .safetensors file (no torch needed).")
 
 
 def _torch_load(path: str):
   import torch  # lazy: only .pth files need torch
 
+  _check_torch_version(torch)
+  with open(path, "rb") as f:
+    head = f.read(4)
+  # torch.save writes a zip archive (torch >= 1.6) or, legacy, a pickle (protocol byte 0x80).
+  if not head:
+    raise UnreadableFileError(f"cannot read {path}: the file is empty (0 bytes)")
+  if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):
+    raise UnreadableFileError(f"cannot read {path}: not a PyTorch checkpoint (neither a zip archive nor a "
+                              f"pickle; it starts with {head!r})")
   try:
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
       return torch.load(path, map_location="cpu", weights_only=True)
@@ -120,31 +221,163 @@ def _torch_load(path: str):
     except Exception:  # not a zip checkpoint: fall back to what torch's message names
       refused = []
     refused = refused or re.findall(r"GLOBAL ([\w.]+)", str(e))
+    if not refused:
+      raise UnreadableFileError(f"cannot read {path}: damaged pickle ({_first_line(e)})") from None
     raise UnsafeCheckpointError(
-        f"refusing to load {path}: its pickle references global(s) {refused or '(unknown)'} that a weight "
+        f"refusing to load {path}: its pickle references global(s) {refused} that a weight "
         f"file does not need (allowed besides tensors and plain containers: {sorted(allowed)}). Nothing "
         f"from the file was executed. If you trust it, re-save only its weights, e.g. "
         f"torch.save({{'model': ckpt['model']}}, 'clean.pth').") from None
+  except Exception as e:  # EOFError, RuntimeError (zip), KeyError (pickle opcodes), ...: a damaged file
+    raise UnreadableFileError(f"cannot read {path}: damaged or truncated PyTorch checkpoint "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
 
 
-def read_pytorch_weights(source) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
-  """Reads a checkpoint -> (weights {name: np.ndarray}, skipped top-level entries {name: reason}, label).
+def _first_line(e: BaseException, n: int = 160) -> str:
+  text = str(e).strip().splitlines()
+  return (text[0][:n] if text else "no message")
 
-  source: a path (.safetensors via safetensors.numpy; anything else via torch's weights-only loader) or an
-  in-memory mapping. A mapping with a 'model' (MAE / TinyMIM) or 'state_dict' (timm train.py) entry is a
-  training checkpoint: its other entries (optimizer, epoch, scaler, args, ...) are reported, not loaded.
-  A 'module.' prefix (DistributedDataParallel) on every key is removed.
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  """safetensors.numpy.load_file after checking the header against the file size (nothing is allocated from the
+  file's own length field before that). Layout: u64 little-endian header length N, N bytes of UTF-8 JSON
+  {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__': {...}}, then the data."""
+  size = os.path.getsize(path)
+
+  def bad(what):
+    return UnreadableFileError(f"cannot read {path}: not a valid .safetensors file ({what})")
+
+  if size < 8:
+    raise bad(f"{size} bytes, shorter than the 8-byte header length")
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    if n > size - 8:
+      raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
+    raw = f.read(n)
+  try:
+    header = json.loads(raw.decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise bad(f"header is not UTF-8: {e.reason} at byte {e.start}") from None
+  except json.JSONDecodeError as e:
+    raise bad(f"header is not JSON: {e.msg} at byte {e.pos}") from None
+  if not isinstance(header, dict):
+    raise bad(f"header is a JSON {type(header).__name__}, not an object")
+  data = size - 8 - n
+  for name, entry in header.items():
+    if name == "__metadata__":
+      continue
+    offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1] <= data):
+      raise bad(f"tensor {name!r}: data_offsets {offsets} outside the {data} data bytes")
+  from safetensors import SafetensorError
+  from safetensors.numpy import load_file  # no torch needed
+  try:
+    return load_file(path)
+  except SafetensorError as e:
+    raise bad(str(e)) from None
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  """A weight file as read: tensors by PyTorch name, in the file's dtypes, and how they were picked."""
+  weights: dict[str, np.ndarray]
+  extras: dict[str, str]               # top-level entries and keys not taken -> why
+  label: str                           # the file's name, or '<state dict>'
+  entry: str | None = None             # the top-level entry the weights came from ('model', 'state_dict_ema', ...)
+  other_copy: str | None = None        # the EMA / raw copy beside it that was not taken
+  ema: bool = True
+  prefix: str = ""                     # the wrapper prefix removed from every key taken
+  sidecar: dict | None = None          # the architecture saved beside the file (<name>.config.json)
+  sidecar_label: str = ""
+
+  def describe(self, context: HintContext = "api") -> list[str]:
+    """Report lines: which copy of the weights, which prefix."""
+    lines = []
+    if self.other_copy is not None:
+      which = "the EMA copy" if self.entry in _EMA_ENTRIES else "the raw weights, not the EMA copy"
+      fix = render_fix(context, ema=not self.ema)
+      lines.append(f"weights: {self.entry!r} ({which}; {fix or 'the other'} loads {self.other_copy!r})")
+    elif self.entry is not None:
+      lines.append(f"weights: {self.entry!r}")
+    if self.prefix:
+      lines.append(f"prefix: {self.prefix!r} removed from every key (a wrapper's)")
+    return lines
+
+
+def _pick_entry(obj: Mapping, label: str, ema: bool, context: HintContext):
+  """-> (the entry holding the weights or None, the other copy or None): timm's load_state_dict(use_ema=ema)."""
+  present = lambda names: [k for k in names if isinstance(obj.get(k), Mapping)]
+  emas, raws = present(_EMA_ENTRIES), present(_WEIGHT_ENTRIES)
+  if ema and emas:
+    return emas[0], (raws[0] if raws else None)
+  if raws:
+    return raws[0], (emas[0] if emas else None)
+  if emas:  # ema=False, but the file holds only an EMA copy
+    raise ConvertError(f"{label} holds only the EMA copy {emas[0]!r} of its weights and the raw weights were "
+                       f"asked for; load the EMA copy with {render_fix(context, ema=True) or 'ema on'}")
+  return None, None
+
+
+def _wrapper_prefixes(names) -> dict[str, int]:
+  """{prefix: number of keys under it} for every prefix that precedes a ViT's patch embedding."""
+  found = sorted({k[:-len(_ANCHOR)] for k in names if k == _ANCHOR or k.endswith("." + _ANCHOR)})
+  owner = [max((p for p in found if k.startswith(p)), key=len, default=None) for k in names]  # the longest
+  return {p: owner.count(p) for p in found}
+
+
+def _choose_prefix(names, label: str, prefix: str | None, context: HintContext) -> str:
+  candidates = _wrapper_prefixes(names)
+  if prefix is None:
+    if len(candidates) <= 1:
+      return next(iter(candidates), "")
+    options = "; ".join(f"{p!r} ({n} keys): {render_fix(context, prefix=p.rstrip('.')) or p}"
+                        for p, n in candidates.items())
+    raise AmbiguousCheckpointError(f"{label} holds {len(candidates)} models, under the key prefixes "
+                                   f"{list(candidates)}; name the one to load: {options}")
+  if prefix == "":
+    if "" not in candidates and candidates:
+      raise ConvertError(f"{label} has no unprefixed model; its models are under {list(candidates)}")
+    return ""
+  matches = [p for p in candidates if p == prefix or p == prefix + "." or p.startswith(prefix.rstrip(".") + ".")]
+  if len(matches) == 1:
+    return matches[0]
+  full = prefix if prefix.endswith(".") else prefix + "."
+  if not matches and any(k.startswith(full) for k in names):
+    return full
+  raise ConvertError(f"prefix {prefix!r} names {'several' if matches else 'none'} of the models in {label} "
+                     f"({matches or list(candidates) or 'no key has it'})")
+
+
+def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
+                    hint_context: HintContext = "api") -> Checkpoint:
+  """Reads a weight file (or takes an in-memory state dict) -> Checkpoint.
+
+  source: a path (.safetensors via safetensors.numpy, no torch needed; anything else via torch's weights-only
+    loader, torch >= 2.6) or a mapping {name: tensor / array}, optionally a training checkpoint: a mapping with a
+    'state_dict' (timm train.py) or 'model' (MAE / TinyMIM / DeiT) entry; its other entries (optimizer, epoch,
+    scaler, args, ...) are reported, not loaded.
+  ema: read the EMA copy ('state_dict_ema' of timm's train.py, 'model_ema' of DeiT) where the file has one, as
+    timm's load_checkpoint(use_ema=True) does by default; False reads the raw weights.
+  prefix: the wrapper prefix of the model to read. None: found from the keys (what precedes
+    'patch_embed.proj.weight'), an error listing them when there are several (a student and a teacher); '' the
+    unprefixed model. Keys outside the prefix are reported, not loaded.
+  hint_context: how error hints spell options (see HintContext).
+
+  Tensors keep the file's dtype (bfloat16 as ml_dtypes.bfloat16). Raises MissingSourceError (no such file),
+  UnreadableFileError (empty / damaged / foreign file), UnsafeCheckpointError, AmbiguousCheckpointError.
   """
+  if isinstance(source, Checkpoint):
+    return source
+  path, sidecar, sidecar_label = None, None, ""
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     label = os.path.basename(path)
     if not os.path.isfile(path):
-      raise ConvertError(f"no such checkpoint file: {path}")
-    if path.endswith(".safetensors"):
-      from safetensors.numpy import load_file  # no torch needed
-      obj = load_file(path)
-    else:
-      obj = _torch_load(path)
+      raise MissingSourceError(f"no such checkpoint file: {path}")
+    obj = _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
+    sidecar = read_sidecar(path)
+    sidecar_label = os.path.basename(sidecar_path(path))
   elif isinstance(source, Mapping):
     obj, label = source, "<state dict>"
   else:
@@ -153,10 +386,13 @@ def read_pytorch_weights(source) -> tuple[dict[str, np.ndarray], dict[str, str],
     raise ConvertError(f"{label} holds a {type(obj).__name__}, not a state dict")
 
   extras: dict[str, str] = {}
-  entry = next((k for k in _WEIGHT_ENTRIES if isinstance(obj.get(k), Mapping)), None)
+  entry, other = _pick_entry(obj, label, ema, hint_context)
   if entry is not None:
     for k in obj:
-      if k != entry:
+      if k == other:
+        extras[str(k)] = ("the raw weights beside the EMA copy" if entry in _EMA_ENTRIES else
+                          "the EMA copy beside the raw weights")
+      elif k != entry:
         extras[str(k)] = f"checkpoint entry beside '{entry}' (training state, not weights)"
     obj = obj[entry]
 
@@ -167,9 +403,178 @@ def read_pytorch_weights(source) -> tuple[dict[str, np.ndarray], dict[str, str],
       extras[str(k)] = f"not a tensor ({type(v).__name__})"
     else:
       weights[str(k)] = arr
-  if weights and all(k.startswith("module.") for k in weights):
-    weights = {k[len("module."):]: v for k, v in weights.items()}
-  return weights, extras, label
+  chosen = _choose_prefix(list(weights), label, prefix, hint_context)
+  if chosen:
+    for k in [k for k in weights if not k.startswith(chosen)]:
+      extras[k] = f"outside the model's key prefix {chosen!r}"
+      del weights[k]
+    weights = {k[len(chosen):]: v for k, v in weights.items()}
+  return Checkpoint(weights=weights, extras=extras, label=label, entry=entry, other_copy=other, ema=ema,
+                    prefix=chosen, sidecar=sidecar, sidecar_label=sidecar_label)
+
+
+def read_pytorch_weights(source, **kw) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+  """read_checkpoint(source, **kw) as (weights {name: np.ndarray}, entries not taken {name: reason}, label)."""
+  ckpt = read_checkpoint(source, **kw)
+  return ckpt.weights, ckpt.extras, ckpt.label
+
+
+# --------------------------------------------------------------------------------------------------------
+# Dtypes.
+# --------------------------------------------------------------------------------------------------------
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def as_dtype(name) -> np.dtype:
+  """'float16' / 'bfloat16' (ml_dtypes) / 'float32' / 'float64' (or a dtype) -> np.dtype."""
+  if str(name) == "bfloat16":
+    import ml_dtypes
+    return np.dtype(ml_dtypes.bfloat16)
+  dt = np.dtype(name)
+  if dt.name not in FLOAT_DTYPES:
+    raise ConvertError(f"dtype {dt.name!r} is not one of {FLOAT_DTYPES}")
+  return dt
+
+
+def cast_weights(weights: Mapping[str, np.ndarray], dtype) -> dict[str, np.ndarray]:
+  """The floating tensors cast to `dtype` (see as_dtype), the others as they are.
+
+  Raises ConvertError naming the tensor when a finite value does not fit (e.g. |x| > 65504 to float16).
+  """
+  dt = as_dtype(dtype)
+  out = {}
+  for name, v in weights.items():
+    v = np.asarray(v)
+    if v.dtype.name in FLOAT_DTYPES and v.dtype != dt:
+      with np.errstate(over="ignore"):  # checked right below
+        cast = v.astype(dt)
+      if not np.array_equal(np.isfinite(cast), np.isfinite(v)):
+        big = float(np.max(np.abs(v[np.isfinite(v)].astype(np.float64))))
+        raise ConvertError(f"{name}: values up to {big:.6g} overflow {dt.name}; keep the file's dtype or choose a "
+                           f"wider one")
+      v = cast
+    out[name] = v
+  return out
+
+
+def dtype_summary(weights: Mapping[str, np.ndarray]) -> str:
+  """'bfloat16', or 'float32 + int64' for a file holding several dtypes."""
+  names = collections.Counter(np.asarray(v).dtype.name for v in weights.values())
+  return " + ".join(n for n, _ in names.most_common()) or "no tensors"
+
+
+# --------------------------------------------------------------------------------------------------------
+# The architecture beside the weights (what a state dict cannot say: the heads).
+# --------------------------------------------------------------------------------------------------------
+SIDECAR_SUFFIX = ".config.json"
+
+
+def sidecar_path(weights_path) -> str:
+  """`x.safetensors` / `x.pth` -> `x.config.json`: named after the weights, so several exports share a directory
+  and a run's own config.json in a workdir stays as it is."""
+  return os.path.splitext(os.fspath(weights_path))[0] + SIDECAR_SUFFIX
+
+
+def _jsonable(value):
+  if isinstance(value, Mapping):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  return np.dtype(value).name  # a dtype such as jnp.float32
+
+
+def _model_configs(model):
+  return model.config if isinstance(model.config, tuple) else (model.config, None)
+
+
+def architecture(model) -> dict:
+  """A model's architecture as JSON, in the spirit of timm's / the hub's config.json.
+
+  {'architecture': 'vit_tiny_patch16' (the variant of the same patch / width / depth, or 'vit_custom'; 'mae_...'
+   for an MAE), 'library': 'tinymim_jax', 'img_size', 'patch_size', 'embed_dim', 'depth', 'heads_per_block'
+   [block 1, ..., block depth], 'global_pool' ('token' | 'avg', timm's), 'num_classes', 'num_features',
+   'model_args': every ViTConfig field, 'decoder_args': every DecoderConfig field (MAE only)}.
+  """
+  from tinymim_jax.models import MAE_PREFIX, VARIANTS
+
+  enc, dec = _model_configs(model)
+  shape = ("patch_size", "embed_dim", "depth")
+  name = next((n for n, v in VARIANTS.items() if all(v[k] == getattr(enc, k) for k in shape)), "vit_custom")
+  out = {"architecture": (MAE_PREFIX if dec is not None else "") + name, "library": "tinymim_jax",
+         "img_size": enc.img_size, "patch_size": enc.patch_size, "embed_dim": enc.embed_dim, "depth": enc.depth,
+         "heads_per_block": [enc.block_heads(i) for i in range(1, enc.depth + 1)],
+         "global_pool": {"cls": "token", "avg": "avg"}.get(enc.pooling, enc.pooling),
+         "num_classes": enc.num_classes, "num_features": enc.embed_dim,
+         "model_args": {f.name: _jsonable(getattr(enc, f.name)) for f in dataclasses.fields(enc)}}
+  if dec is not None:
+    out["decoder_args"] = {f.name: _jsonable(getattr(dec, f.name)) for f in dataclasses.fields(dec)}
+  return out
+
+
+def read_sidecar(weights_path) -> dict | None:
+  """The architecture saved beside `weights_path` (sidecar_path), or None when there is none."""
+  path = sidecar_path(weights_path)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      side = json.load(f)
+  except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    raise UnreadableFileError(f"cannot read {path}: not a JSON file ({e})") from None
+  if not isinstance(side, dict) or not isinstance(side.get("model_args"), dict):
+    raise UnreadableFileError(f"cannot read {path}: no 'model_args' object (not written by tinymim_jax.convert)")
+  return side
+
+
+def sidecar_model(side: Mapping) -> tuple[str, dict, dict | None]:
+  """-> (create_model name, ViTConfig overrides, DecoderConfig overrides or None) of a sidecar's model.
+
+  Fields this version does not know (written by a newer one) are left out."""
+  from tinymim_jax.models import MAE_PREFIX, VARIANTS, ViTConfig
+
+  name = str(side.get("architecture", ""))
+  is_mae = name.startswith(MAE_PREFIX) or "decoder_args" in side
+  base = name[len(MAE_PREFIX):] if name.startswith(MAE_PREFIX) else name
+  base = base if base in VARIANTS else next(iter(VARIANTS))  # every field is overridden anyway
+  known = {f.name for f in dataclasses.fields(ViTConfig)}
+  overrides = {k: v for k, v in side["model_args"].items() if k in known}
+  return (MAE_PREFIX if is_mae else "") + base, overrides, (dict(side["decoder_args"]) if is_mae else None)
+
+
+def sidecar_configs(side: Mapping):
+  """-> (ViTConfig, DecoderConfig or None) of a sidecar."""
+  from tinymim_jax.models import MAE_PREFIX, DecoderConfig, vit_config
+
+  name, overrides, dec = sidecar_model(side)
+  return (vit_config(name[len(MAE_PREFIX):] if name.startswith(MAE_PREFIX) else name, **overrides),
+          DecoderConfig(**dec) if dec is not None else None)
+
+
+def heads_text(heads: Sequence[int]) -> str:
+  """[6, 6, ..., 12] -> '6 per block (block 12: 12)'."""
+  if not heads:
+    return "no blocks"
+  common = collections.Counter(heads).most_common(1)[0][0]
+  odd = [f"block {i}: {h}" for i, h in enumerate(heads, 1) if h != common]
+  return f"{common} per block" + (f" ({', '.join(odd)})" if odd else "")
+
+
+def _heads_line(model, ckpt: Checkpoint) -> str:
+  enc, dec = _model_configs(model)
+  mine = [enc.block_heads(i) for i in range(1, enc.depth + 1)]
+  text = heads_text(mine) + (f", decoder {dec.num_heads}" if dec is not None else "")
+  if ckpt.sidecar is None:
+    return f"heads: not stored in the file; assumed the model's {text}"
+  s_enc, s_dec = sidecar_configs(ckpt.sidecar)
+  theirs = [s_enc.block_heads(i) for i in range(1, min(enc.depth, s_enc.depth) + 1)]
+  same = theirs == mine[:len(theirs)] and (dec is None or s_dec is None or s_dec.num_heads == dec.num_heads)
+  if same:
+    return f"heads: {text}, as {ckpt.sidecar_label} records (a state dict alone does not store them)"
+  s_text = heads_text(theirs) + (f", decoder {s_dec.num_heads}" if s_dec is not None and dec is not None else "")
+  return (f"heads: the model's {text}, but {ckpt.sidecar_label} records {s_text}: the same weights split into other "
+          f"heads (docs/method.md 2.3), so the outputs differ from the exporting model's")
 
 
 def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
@@ -342,38 +747,67 @@ def _first_match(patterns, name):
 
 
 def load_pytorch_weights(model, source, *, skip: Sequence[str] = (), allow_missing: Sequence[str] = (),
-                         strict: bool = True) -> LoadReport:
+                         strict: bool = True, ema: bool = True, prefix: str | None = None, depth: int | None = None,
+                         hint_context: HintContext = "api") -> LoadReport:
   """Loads a PyTorch checkpoint into a ViT or MAE model, all or nothing.
 
   Args:
     model: a tinymim_jax ViT or MAE (nnx.Module); updated in place only if the whole load succeeds. It
       may be abstract (nnx.eval_shape(lambda: create_model(...))): that skips the random init of a big
       teacher, and then every parameter must come from the file.
-    source: a .pth / .pt / .bin / .safetensors path or an in-memory state dict (name -> tensor / array),
-      optionally a training checkpoint {'model': ..., 'optimizer': ..., 'args': ...}.
+    source: a .pth / .pt / .bin / .safetensors path, an in-memory state dict (name -> tensor / array),
+      optionally a training checkpoint {'model': ..., 'optimizer': ..., 'args': ...}, or a Checkpoint.
     skip: regexes (re.search on PyTorch names) of file keys to ignore; reported as skipped.
     allow_missing: regexes of model parameters the file may lack; they keep their init and are reported.
       E.g. ('^fc_norm\\.', '^head\\.') to start fine-tuning from a pretrain file; then the file's final
       `norm` has no place in the 'avg' layout and is reported as skipped.
     strict: False turns missing keys into kept-init ones and unexpected keys into skipped ones (both still
       reported). Shape mismatches always raise.
+    ema: read a training checkpoint's EMA copy where it has one (timm's default); False: the raw weights.
+    prefix: the wrapper prefix of the model to read (read_checkpoint); None finds it.
+    depth: the caller runs only the embeddings and blocks 1..depth (a distillation teacher: ViT(..., depth=k)).
+      The later blocks, the final norm / fc_norm / head and an MAE decoder are then unused: not taken from the
+      file (reported as skipped), not required, and kept at init in the model (reported). The rest is strict.
+    hint_context: how hints in errors and the report spell options: 'api', 'cli', or {option: config field}.
 
-  Returns a LoadReport. Raises WeightMismatchError listing every problem, UnsafeCheckpointError for a
-  pickle that is not plain weights.
+  Values are cast to each parameter's dtype. Returns a LoadReport (which copy / prefix was read, the heads the
+  model assumes or the sidecar records). Raises WeightMismatchError listing every problem, and the errors of
+  read_checkpoint.
   """
-  weights, extras, label = read_pytorch_weights(source)
-  return _load(model, weights, extras, label, skip=skip, allow_missing=allow_missing, strict=strict)
+  ckpt = read_checkpoint(source, ema=ema, prefix=prefix, hint_context=hint_context)
+  return _load(model, ckpt, skip=skip, allow_missing=allow_missing, strict=strict, depth=depth,
+               hint_context=hint_context)
 
 
-def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> LoadReport:
-  report = LoadReport(source=label, layout=detect_layout(weights, extras))
-  report.skipped.update(extras)
+def _runs(name: str, depth: int | None) -> bool:
+  """Whether a job that runs a ViT to block `depth` (1-based) uses the PyTorch-named parameter `name`."""
+  if depth is None:
+    return True
+  m = re.match(r"blocks\.(\d+)\.", name)
+  if m:
+    return int(m[1]) < depth
+  # After the blocks: the final norm, the fine-tuned tail, an MAE decoder. Anything else (the embeddings, or a
+  # part this ViT does not know, e.g. DeiT's dist_token) is taken as run: loaded, or unexpected.
+  return not (name.split(".")[0] in ("norm", "fc_norm", "head") or _DECODER_RE.match(name))
+
+
+def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
+          hint_context: HintContext = "api") -> LoadReport:
+  weights, label = ckpt.weights, ckpt.label
+  report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
+  report.skipped.update(ckpt.extras)
+  report.info += ckpt.describe(hint_context)
   target = _mapping(model)
   is_vit_only = not any(_DECODER_RE.match(k) for k in target)
   prefix = 1  # the CLS token's row of pos_embed is kept as it is when the grid is resampled
+  unused = f"not run: this job runs blocks 1..{depth} only"
 
   missing, unexpected, mismatched = [], [], []
+  missing_names, mismatched_names = [], []
   for name, (path, value) in target.items():
+    if not _runs(name, depth):
+      report.unused_kept_init.append(name)
+      continue
     if name in weights:
       continue
     pattern = _first_match(allow_missing, name)
@@ -381,6 +815,7 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
       report.missing_kept_init.append(name)
     else:
       missing.append(f"{name} {_torch_shape(path, value.shape)}")
+      missing_names.append(name)
   # The pretrained final norm has no counterpart in the 'avg' layout, whose fc_norm starts fresh (MAE's
   # fine-tuning start); only accepted when the caller allowed fc_norm to be missing.
   fresh_fc_norm = any(k.startswith("fc_norm.") for k in report.missing_kept_init)
@@ -388,6 +823,9 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
   new_values, rounded = {}, []
   for name, arr in weights.items():
     skip_pattern = _first_match(skip, name)
+    if not _runs(name, depth):
+      report.skipped[name] = unused
+      continue
     if name not in target:
       if skip_pattern is not None:
         report.skipped[name] = f"matches skip pattern {skip_pattern!r}"
@@ -408,6 +846,7 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
         report.missing_kept_init.append(name)
       else:
         missing.append(f"{name} {want} (skipped by {skip_pattern!r} but not allowed missing)")
+        missing_names.append(name)
       continue
     if name.endswith("pos_embed") and tuple(arr.shape) != want:
       grids = _resample_grids(arr.shape, want, prefix)
@@ -416,6 +855,7 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
         report.resampled[name] = grids
     if tuple(arr.shape) != want:
       mismatched.append(f"{name}: file {tuple(arr.shape)}, model expects {want}")
+      mismatched_names.append(name)
       continue
     new_values[path] = np.asarray(_from_torch_layout(path, arr), dtype=value.dtype)
     report.loaded.append(name)
@@ -424,30 +864,65 @@ def _load(model, weights, extras, label, *, skip, allow_missing, strict) -> Load
   if rounded:  # as intended (a float64 file into a float32 model), but said
     report.notes.append(f"{len(rounded)} tensor(s) rounded to the model's param_dtype: {_short_list(rounded, 3)}")
 
-  if _is_abstract_model(target) and report.missing_kept_init:
+  if _is_abstract_model(target) and (report.missing_kept_init or report.unused_kept_init):
     # An nnx.eval_shape model has no init to keep: every parameter has to come from the file.
     missing += [f"{name} {_torch_shape(target[name][0], target[name][1].shape)} (the model is abstract: "
                 f"no init to keep)"
-                for name in report.missing_kept_init]
+                for name in report.missing_kept_init + report.unused_kept_init]
   if missing or unexpected or mismatched:
     lines = [f"cannot load {label} [{report.layout}] into {_describe_model(model)}: "
              f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped key(s); "
              f"nothing was written to the model."]
+    lines += [f"  {line}" for line in report.info]
     for title, items in (("missing from the file", missing), ("unexpected in the file", unexpected),
                          ("shape mismatch", mismatched)):
       if items:
         lines.append(f"  {title} ({len(items)}):")
         lines += [f"    {item}" for item in items]
-    if any(m.startswith(("fc_norm.", "head.")) for m in missing):
-      lines.append("  hint: to start fine-tuning from a pretrain file pass allow_missing=(r'^fc_norm\\.', "
-                   "r'^head\\.') (CLI: --allow-missing '^fc_norm\\.' --allow-missing '^head\\.').")
-    if any(u.startswith("head.") for u in unexpected):
-      lines.append("  hint: to drop a classifier head pass skip=(r'^head\\.',).")
+    parts = {n.split(".")[0] for n in target}
+    lines += [f"  hint: {h}" for h in _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing,
+                                                      hint_context, parts)]
     raise WeightMismatchError("\n".join(lines))
 
+  if report.loaded:
+    file_dtypes = dtype_summary({n: weights[n] for n in report.loaded})
+    model_dtypes = " + ".join(sorted({np.dtype(target[n][1].dtype).name for n in report.loaded}))
+    report.dtypes = file_dtypes if file_dtypes == model_dtypes else f"{file_dtypes} -> {model_dtypes}"
+  report.info.append(_heads_line(model, ckpt))
   _check_fixed_tables(model, target, new_values, report)
   _write(model, new_values)
   return report
+
+
+def _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing, context, model_parts
+                    ) -> list[str]:
+  """The fixes of a failed load, spelt for where the user is; a fix that cannot be set there is left out."""
+  hints = []
+  tails = [t for t in ("fc_norm", "head") if any(n.startswith(t + ".") for n in missing_names)]
+  if tails:
+    fix = render_fix(context, allow_missing=[rf"^{t}\." for t in tails])
+    if fix:
+      hints.append(f"to start fine-tuning from a pretrain file (a fresh {' + '.join(tails)}): {fix}")
+  if any(u.startswith("head.") for u in unexpected):
+    fix = render_fix(context, skip=[r"^head\."])
+    if fix:
+      hints.append(f"to drop the file's classifier head: {fix}")
+  # Parts the model does not have at all (e.g. DeiT's dist_token): skip them by their top-level name. (A part the
+  # model has, e.g. a deeper file's extra blocks, is a different architecture: no hint.)
+  others = sorted({u.split()[0].split(".")[0] for u in unexpected} - set(model_parts) - {"head"})
+  if others and len(others) <= 4:
+    fix = render_fix(context, skip=[rf"^{re.escape(o)}\." if any(u.startswith(o + ".") for u in unexpected)
+                                    else rf"^{re.escape(o)}$" for o in others])
+    if fix:
+      hints.append(f"to ignore the file's {', '.join(others)} (the model has no such part): {fix}")
+  if any(n.startswith("head.") for n in mismatched_names):
+    options = {"skip": [r"^head\."]}
+    if _first_match(allow_missing, "head.weight") is None:
+      options["allow_missing"] = [r"^head\."]
+    fix = render_fix(context, **options)
+    if fix:
+      hints.append(f"the file's classifier has another number of classes; to start a fresh head: {fix}")
+  return hints
 
 
 def _is_abstract(value) -> bool:
@@ -490,9 +965,10 @@ def _write(model, new_values: Mapping[tuple, np.ndarray]):
 # --------------------------------------------------------------------------------------------------------
 # Export.
 # --------------------------------------------------------------------------------------------------------
-def export_pytorch_weights(model) -> dict[str, np.ndarray]:
-  """{timm / MAE name: float32 C-contiguous array} of a ViT or MAE model, in timm's order (float64 arrays
-  for a param_dtype float64 model: nothing is rounded on the way out either).
+def export_pytorch_weights(model, dtype=None) -> dict[str, np.ndarray]:
+  """{timm / MAE name: C-contiguous array} of a ViT or MAE model, in timm's order, in the parameters' dtype
+  (float32, or float64 for a param_dtype float64 model: nothing is rounded on the way out) or, for the floating
+  ones, `dtype` ('float16' / 'bfloat16' / 'float32' / 'float64').
 
   A 'cls'-layout ViT loads into timm VisionTransformer(global_pool='token', num_classes=0) (plus a head if
   it has one), an 'avg'-layout ViT into VisionTransformer(global_pool='avg', fc_norm=True), an MAE model
@@ -501,25 +977,49 @@ def export_pytorch_weights(model) -> dict[str, np.ndarray]:
   out = {}
   for name, (path, value) in _mapping(model).items():
     # A copy: writable (torch.from_numpy warns on the read-only views of jax arrays) and C-contiguous.
-    dtype = np.float64 if np.dtype(value.dtype) == np.float64 else np.float32
-    out[name] = np.array(_to_torch_layout(path, np.asarray(value, dtype=dtype)), order="C")
-  return out
+    out[name] = np.array(_to_torch_layout(path, np.asarray(value)), order="C")
+  return cast_weights(out, dtype) if dtype is not None else out
 
 
-def save_pytorch_weights(model_or_dict, path, metadata: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
+def _as_torch(x: np.ndarray):
+  import torch
+
+  x = np.ascontiguousarray(x)
+  if x.dtype.name == "bfloat16":  # torch.from_numpy does not know ml_dtypes: the same bits through int16
+    return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+  return torch.from_numpy(x.copy())
+
+
+def save_pytorch_weights(model_or_dict, path, *, dtype=None, sidecar: dict | bool | None = None,
+                         metadata: Mapping[str, str] | None = None) -> dict[str, np.ndarray]:
   """Writes timm-named weights: .safetensors (no torch needed; `metadata` goes into its header) or .pth/.pt
-  ({'model': state_dict})."""
+  ({'model': state_dict}).
+
+  dtype: cast the floating tensors ('float16' / 'bfloat16' / 'float32' / 'float64'); None keeps theirs.
+  sidecar: the architecture to write beside the weights as `<name>.config.json` (sidecar_path). None: a model's
+    own (architecture(model)), nothing for a dict; False: none; a dict: that one.
+  Returns the tensors written.
+  """
   from flax import nnx
 
-  weights = (export_pytorch_weights(model_or_dict) if isinstance(model_or_dict, nnx.Module)
-             else {k: np.ascontiguousarray(v) for k, v in model_or_dict.items()})
+  is_model = isinstance(model_or_dict, nnx.Module)
+  if is_model:
+    weights = export_pytorch_weights(model_or_dict, dtype)
+  else:
+    weights = {k: np.ascontiguousarray(v) for k, v in model_or_dict.items()}
+    weights = cast_weights(weights, dtype) if dtype is not None else weights
+  if sidecar is None:
+    sidecar = architecture(model_or_dict) if is_model else False
   path = os.fspath(path)
   if path.endswith(".safetensors"):
     from safetensors.numpy import save_file
     save_file(weights, path, metadata={**(metadata or {}), "format": "pt"})  # 'pt': timm / HF read it as torch
   elif path.endswith((".pth", ".pt")):
     import torch
-    torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in weights.items()}}, path)
+    torch.save({"model": {k: _as_torch(v) for k, v in weights.items()}}, path)
   else:
     raise ConvertError(f"unknown weight file type {path!r}: use .safetensors or .pth")
+  if sidecar:
+    with open(sidecar_path(path), "w") as f:
+      json.dump(sidecar, f, indent=2)
   return weights

@@ -3,15 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import collections
+import os
 import sys
 from typing import Mapping
 
 import numpy as np
 
 from tinymim_jax import builders
-from tinymim_jax.convert import (ConvertError, _describe_model, _load, _sort_key, _square_grid, detect_layout,
-                                 read_pytorch_weights, save_pytorch_weights)
-from tinymim_jax.models import VARIANTS, create_model
+from tinymim_jax import convert
+from tinymim_jax.convert import (FLOAT_DTYPES, ConvertError, _describe_model, _load, _sort_key, _square_grid,
+                                 detect_layout, dtype_summary, read_checkpoint, save_pytorch_weights)
+from tinymim_jax.models import MAE_PREFIX, VARIANTS, create_model
+
+
+def _variant(weights: Mapping[str, np.ndarray]) -> str | None:
+  """The variant of the file's width, depth and patch (None: not a ViT, or a custom size)."""
+  if "cls_token" not in weights or "patch_embed.proj.weight" not in weights:
+    return None
+  shape = (weights["cls_token"].shape[-1], len({k.split(".")[1] for k in weights if k.startswith("blocks.")}),
+           weights["patch_embed.proj.weight"].shape[-1])
+  return next((n for n, v in VARIANTS.items() if (v["embed_dim"], v["depth"], v["patch_size"]) == shape), None)
 
 
 def _guess_variant(weights: Mapping[str, np.ndarray]) -> str:
@@ -20,9 +32,7 @@ def _guess_variant(weights: Mapping[str, np.ndarray]) -> str:
   d = weights["cls_token"].shape[-1]
   p = weights["patch_embed.proj.weight"].shape[-1]
   depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
-  name = next((n for n, v in VARIANTS.items()
-               if (v["embed_dim"], v["depth"], v["patch_size"]) == (d, depth, p)), "custom")
-  text = f"{name} (D {d}, depth {depth}, patch {p}"
+  text = f"{_variant(weights) or 'custom'} (D {d}, depth {depth}, patch {p}"
   if "pos_embed" in weights:
     g = _square_grid(weights["pos_embed"].shape[1] - 1)
     text += f", grid {g}x{g} = img {g * p}" if g else ""
@@ -31,11 +41,31 @@ def _guess_variant(weights: Mapping[str, np.ndarray]) -> str:
   return text + ")"
 
 
+def _read(args, source):
+  return read_checkpoint(source, ema=args.ema, prefix=args.prefix, hint_context="cli")
+
+
+def _heads_line(ckpt) -> str:
+  if ckpt.sidecar is None:
+    where = f"no {ckpt.sidecar_label} beside them" if ckpt.sidecar_label else "no sidecar"
+    name = _variant(ckpt.weights)
+    assumed = f"{name}'s {VARIANTS[name]['num_heads']}" if name else "its num_heads"
+    return f"heads:  not stored in the weights ({where}): a load assumes the model's count, e.g. {assumed}"
+  enc, dec = convert.sidecar_configs(ckpt.sidecar)
+  text = convert.heads_text([enc.block_heads(i) for i in range(1, enc.depth + 1)])
+  text += f", decoder {dec.num_heads}" if dec is not None else ""
+  return f"heads:  not stored in the weights; {ckpt.sidecar_label} records {text} ({ckpt.sidecar.get('architecture')})"
+
+
 def _cmd_inspect(args):
-  weights, extras, label = read_pytorch_weights(args.file)
-  print(f"{label}: {len(weights)} tensors, {sum(v.size for v in weights.values()):,} values")
+  ckpt = _read(args, args.file)
+  weights, extras, label = ckpt.weights, ckpt.extras, ckpt.label
+  print(f"{label}: {len(weights)} tensors, {sum(v.size for v in weights.values()):,} values "
+        f"({dtype_summary(weights)})")
   print(f"layout: {detect_layout(weights, extras)}")
   print(f"model:  {_guess_variant(weights)}")
+  for line in ckpt.describe("cli") + [_heads_line(ckpt)]:
+    print(line)
   for k, reason in extras.items():
     print(f"entry:  {k} ({reason})")
   for k in sorted(weights, key=_sort_key):
@@ -46,42 +76,91 @@ def _cmd_inspect(args):
 def _cmd_import(args):
   from flax import nnx
 
-  weights, extras, label = read_pytorch_weights(args.src)
-  overrides = {}
-  if args.img_size is not None:
-    overrides["img_size"] = args.img_size
-  if args.pos_embed is not None:
-    overrides["pos_embed"] = args.pos_embed
-  if not args.model.startswith("mae_"):
+  ckpt = _read(args, args.src)
+  weights = ckpt.weights
+  # The architecture saved beside the file (heads, pos_embed, ...) is the base; flags override it.
+  name, overrides, decoder = (convert.sidecar_model(ckpt.sidecar) if ckpt.sidecar is not None
+                              else (None, {}, None))
+  if args.model is not None:
+    if name is not None and name.startswith(MAE_PREFIX) != args.model.startswith(MAE_PREFIX):
+      decoder = None
+    name = args.model
+  if name is None:
+    raise ConvertError(f"{ckpt.label} has no {ckpt.sidecar_label} beside it: name the model with --model")
+  for field in ("img_size", "pos_embed", "num_classes", "pooling"):
+    if getattr(args, field) is not None:
+      overrides[field] = getattr(args, field)
+  if not name.startswith(MAE_PREFIX):
     # Defaults follow the file: a fine-tuned file (fc_norm + head) gives the 'avg' layout and its classes.
-    num_classes = args.num_classes
-    if num_classes is None:
-      num_classes = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
-    pooling = args.pooling or ("avg" if "fc_norm.weight" in weights or args.num_classes else "cls")
-    overrides.update(num_classes=num_classes, pooling=pooling)
-  make = lambda: create_model(args.model, **overrides)
+    if "num_classes" not in overrides:
+      overrides["num_classes"] = int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0
+    if "pooling" not in overrides:
+      overrides["pooling"] = "avg" if "fc_norm.weight" in weights or args.num_classes else "cls"
+  else:
+    for field in ("num_classes", "pooling"):
+      overrides.pop(field, None)
+  make = lambda: create_model(name, decoder=decoder, **overrides)
   # Everything comes from the file unless keys may be missing: skip the random init (ViT-H: 630M values).
   model = make() if args.allow_missing else nnx.eval_shape(make)
-  report = _load(model, weights, extras, label, skip=args.skip, allow_missing=args.allow_missing, strict=True)
+  report = _load(model, ckpt, skip=args.skip, allow_missing=args.allow_missing, strict=True, hint_context="cli")
   print(report)
-  written = save_pytorch_weights(model, args.out)
-  print(f"wrote {len(written)} tensors ({_describe_model(model)}) to {args.out}")
+  exported = convert.export_pytorch_weights(model)  # in the model's parameter dtype
+  if args.dtype is not None:
+    written, how = convert.cast_weights(exported, args.dtype), "--dtype"
+  else:
+    written, how = _keep_file_dtypes(exported, weights), "as in the file"
+    rounded = [k for k in report.loaded if weights[k].dtype.itemsize > exported[k].dtype.itemsize]
+    if rounded:
+      print(f"  note: the model holds {exported[rounded[0]].dtype.name}: {len(rounded)} {weights[rounded[0]].dtype} "
+            f"tensors were rounded to it before being written back as {weights[rounded[0]].dtype}")
+  save_pytorch_weights(written, args.out, sidecar=convert.architecture(model))
+  print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {_describe_model(model)}) to {args.out} "
+        f"(+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
+
+
+def _keep_file_dtypes(exported, weights):
+  """Each tensor back in the file's dtype; one the file lacks (kept at init) in the file's most common float."""
+  floats = collections.Counter(v.dtype.name for v in weights.values() if v.dtype.name in FLOAT_DTYPES)
+  default = floats.most_common(1)[0][0] if floats else None
+  out = {}
+  for k, v in exported.items():
+    dtype = weights[k].dtype if k in weights and weights[k].dtype.name in FLOAT_DTYPES else default
+    out[k] = convert.cast_weights({k: v}, dtype)[k] if dtype is not None and v.dtype.name in FLOAT_DTYPES else v
+  return out
 
 
 def _cmd_export(args):
   if (args.workdir is None) == (args.weights is None):
     raise ConvertError("export needs exactly one of --workdir DIR or --weights FILE")
+  how = "--dtype" if args.dtype is not None else "as in the source"
   if args.weights is not None:
-    weights, extras, label = read_pytorch_weights(args.weights)
-    save_pytorch_weights(weights, args.out)
-    dropped = f" (dropped entries: {', '.join(extras)})" if extras else ""
-    print(f"wrote {len(weights)} tensors from {label} to {args.out}{dropped}")
+    ckpt = _read(args, args.weights)
+    written = save_pytorch_weights(ckpt.weights, args.out, dtype=args.dtype, sidecar=ckpt.sidecar or False)
+    dropped = f" (dropped entries: {', '.join(ckpt.extras)})" if ckpt.extras else ""
+    side = f" (+ {os.path.basename(convert.sidecar_path(args.out))})" if ckpt.sidecar else ""
+    print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}) from {ckpt.label} to {args.out}{side}"
+          f"{dropped}")
+    for line in ckpt.describe("cli"):
+      print(f"  {line}")
     return 0
   model = builders.restore_model(args.workdir)
-  written = save_pytorch_weights(model, args.out)
-  print(f"wrote {len(written)} tensors ({_describe_model(model)}) from {args.workdir} to {args.out}")
+  written = save_pytorch_weights(model, args.out, dtype=args.dtype)
+  print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {_describe_model(model)}) from "
+        f"{args.workdir} to {args.out} (+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
+
+
+def _add_reading(p, *, dtype: str | None):
+  """The flags that choose what is read from a file (and, for writers, the output dtype)."""
+  p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
+                 help="read a training checkpoint's EMA copy (timm train.py 'state_dict_ema', DeiT 'model_ema') "
+                      "where it has one, as timm does; --no-ema reads the raw weights (default: --ema)")
+  p.add_argument("--prefix", default=None, metavar="NAME",
+                 help="the wrapper prefix of the model to read, e.g. 'student' in a file holding a student and a "
+                      "teacher (default: found from the keys; '' for the unprefixed one)")
+  if dtype is not None:
+    p.add_argument("--dtype", choices=FLOAT_DTYPES, default=None, help=dtype)
 
 
 def _parser():
@@ -97,14 +176,19 @@ def _parser():
       "import", formatter_class=fmt,
       help="validate a .pth/.safetensors against our model and write timm-named .safetensors",
       description="Loads SRC into a tinymim-jax model (every key checked; pos_embed resampled to "
-                  "--img-size), then writes the validated weights with timm names.",
+                  "--img-size), then writes the validated weights with timm names and the architecture beside "
+                  "them (OUT's name + .config.json). A SRC with such a file beside it is read with its heads and "
+                  "layout (flags override them; --model may then be left out).",
       epilog="Examples:\n"
              "  python -m tinymim_jax.convert import mae_pretrain_vit_large.pth --model vit_large_patch16 "
              "--out teacher_l.safetensors\n"
              "  python -m tinymim_jax.convert import mae_finetuned_vit_base.pth --model vit_base_patch16 "
-             "--img-size 384 --pos-embed learn --out vit_b_384.safetensors")
+             "--img-size 384 --pos-embed learn --out vit_b_384.safetensors\n"
+             "  python -m tinymim_jax.convert import deit_ema.pth --model vit_small_patch16 --no-ema --dtype "
+             "bfloat16 --out vit_s_raw_bf16.safetensors")
   imp.add_argument("src", help="checkpoint (.pth / .pt / .bin / .safetensors)")
-  imp.add_argument("--model", required=True, help="vit_tiny_patch16 ... vit_huge_patch14, or mae_<variant>")
+  imp.add_argument("--model", default=None,
+                   help="vit_tiny_patch16 ... vit_huge_patch14, or mae_<variant> (default: SRC's .config.json)")
   imp.add_argument("--img-size", type=int, default=None, help="target resolution (default: the variant's)")
   imp.add_argument("--pos-embed", choices=("sincos", "learn"), default=None)
   imp.add_argument("--num-classes", type=int, default=None, help="default: the file's head size, or 0")
@@ -113,29 +197,37 @@ def _parser():
   imp.add_argument("--skip", action="append", default=[], metavar="REGEX", help="file keys to ignore")
   imp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
                    help="model keys the file may lack (kept at init)")
+  _add_reading(imp, dtype="output dtype of the floating tensors (default: each tensor's dtype in SRC)")
   imp.add_argument("--out", required=True, help="output .safetensors (or .pth)")
   imp.set_defaults(fn=_cmd_import)
 
   exp = sub.add_parser(
       "export", formatter_class=fmt, help="write a tinymim-jax run's student (or convert a file) with timm names",
       description="Restores the student of a tinymim-jax run (tinymim_jax.builders.restore_model) and "
-                  "writes it with timm names; or converts a weight file between .pth and .safetensors.",
+                  "writes it with timm names and its architecture beside it (OUT's name + .config.json); or "
+                  "converts a weight file between .pth and .safetensors (its .config.json comes along).",
       epilog="Examples:\n"
              "  python -m tinymim_jax.convert export --workdir workdirs/tinymim_vit_small --out "
              "tinymim_s.pth\n"
-             "  python -m tinymim_jax.convert export --weights teacher_l.safetensors --out teacher_l.pth")
+             "  python -m tinymim_jax.convert export --weights teacher_l.safetensors --out teacher_l.pth\n"
+             "  python -m tinymim_jax.convert export --weights train_ckpt.pth.tar --no-ema --dtype float16 "
+             "--out raw_fp16.safetensors")
   exp.add_argument("--workdir", default=None, help="tinymim-jax run directory")
   exp.add_argument("--weights", "--safetensors", dest="weights", default=None,
                    help="a weight file to convert instead (.pth or .safetensors)")
+  _add_reading(exp, dtype="output dtype of the floating tensors (default: as they are: the file's, or the run's "
+                          "float32)")
   exp.add_argument("--out", required=True, help="output .safetensors or .pth")
   exp.set_defaults(fn=_cmd_export)
 
   ins = sub.add_parser(
       "inspect", formatter_class=fmt, help="list keys and shapes and guess the checkpoint layout",
-      description="Lists a checkpoint's keys and shapes, and which layout (MAE pretrain / fine-tuned / "
-                  "TinyMIM / timm) and variant it looks like.",
+      description="Lists a checkpoint's keys, shapes and dtypes, and which layout (MAE pretrain / fine-tuned / "
+                  "TinyMIM / timm) and variant it looks like, which copy (EMA or raw) and prefix is read, and the "
+                  "heads its .config.json records (a state dict does not store them).",
       epilog="Example:\n  python -m tinymim_jax.convert inspect mae_pretrain_vit_base.pth")
   ins.add_argument("file")
+  _add_reading(ins, dtype=None)
   ins.set_defaults(fn=_cmd_inspect)
   return parser
 
@@ -144,6 +236,6 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (ConvertError, FileNotFoundError) as e:  # e.g. restore_model on a directory without a checkpoint
+  except (ConvertError, FileNotFoundError) as e:  # ConvertError's subclasses name the file and the fault
     print(f"error: {e}", file=sys.stderr)
     return 1
