@@ -46,7 +46,7 @@ def test_sizes_and_eval_pixels_are_the_files(fake):
   np.testing.assert_array_equal(labels, arrays['test'][1])
 
 
-@pytest.mark.parametrize('mode,keys', [('distill', ('teacher', 'student')), ('mae', ('image',)),
+@pytest.mark.parametrize('mode,keys', [('distill', ('teacher', 'student')), ('mae_pretrain', ('image',)),
                                        ('finetune', ('image',))])
 def test_every_mode_at_32_px(fake, mode, keys):
   cfg = _cfg(fake[0], image_size=32, randaug='', reprob=0.0)
