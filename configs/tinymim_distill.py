@@ -20,7 +20,15 @@ Ablation axes, as config arguments (comma-separated key=value after the ':'):
   relation_heads=N              heads of the student's relation block (default: the teacher's)
   mask_ratio=R                  masked student input (0 = full image, the paper's choice)
   drop_path=P                   student drop path in blocks before the relation block (default 0.1)
-  teacher=base|large            the teacher's size (default: large for student=base, else base)
+  teacher=base|large            the MAE teacher's size (default: large for student=base, else base)
+  teacher=dinov2_base|clip_base|...  a teacher of another family by its timm weights (TEACHERS below: DINOv2
+                                with and without registers, small / base / large; CLIP ViT-B/16, QuickGELU or not),
+                                e.g. with timm's vit_base_patch14_reg4_dinov2.lvd142m model.safetensors:
+  python -m tinymim_jax.main --config configs/tinymim_distill.py:student=small,teacher=dinov2_reg_base \
+      --config.teacher.source=dinov2_reg_base.safetensors --config.data.data_dir=$TFDS --workdir wd/s_dinov2
+                                The teacher reads 196 px (14 x 14 patches of 14, the student's grid) resized from
+                                the student's crop, normalised with its own mean / std (CLIP: OpenAI's), and its
+                                register tokens take no part in the relations (train_steps.drop_registers).
 e.g. `configs/tinymim_distill.py:student=small,target=feature,teacher_block=9`.
 
 Speed on GPUs (H100 / H200), without changing the recipe:
@@ -35,7 +43,15 @@ from tinymim_jax import config_base
 
 # Student layouts during distillation (docs/method.md section 2): heads in blocks 1..11 / in the relation block.
 STUDENTS = {"tiny": ("vit_tiny_patch16", 6), "small": ("vit_small_patch16", 6), "base": ("vit_base_patch16", 12)}
-TEACHERS = {"base": ("vit_base_patch16", 12), "large": ("vit_large_patch16", 18)}
+TEACHERS = {"base": ("vit_base_patch16", 12), "large": ("vit_large_patch16", 18),
+            # Other families by their timm names (README, "Teachers"); block 12 of 12, 18 of 24 as for MAE.
+            "dinov2_small": ("vit_small_patch14_dinov2", 12), "dinov2_base": ("vit_base_patch14_dinov2", 12),
+            "dinov2_large": ("vit_large_patch14_dinov2", 18),
+            "dinov2_reg_small": ("vit_small_patch14_reg4_dinov2", 12),
+            "dinov2_reg_base": ("vit_base_patch14_reg4_dinov2", 12),
+            "dinov2_reg_large": ("vit_large_patch14_reg4_dinov2", 18),
+            "clip_base": ("vit_base_patch16_clip_224", 12),
+            "clip_quickgelu_base": ("vit_base_patch16_clip_quickgelu_224", 12)}
 
 
 def get_config(arg=None):
@@ -56,7 +72,9 @@ def get_config(arg=None):
 
   teacher = a.teacher or ("large" if a.student == "base" else "base")
   c.teacher.name, default_block = TEACHERS[teacher]
-  c.teacher.img_size = 224
+  # MAE teachers: 224. Others: their variant's (518 for DINOv2); the teacher runs at the student's patch grid
+  # anyway (builders.teacher_img_size: 196 px for a patch-14 teacher), its pos_embed resampled on load.
+  c.teacher.img_size = 224 if teacher in ("base", "large") else None
   c.teacher.source = ""                 # set on the command line: a .pth / .safetensors / workdir
   c.teacher.dtype = "bfloat16"
   c.teacher.attention = a.attention

@@ -14,6 +14,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
 ARGS = {
     "tinymim_distill": ["student=tiny", "student=small", "student=base", "student=small,target=feature",
+                        "teacher=dinov2_base", "teacher=dinov2_reg_base", "teacher=clip_base",
+                        "teacher=clip_quickgelu_base",
                         "student=tiny,target=cls,teacher_block=9,relation_heads=6,mask_ratio=0.5",
                         "student=base,dtype=bfloat16,attention=cudnn"],
     "finetune": ["model=tiny", "model=small", "model=base"],
@@ -137,3 +139,20 @@ def test_linprobe_config_matches_mae_recipe():
   # The demo's eval stages probe with the small-data recipe of configs/linprobe.py:data=digits.
   small, demo = load("linprobe", "data=digits").linprobe, load("digits_demo", "stage=student_eval").linprobe
   assert small.to_dict() == {**demo.to_dict(), "augment": True}
+
+
+@pytest.mark.parametrize("teacher,name,regs,norm", [
+    ("dinov2_base", "vit_base_patch14_dinov2", 0, "imagenet"),
+    ("dinov2_reg_base", "vit_base_patch14_reg4_dinov2", 4, "imagenet"),
+    ("clip_base", "vit_base_patch16_clip_224", 0, "clip"),
+    ("clip_quickgelu_base", "vit_base_patch16_clip_quickgelu_224", 0, "clip")])
+def test_distill_teachers_of_other_families(teacher, name, regs, norm):
+  from tinymim_jax.models.variants import IMAGENET_NORM, OPENAI_CLIP_NORM
+  c = load("tinymim_distill", f"student=small,teacher={teacher}")
+  t = nnx.eval_shape(lambda: builders.make_teacher(c))
+  assert c.teacher.name == name and t.config.reg_tokens == regs
+  # The student's 14 x 14 grid on both sides: 196 px for patch 14, 224 px for patch 16.
+  assert t.config.img_size == 14 * t.config.patch_size and t.grid == 14
+  ti = builders.teacher_input(c)
+  assert (ti.img_size, ti.reg_tokens) == (t.config.img_size, regs)
+  assert ti.norm == (IMAGENET_NORM if norm == "imagenet" else OPENAI_CLIP_NORM)

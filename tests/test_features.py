@@ -81,3 +81,13 @@ def test_resolve_precedence_and_errors():
     features.resolve({**fields, "block": 5}, depth=4)
   with pytest.raises(ValueError, match="eval.feature.pool"):
     features.resolve({**fields, "pool": "max"}, depth=4)
+
+
+def test_mean_pool_skips_register_tokens():
+  """With registers the prefix is CLS + registers: 'mean' averages the patch tokens only."""
+  vit = create_model("vit_small_patch14_reg4_dinov2", img_size=28, embed_dim=32, depth=1, num_heads=2)
+  x = np.random.RandomState(0).rand(2, 28, 28, 3).astype(np.float32)
+  spec = features.FeatureSpec(block=1, pool="mean", norm=False)
+  hidden = np.asarray(vit(x, capture=(1,))["blocks"][1]["hidden"])
+  assert vit.num_prefix_tokens == 5 and hidden.shape[1] == 5 + 4
+  np.testing.assert_allclose(features.extract(vit, x, spec)["feature"], hidden[:, 5:].mean(1), rtol=1e-5, atol=1e-6)

@@ -80,8 +80,25 @@ def make_teacher(config) -> nnx.Module:
   if not 1 <= block <= depth:
     raise ValueError(f"config.distill.teacher_block={block}, but {config.teacher.name} has blocks 1..{depth}")
   kw = vit_kwargs(config.teacher)
-  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=block)
+  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=block, img_size=teacher_img_size(config))
   return create_model(config.teacher.name, seed=0, **kw)
+
+
+def teacher_img_size(config) -> int:
+  """The teacher's input resolution: the student's patch grid times the teacher's patch size, so that both see
+  the same grid (196 px for a patch-14 teacher beside a 224 px patch-16 student)."""
+  student, teacher = vit_config(config.model.name, **vit_kwargs(config.model)), teacher_vit_config(config)
+  return (student.img_size // student.patch_size) * teacher.patch_size
+
+
+def teacher_input(config) -> ts.TeacherInput:
+  """How the teacher reads the data's teacher view: its resolution (teacher_img_size), its input statistics
+  (models.variants.INPUT_NORM by config.teacher.name; the view comes normalised with config.data.teacher_norm),
+  and the register tokens dropped from the relation maps."""
+  from tinymim_jax.models.variants import INPUT_NORM, IMAGENET_NORM
+  t = teacher_vit_config(config)
+  return ts.TeacherInput(img_size=teacher_img_size(config), view_norm=tuple(map(tuple, config.data.teacher_norm)),
+                         norm=INPUT_NORM.get(config.teacher.name, IMAGENET_NORM), reg_tokens=t.reg_tokens)
 
 
 # --------------------------------------------------------------------------------------------------------

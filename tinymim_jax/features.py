@@ -77,14 +77,17 @@ def resolve(overrides: Mapping | None, *, depth: int, recorded: Mapping | None =
   return spec
 
 
-def pool(hidden, spec: FeatureSpec):
-  """(B, N, D) hidden states -> (B, D) float32 features as `spec` says (LayerNorm, then pooling)."""
+def pool(hidden, spec: FeatureSpec, num_prefix_tokens: int = 1):
+  """(B, N, D) hidden states -> (B, D) float32 features as `spec` says (LayerNorm, then pooling).
+
+  The first `num_prefix_tokens` tokens are CLS (then any registers); 'mean' averages the patch tokens after them.
+  """
   h = hidden.astype(jnp.float32)
   if spec.norm:
     mean = h.mean(axis=-1, keepdims=True)
     var = jnp.square(h - mean).mean(axis=-1, keepdims=True)
     h = (h - mean) * jax.lax.rsqrt(var + LN_EPS)
-  return h[:, 0] if spec.pool == "cls" else h[:, 1:].mean(axis=1)  # 'mean': the patch tokens (all but CLS)
+  return h[:, 0] if spec.pool == "cls" else h[:, num_prefix_tokens:].mean(axis=1)  # 'mean': the patch tokens
 
 
 def extract(vit, images, spec: FeatureSpec, *, logits: bool = False) -> dict[str, Any]:
@@ -102,7 +105,7 @@ def extract(vit, images, spec: FeatureSpec, *, logits: bool = False) -> dict[str
     hidden = out["blocks"][spec.block]["hidden"]
     if want_logits:
       res["logits"] = out["logits"]
-  res["feature"] = pool(hidden, spec)
+  res["feature"] = pool(hidden, spec, vit.num_prefix_tokens)
   if "logits" in res:
     res["logits"] = res["logits"].astype(jnp.float32)
   return res

@@ -217,7 +217,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # Steps.
   # ---------------------------------------------------------------------------------------------------
   if objective == "distill":
-    step_fn = ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, distill_spec)
+    step_fn = ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, distill_spec,
+                                   builders.teacher_input(config))
   elif objective == "mae_pretrain":
     step_fn = ts.make_mae_step(modeldef, tx, schedule, mask_ratio=config.mae.mask_ratio,
                                norm_pix=config.mae.norm_pix)

@@ -228,13 +228,65 @@ def distill_frozen_patterns(spec: DistillSpec, params: dict) -> tuple[str, ...]:
   return tuple(p for p in pats if any(optim.match([p], n) for n in names))
 
 
-def make_distill_step(modeldef: ModelDef, teacher_graphdef, tx, schedule, spec: DistillSpec) -> Callable:
+@dataclasses.dataclass(frozen=True)
+class TeacherInput:
+  """How a teacher reads the data pipeline's teacher view (builders.teacher_input sets it from the config).
+
+  img_size: the teacher's input resolution, chosen so that its patch grid equals the student's (a patch-14
+    DINOv2 teacher reads 196 px beside a 224 px patch-16 student: 14 x 14 both); None = the view as it is. The
+    view is resized to it inside the step (jax.image.resize, bicubic, antialiased when shrinking), from the same
+    crop the student sees.
+  view_norm / norm: (mean, std) in [0, 1] pixel units of the view (data.teacher_norm) and the ones the teacher
+    expects (models.variants.INPUT_NORM by its name, e.g. OpenAI's for CLIP). Where they differ the step maps
+    the view back to pixels and normalises it again: x * (view_std / std) + (view_mean - mean) / std.
+  reg_tokens: the teacher's register tokens, dropped from what it gives the loss (see drop_registers).
+  """
+  img_size: int | None = None
+  view_norm: tuple = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  norm: tuple = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+  reg_tokens: int = 0
+
+  def __call__(self, images):
+    """(B, H, W, 3) view -> the teacher's (B, img_size, img_size, 3) input."""
+    if self.img_size is not None and images.shape[1:3] != (self.img_size, self.img_size):
+      images = jax.image.resize(images, (images.shape[0], self.img_size, self.img_size, images.shape[3]), "bicubic")
+    if tuple(map(tuple, self.view_norm)) != tuple(map(tuple, self.norm)):
+      (vm, vs), (m, s) = (jnp.asarray(a, jnp.float32) for a in self.view_norm), (
+          jnp.asarray(a, jnp.float32) for a in self.norm)
+      images = images * (vs / s).astype(images.dtype) + ((vm - m) / s).astype(images.dtype)
+    return images
+
+
+def drop_registers(block: dict, reg_tokens: int) -> dict:
+  """A teacher block's outputs without its register tokens: q/k/v (B, H, N, dh) and hidden (B, N, D) keep CLS and
+  the patch tokens (token 0, then tokens 1 + reg_tokens ...).
+
+  The student has no registers, so the relation maps must be over the same token set on both sides: CLS +
+  patches. Dropping the registers' q/k/v rows removes both their rows and their columns from softmax(q k^T) and
+  softmax(v v^T): the teacher's softmax is then taken over CLS + patches only (a restricted map, as if the
+  registers were not there in this block's attention), not the full map with the register columns cut out and
+  renormalised.
+  """
+  if not reg_tokens:
+    return block
+
+  def keep(x, axis):
+    return jnp.concatenate([jax.lax.slice_in_dim(x, 0, 1, axis=axis),
+                            jax.lax.slice_in_dim(x, 1 + reg_tokens, x.shape[axis], axis=axis)], axis=axis)
+
+  return {k: keep(v, 2 if v.ndim == 4 else 1) for k, v in block.items()}
+
+
+def make_distill_step(modeldef: ModelDef, teacher_graphdef, tx, schedule, spec: DistillSpec,
+                      teacher_input: TeacherInput | None = None) -> Callable:
   target = TARGETS[spec.target]
+  teacher_input = teacher_input or TeacherInput()
 
   def teacher_forward(teacher_state, images):
     teacher = nnx.merge(teacher_graphdef, teacher_state)
-    out = teacher(images, depth=spec.teacher_block, capture=(spec.teacher_block,), qkv_only=target.qkv_only)
-    return jax.lax.stop_gradient(out["blocks"][spec.teacher_block])
+    out = teacher(teacher_input(images), depth=spec.teacher_block, capture=(spec.teacher_block,),
+                  qkv_only=target.qkv_only)
+    return jax.lax.stop_gradient(drop_registers(out["blocks"][spec.teacher_block], teacher_input.reg_tokens))
 
   def step(state, batch, rng):
     dp_rng, mask_rng = _step_rngs(rng, state["step"], 2)

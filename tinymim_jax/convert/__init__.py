@@ -5,6 +5,7 @@ The only module of the project that knows PyTorch parameter names. Name mapping 
   ours (nnx state path)                      PyTorch name                       layout change
   [encoder.]patch_embed.kernel (p,p,3,D)      patch_embed.proj.weight (D,3,p,p)  conv transpose
   [encoder.]cls_token / pos_embed             cls_token / pos_embed              -
+  reg_token / norm_pre / blocks.i.ls1.gamma   the same names (DINOv2 / CLIP)     -
   [encoder.]blocks.i.<lin>.kernel (in,out)    blocks.i.<lin>.weight (out,in)     transpose
   <norm>.scale                                <norm>.weight                      -
   norm | fc_norm | head                       norm | fc_norm | head              -
@@ -501,7 +502,9 @@ def architecture(model) -> dict:
 
   enc, dec = _model_configs(model)
   shape = ("patch_size", "embed_dim", "depth")
-  name = next((n for n, v in VARIANTS.items() if all(v[k] == getattr(enc, k) for k in shape)), "vit_custom")
+  name = next((n for n, v in VARIANTS.items() if all(v[k] == getattr(enc, k) for k in shape)
+               and all(getattr(enc, k) == x for k, x in v.items() if k not in ("img_size", "pos_embed"))),
+              "vit_custom")
   out = {"architecture": (MAE_PREFIX if dec is not None else "") + name, "library": "tinymim_jax",
          "img_size": enc.img_size, "patch_size": enc.patch_size, "embed_dim": enc.embed_dim, "depth": enc.depth,
          "heads_per_block": [enc.block_heads(i) for i in range(1, enc.depth + 1)],
@@ -644,9 +647,9 @@ def _torch_shape(path: tuple, shape: tuple) -> tuple:
 # PyTorch's state_dict order (a module's own parameters, then its children in definition order) for timm's
 # VisionTransformer and MAE's MaskedAutoencoderViT; one ranking serves every level of the name.
 _ORDER = {n: i for i, n in enumerate([
-    "cls_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "blocks", "norm", "fc_norm",
-    "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn", "norm2", "mlp",
-    "qkv", "proj", "fc1", "fc2", "weight", "bias"])}
+    "cls_token", "reg_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre", "blocks",
+    "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn",
+    "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
 
 
 def _sort_key(name: str):
@@ -799,7 +802,10 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
   report.info += ckpt.describe(hint_context)
   target = _mapping(model)
   is_vit_only = not any(_DECODER_RE.match(k) for k in target)
-  prefix = 1  # the CLS token's row of pos_embed is kept as it is when the grid is resampled
+  # The prefix tokens' rows of pos_embed (CLS, registers; none with no_embed_class) are kept as they are when the
+  # grid is resampled (timm's resample_abs_pos_embed(num_prefix_tokens=0 if no_embed_class else ...)).
+  enc = _model_configs(model)[0]
+  prefix = 0 if enc.no_embed_class else enc.num_prefix_tokens
   unused = f"not run: this job runs blocks 1..{depth} only"
 
   missing, unexpected, mismatched = [], [], []

@@ -10,3 +10,27 @@ VARIANTS = {
     "vit_large_patch16": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
     "vit_huge_patch14": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
 }
+
+# Teachers from other families, by their timm names and with timm's defaults (timm 1.0 vision_transformer.py:
+# the model function's args, plus the img_size of its default pretrained tag). Their input statistics are in
+# INPUT_NORM below.
+_DINOV2 = dict(patch_size=14, img_size=518, init_values=1e-5, pos_embed="learn")
+_REG4 = dict(reg_tokens=4, no_embed_class=True)
+_CLIP = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, pre_norm=True, norm_eps=1e-5, pos_embed="learn")
+VARIANTS.update({
+    "vit_small_patch14_dinov2": dict(_DINOV2, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch14_dinov2": dict(_DINOV2, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch14_dinov2": dict(_DINOV2, embed_dim=1024, depth=24, num_heads=16),
+    "vit_small_patch14_reg4_dinov2": dict(_DINOV2, **_REG4, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch14_reg4_dinov2": dict(_DINOV2, **_REG4, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch14_reg4_dinov2": dict(_DINOV2, **_REG4, embed_dim=1024, depth=24, num_heads=16),
+    "vit_base_patch16_clip_224": dict(_CLIP),
+    "vit_base_patch16_clip_quickgelu_224": dict(_CLIP, act_layer="quick_gelu"),
+})
+
+# (mean, std) in [0, 1] pixel units each model expects at its input, by name (timm's pretrained cfgs):
+# ImageNet's (timm IMAGENET_DEFAULT_MEAN / STD) for MAE and DINOv2, OpenAI's for the CLIP towers
+# (timm OPENAI_CLIP_MEAN / STD).
+IMAGENET_NORM = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+OPENAI_CLIP_NORM = ((0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711))
+INPUT_NORM = {name: (OPENAI_CLIP_NORM if "_clip" in name else IMAGENET_NORM) for name in VARIANTS}

@@ -11,6 +11,9 @@ returns a dict of named intermediates so that a loss can read the q/k/v of any b
   out['blocks'][i] = {'hidden': (B, N, D) output of block i, 'q'|'k'|'v': (B, H_i, N, dh_i)}
                               for each 1-based i in `capture`
 
+N = num_prefix_tokens + grid^2: the prefix is CLS, then `reg_tokens` registers (DINOv2 with registers), then
+the patch tokens. q/k/v and the hidden states hold every token.
+
 `depth=k` runs only blocks 1..k (a teacher never computes past its target block); then 'tokens' is the
 raw output of block k and no norm/pooling/head is computed. `qkv_only=True` additionally stops block k right
 after its qkv projection: the relation targets need nothing else of it.
@@ -152,7 +155,10 @@ _SQRT_HALF = np.sqrt(0.5)  # float64; rounded to the compute dtype where it is u
 
 class Mlp(nnx.Module):
 
-  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, param_dtype=jnp.float32):
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, param_dtype=jnp.float32, act: str = "gelu"):
+    if act not in ("gelu", "quick_gelu"):
+      raise ValueError(f"act_layer must be 'gelu' or 'quick_gelu', got {act!r}")
+    self.act = act
     self.fc1 = nnx.Linear(dim, hidden, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
     self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
 
@@ -160,24 +166,42 @@ class Mlp(nnx.Module):
     # Exact erf GELU written as torch computes it, 0.5 x (1 + erf(x / sqrt 2)). (jax.nn.gelu's exact form
     # goes through erfc, which XLA's CPU backend evaluates ~2.5x slower.)
     h = linear(self.fc1, x)
+    if self.act == "quick_gelu":  # OpenAI CLIP's x * sigmoid(1.702 x) (timm layers.quick_gelu)
+      return linear(self.fc2, h * jax.nn.sigmoid(jnp.asarray(1.702, h.dtype) * h))
     return linear(self.fc2, 0.5 * h * (1 + jax.lax.erf(h * _SQRT_HALF.astype(h.dtype))))
 
 
-def layer_norm(dim, dtype, rngs, param_dtype=jnp.float32):
+def layer_norm(dim, dtype, rngs, param_dtype=jnp.float32, eps: float = 1e-6):
   # Flax computes the statistics in the wider of float32 and the input dtype.
-  return nnx.LayerNorm(dim, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+class LayerScale(nnx.Module):
+  """x * gamma, gamma (D,) initialised to `init_values` (timm layers.LayerScale; CaiT / DINOv2)."""
+
+  def __init__(self, dim: int, init_values: float, *, param_dtype=jnp.float32):
+    self.gamma = nnx.Param(jnp.full((dim,), init_values, param_dtype))
+
+  def __call__(self, x):
+    return x * self.gamma[...].astype(x.dtype)
 
 
 class Block(nnx.Module):
   """Pre-norm transformer block: x + DropPath(Attn(LN1(x))), then x + DropPath(MLP(LN2(x)))."""
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs,
-               attention: str = "default", param_dtype=jnp.float32):
+               attention: str = "default", param_dtype=jnp.float32, init_values: float = 0.0, act: str = "gelu",
+               norm_eps: float = 1e-6):
     self.drop_path = drop_path
-    self.norm1 = layer_norm(dim, dtype, rngs, param_dtype)
+    self.norm1 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
     self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention, param_dtype=param_dtype)
-    self.norm2 = layer_norm(dim, dtype, rngs, param_dtype)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype)
+    self.norm2 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
+    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype, act=act)
+    if init_values:  # timm: LayerScale only when init_values is set (truthy)
+      self.ls1 = LayerScale(dim, init_values, param_dtype=param_dtype)
+      self.ls2 = LayerScale(dim, init_values, param_dtype=param_dtype)
+    else:
+      self.ls1 = self.ls2 = None
 
   def __call__(self, x, *, rng=None, qkv_only: bool = False):
     """Returns (x_out, (q, k, v)); with qkv_only, x_out is None and nothing past the qkv Linear runs."""
@@ -185,8 +209,12 @@ class Block(nnx.Module):
     if qkv_only:
       return None, (q, k, v)
     r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
-    x = x + drop_path(self.attn.attend(q, k, v), self.drop_path, r1)
-    x = x + drop_path(self.mlp(self.norm2(x)), self.drop_path, r2)
+    a, m = self.attn.attend(q, k, v), None
+    a = a if self.ls1 is None else self.ls1(a)
+    x = x + drop_path(a, self.drop_path, r1)
+    m = self.mlp(self.norm2(x))
+    m = m if self.ls2 is None else self.ls2(m)
+    x = x + drop_path(m, self.drop_path, r2)
     return x, (q, k, v)
 
 
@@ -223,6 +251,22 @@ class ViTConfig:
   # bfloat16/float16 compute) or 'xla'.
   # q, k, v (what the relation losses read) are the same either way.
   attention: str = "default"
+  # Parts of other ViT families, named as timm's VisionTransformer arguments (DINOv2 / CLIP towers:
+  # models/variants.py). init_values: LayerScale after attention and MLP (blocks.i.ls1 / ls2 gamma), off when 0.
+  init_values: float = 0.0
+  # reg_tokens: register tokens (Darcet et al. 2024) after CLS; the prefix is CLS + registers. no_embed_class:
+  # the positional table has rows for the patches only (the prefix gets none), else one per token, prefix first.
+  reg_tokens: int = 0
+  no_embed_class: bool = False
+  # pre_norm: a LayerNorm `norm_pre` on the tokens before the blocks, and no patch-embedding bias (CLIP).
+  pre_norm: bool = False
+  act_layer: str = "gelu"           # MLP activation: 'gelu' (exact, erf) | 'quick_gelu' (OpenAI CLIP)
+  norm_eps: float = 1e-6            # epsilon of every LayerNorm (MAE / DINOv2 1e-6, CLIP 1e-5)
+
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patch tokens: CLS and the registers (timm's num_prefix_tokens)."""
+    return 1 + self.reg_tokens
 
   def block_heads(self, i: int) -> int:
     return int(self.head_overrides.get(i, self.num_heads))
@@ -260,9 +304,15 @@ class ViT(nnx.Module):
     self.grid = c.img_size // p
     pdt = c.param_dtype
     self.patch_embed = nnx.Conv(3, d, (p, p), strides=(p, p), padding="VALID", dtype=c.dtype, param_dtype=pdt,
-                                kernel_init=patch_kernel_init, rngs=rngs)
+                                kernel_init=patch_kernel_init, use_bias=not c.pre_norm, rngs=rngs)
     self.cls_token = nnx.Param(token_init(rngs.params(), (1, 1, d), pdt))
-    table = jnp.asarray(sincos_pos_embed(d, self.grid), pdt)
+    if c.reg_tokens < 0:
+      raise ValueError(f"reg_tokens must be >= 0, got {c.reg_tokens}")
+    self.reg_token = nnx.Param(token_init(rngs.params(), (1, c.reg_tokens, d), pdt)) if c.reg_tokens else None
+    # Positional rows for the prefix tokens (all zeros in the sin-cos table) unless no_embed_class.
+    table = sincos_pos_embed(d, self.grid, cls_token=False)
+    pos_prefix = 0 if c.no_embed_class else c.num_prefix_tokens
+    table = jnp.asarray(np.concatenate([np.zeros((1, pos_prefix, d), np.float32), table], axis=1), pdt)
     if c.pos_embed == "sincos":
       self.pos_embed = Constant(table)
     elif c.pos_embed == "learn":
@@ -271,29 +321,44 @@ class ViT(nnx.Module):
       raise ValueError(f"pos_embed must be 'sincos' or 'learn', got {c.pos_embed!r}")
     self.blocks = nnx.List([
         Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs,
-              attention=c.attention, param_dtype=pdt)
+              attention=c.attention, param_dtype=pdt, init_values=c.init_values, act=c.act_layer,
+              norm_eps=c.norm_eps)
         for i in range(1, c.depth + 1)])
+    self.norm_pre = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps) if c.pre_norm else None
     if c.pooling == "cls":
-      self.norm = layer_norm(d, c.dtype, rngs, pdt)
+      self.norm = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps)
     else:
-      self.fc_norm = layer_norm(d, c.dtype, rngs, pdt)
+      self.fc_norm = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps)
     if c.num_classes:
       # MAE: trunc_normal_(std=2e-5) with bounds +-2 (absolute): in effect a plain normal(0, 2e-5).
       head_init = drawn_in_float32(jax.nn.initializers.normal(2e-5))
       self.head = nnx.Linear(d, c.num_classes, dtype=c.dtype, param_dtype=pdt, kernel_init=head_init, rngs=rngs)
 
+  @property
+  def num_prefix_tokens(self) -> int:
+    """Tokens before the patch tokens in every (B, N, .) output: CLS and the registers."""
+    return self.config.num_prefix_tokens
+
   def embed(self, images, keep_ids=None):
-    """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then CLS in front."""
+    """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then the prefix (CLS, registers)
+    in front, then `norm_pre` if the model has one (timm VisionTransformer._pos_embed, patch_drop, norm_pre)."""
     c = self.config
     if images.ndim != 4 or images.shape[1:] != (c.img_size, c.img_size, 3):
       raise ValueError(f"expected NHWC images (B, {c.img_size}, {c.img_size}, 3), got {images.shape}")
     pos = self.pos_embed[...]
+    n_pos_prefix = pos.shape[1] - self.grid * self.grid  # 0 (no_embed_class) or num_prefix_tokens
     x = self.patch_embed(images.astype(c.dtype))
-    x = x.reshape(x.shape[0], -1, x.shape[-1]) + pos[:, 1:].astype(c.dtype)
+    x = x.reshape(x.shape[0], -1, x.shape[-1]) + pos[:, n_pos_prefix:].astype(c.dtype)
     if keep_ids is not None:
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
-    cls = (self.cls_token[...] + pos[:, :1]).astype(c.dtype)
-    return jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, x.shape[-1])), x], axis=1)
+    prefix = self.cls_token[...]
+    if self.reg_token is not None:
+      prefix = jnp.concatenate([prefix, self.reg_token[...]], axis=1)
+    if n_pos_prefix:
+      prefix = prefix + pos[:, :n_pos_prefix]
+    prefix = prefix.astype(c.dtype)
+    x = jnp.concatenate([jnp.broadcast_to(prefix, (x.shape[0],) + prefix.shape[1:]), x], axis=1)
+    return x if self.norm_pre is None else self.norm_pre(x)
 
   def __call__(self, images, *, rng=None, depth: int | None = None, capture: Sequence[int] = (),
                qkv_only: bool = False, keep_ids=None) -> dict[str, Any]:
@@ -325,7 +390,7 @@ class ViT(nnx.Module):
       x = self.norm(x)
       pooled = x[:, 0]
     else:
-      pooled = self.fc_norm(x[:, 1:].mean(axis=1))  # patch tokens: all but CLS
+      pooled = self.fc_norm(x[:, self.num_prefix_tokens:].mean(axis=1))  # patch tokens: all but CLS / registers
     out.update(tokens=x, cls=x[:, 0], pooled=pooled)
     if c.num_classes:
       out["logits"] = self.head(pooled)
