@@ -102,25 +102,30 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec:
 # Weights.
 # --------------------------------------------------------------------------------------------------------
 def restore_model(workdir: str) -> nnx.Module:
-  """The trained model of a tinymim-jax run (latest checkpoint, without a target's extra layers), rebuilt from
-  the config it saved, on this process's first device whatever mesh saved it.
+  """The trained model of a tinymim-jax run (its newest intact checkpoint, without a target's extra layers),
+  rebuilt from the config it saved, on this process's first device whatever mesh saved it.
 
-  Raises FileNotFoundError when `workdir` holds no checkpoint.
+  Raises FileNotFoundError when `workdir` holds no checkpoint, checkpoint.NoIntactCheckpointError when every
+  checkpoint is damaged (a damaged one is skipped with a warning, and left where it is).
   """
   ckpt = checkpoint.Checkpointer(workdir, async_save=False)
   try:
     if ckpt.latest_step() is None:
       raise FileNotFoundError(f"no checkpoint under {ckpt.directory}: is {workdir!r} a tinymim-jax workdir?")
-    meta = ckpt.restore_meta()
-    config = ml_collections.ConfigDict(meta["config"])
-    model, extras = nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
-    modeldef, params, consts = ts.split_model(model, extras)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": params, "consts": consts}
-    restored = ckpt.restore_model_item(checkpoint.abstract(target, jax.tree.map(lambda _: local, target)))
+    built = {}
+
+    def abstract_model(meta):
+      config = ml_collections.ConfigDict(meta["config"])
+      model, extras = nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+      built["modeldef"], params, consts = ts.split_model(model, extras)
+      target = {"params": params, "consts": consts}
+      return {"model": checkpoint.abstract(target, jax.tree.map(lambda _: local, target))}
+
+    _, restored, _ = ckpt.restore_intact(abstract_model)
   finally:
     ckpt.close()
-  return ts.merge_model(modeldef, restored["params"], restored["consts"])
+  return ts.merge_model(built["modeldef"], restored["model"]["params"], restored["model"]["consts"])
 
 
 def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=()):
