@@ -12,7 +12,8 @@
 #   launch/tpu_pod.sh run_bg --config ...         # same, detached (nohup): survives a dropped ssh; logs to
 #                                                 # ~/tinymim-jax/logs/<time>.log on each worker
 #   launch/tpu_pod.sh tail                        # follow worker 0's latest log
-#   launch/tpu_pod.sh stop                        # SIGTERM: every worker saves a checkpoint and exits 75 (rerun `run` to resume)
+#   launch/tpu_pod.sh stop                        # SIGTERM: every worker saves a checkpoint and exits 75
+#                                                 # (rerun `run` to resume)
 #   launch/tpu_pod.sh ssh 'any command'           # run a command on all workers
 #
 # Every worker runs the identical command. jax detects the pod on its own: tinymim_jax.sharding's

@@ -12,7 +12,9 @@ Orbax deletes old ones only after a new one is complete.
 
 Integrity. Orbax (0.12) stores no checksum of array data (zarr3 checksums only its shard index; OCDBT data is
 not checksummed), so a flipped bit restores silently. Each save therefore records `array_checksums` of what it
-saves in the meta item (written atomically with the arrays), and every restore recomputes them. A checkpoint
+saves in the meta item (written atomically with the arrays), and every restore recomputes them. They are
+computed on the host from each process's own shards (numpy, arrays in parallel threads; a few seconds per GB
+of state per core), and do not depend on the mesh, so a checkpoint still verifies when restored onto another one. A checkpoint
 whose arrays do not match, or that Orbax cannot read (truncated or missing files, missing metadata), is
 damaged: `restore` warns naming it, moves it aside to `checkpoints/<step>.damaged-<time>` (never deleted) and
 falls back to the newest intact one; with none left it raises NoIntactCheckpointError listing what it found.
@@ -248,8 +250,9 @@ class Checkpointer:
   # -- saving ----------------------------------------------------------------------------------------
   def save(self, step: int, state: dict, meta: dict) -> None:
     """Starts an async save of `state` (a train state without the teacher) at `step`, with checksums of its
-    arrays in `meta`. Raises CheckpointSaveError if this or an earlier save failed."""
-    self.poll()
+    arrays in `meta`. Raises CheckpointSaveError if this or the previous save failed."""
+    if self._pending is not None:  # Orbax would wait for it too; this way a failure names its own step
+      self.wait()
     model = {"params": state["params"], "consts": state["consts"]}
     meta = {**meta, "checksums": {"model": array_checksums(model), "opt": array_checksums(state["opt"])}}
     try:

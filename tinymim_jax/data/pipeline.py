@@ -163,8 +163,8 @@ def _log_skipped(keys, split_name):
 class TrainIterator:
   """Infinite iterator of host-local training batches (dicts of numpy arrays).
 
-  Attributes: steps_per_epoch, num_classes, skipped (undecodable examples skipped so far), step (the step
-  the next batch belongs to).
+  Attributes: steps_per_epoch, num_classes, skipped (unreadable, undecodable or oversized examples skipped so
+  far), step (the step the next batch belongs to).
   """
 
   def __init__(self, ds, *, steps_per_epoch, num_classes, start_step, split_name):
