@@ -36,6 +36,7 @@ def get_config(arg=None):
   c.data.name = "imagenet2012"
   c.data.image_size = 224
   c.data.mae_crop_scale = (0.2, 1.0)
-  c.keep_every_steps = 100 * 312
+  c.ckpt_every_steps = 2 * 312    # every 2 epochs at batch 4096
+  c.keep_every_steps = 100 * 312   # keep every 100 epochs (a multiple of the save interval, or none is kept)
   c.eval_every_steps = 50 * 312
   return c

@@ -102,8 +102,8 @@ def get_config(arg=None):
   c.data.color_jitter = 0.4
 
   c.log_every_steps = 50
-  c.ckpt_every_steps = 1000
-  c.keep_every_steps = 50 * 312         # keep every 50 epochs at batch 4096
+  c.ckpt_every_steps = 2 * 312          # every 2 epochs at batch 4096
+  c.keep_every_steps = 50 * 312         # keep every 50 epochs (a multiple of the save interval, or none is kept)
   c.eval_every_steps = 20 * 312         # k-NN / few-shot monitors every 20 epochs
   c.eval.max_train = 50_000           # k-NN and few-shot monitors
   return c

@@ -17,7 +17,10 @@ in that range and a job id that maps to it.
   SLURM default, GPU i = SLURM_LOCALID.
 
 Output lines are prefixed [p0], [p1], ... If any child fails, the others are killed and this exits with the
-failing child's status.
+failing child's status. Status 75 (tinymim_jax.main: stopped by SIGTERM after saving a checkpoint, needs a
+rerun) is not a failure: the others get PREEMPT_GRACE_S to finish the same way, and this reports it and exits 75.
+A SIGTERM to this launcher is passed on to the children (they save and exit 75); a second one, or SIGINT, kills
+them.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ import subprocess
 import sys
 import threading
 import time
+
+PREEMPTED = 75  # tinymim_jax.main.EXIT_PREEMPTED (os.EX_TEMPFAIL): saved, rerun to resume
+PREEMPT_GRACE_S = 300.0
 
 # jax's SlurmCluster: port = int(SLURM_JOB_ID) % 2**12 + (65535 - 2**12 + 1).
 SLURM_PORT_BASE = 65535 - 2**12 + 1
@@ -165,25 +171,50 @@ def run(command: list[str], num_processes: int, *, devices_per_process: int = 1,
     t.start()
     pumps.append(t)
 
+  forwarded = []
+
   def on_signal(signum, _):
+    if signum == signal.SIGTERM and not forwarded:  # preemption: let the run save and exit 75
+      forwarded.append(True)
+      print("[local] SIGTERM: passing it on (the run saves a checkpoint and stops)", file=sys.stderr, flush=True)
+      for p in procs:
+        if p.poll() is None:
+          try:
+            os.killpg(p.pid, signal.SIGTERM)
+          except ProcessLookupError:
+            pass
+      return
     _kill_all(procs)
     sys.exit(128 + signum)
   signal.signal(signal.SIGINT, on_signal)
   signal.signal(signal.SIGTERM, on_signal)
 
   deadline = None if timeout_s is None else time.monotonic() + timeout_s
+  preempt_deadline = None
   rc = 0
   while True:
     codes = [p.poll() for p in procs]
-    failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
+    failed = [(i, c) for i, c in enumerate(codes) if c not in (None, 0, PREEMPTED)]
     if failed:
       i, c = failed[0]
       print(f"[local] process {i} exited with {c}; stopping the others", file=sys.stderr, flush=True)
       _kill_all(procs)
       rc = _rc(c)
       break
-    if all(c == 0 for c in codes):
+    if all(c is not None for c in codes):
+      if PREEMPTED in codes:
+        rc = PREEMPTED
+        print(f"[local] the run stopped after saving a checkpoint (exit status {PREEMPTED}): rerun the same "
+              "command to resume", file=sys.stderr, flush=True)
       break
+    if PREEMPTED in codes:
+      preempt_deadline = preempt_deadline or time.monotonic() + PREEMPT_GRACE_S
+      if time.monotonic() > preempt_deadline:
+        print(f"[local] a process exited with {PREEMPTED} (saved) but others did not follow within "
+              f"{PREEMPT_GRACE_S:.0f}s; stopping them", file=sys.stderr, flush=True)
+        _kill_all(procs)
+        rc = PREEMPTED
+        break
     if deadline is not None and time.monotonic() > deadline:
       print(f"[local] timeout after {timeout_s}s; killing all processes", file=sys.stderr, flush=True)
       _kill_all(procs)

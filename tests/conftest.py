@@ -14,3 +14,20 @@ try:
   import timm  # noqa: F401,E402  (imports torch and torchvision)
 except ImportError:
   pass
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def teacher_root(tmp_path_factory):
+  """A tiny finished MAE teacher run (the first digits demo stage: 12 steps, checkpoints 4, 8, 12), trained once
+  per session, in-process, under <root>/teacher_mae. Tests that resume or damage it work on a copy
+  (tests/helpers/faults.copy_run)."""
+  from test_main import tiny_config
+  from tinymim_jax import main as trainer
+  root = str(tmp_path_factory.mktemp("demo"))
+  res = trainer.train_and_evaluate(tiny_config("teacher_mae", root, total_steps=12, ckpt_every_steps=4),
+                                   os.path.join(root, "teacher_mae"))
+  assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
+  return root

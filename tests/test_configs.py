@@ -156,3 +156,53 @@ def test_distill_teachers_of_other_families(teacher, name, regs, norm):
   ti = builders.teacher_input(c)
   assert (ti.img_size, ti.reg_tokens) == (t.config.img_size, regs)
   assert ti.norm == (IMAGENET_NORM if norm == "imagenet" else OPENAI_CLIP_NORM)
+
+
+def _numeric_fields(c, prefix=""):
+  for k, v in c.items():
+    if k == "data":
+      continue
+    if hasattr(v, "items"):
+      yield from _numeric_fields(v, f"{prefix}{k}.")
+    elif not isinstance(v, bool) and (isinstance(v, (int, float)) or c.get_type(k) in (int, float)):
+      yield f"{prefix}{k}"
+
+
+def test_every_numeric_field_has_a_checked_range():
+  c = config_base.base_config()
+  ranges = set(config_base.RANGES) | {f"{s}.{k}" for s in ("model", "teacher") for k in config_base.VIT_RANGES}
+  assert set(_numeric_fields(c)) <= ranges, set(_numeric_fields(c)) - ranges
+
+
+@pytest.mark.parametrize("field,value", [
+    ("batch_size", 0), ("ckpt_every_steps", 0), ("log_every_steps", 0), ("optim.base_lr", -1e-4),
+    ("keep_ckpts", 0), ("keep_every_steps", 0), ("total_steps", 0), ("total_epochs", 0.0), ("warmup_steps", -1),
+    ("eval_every_steps", -5), ("optim.b2", 1.0), ("optim.eps", 0.0), ("optim.weight_decay", -0.1),
+    ("optim.layer_decay", 1.5), ("optim.grad_clip_norm", 0.0), ("optim.grad_accum_steps", 0), ("mesh.fsdp", 0),
+    ("eval.knn.k", 0), ("eval.knn.temperature", 0.0), ("mae.mask_ratio", 1.0), ("distill.student_mask_ratio", -0.1),
+    ("finetune.label_smoothing", 1.0), ("model.depth", 0), ("teacher.num_heads", 0), ("model.drop_path", 1.0),
+    ("seed", -1), ("batch_size", 2.5), ("data.image_size", 0), ("data.max_image_pixels", 0),
+    ("data.digits_split_seed", -1),
+])
+def test_a_value_that_would_crash_later_is_an_error_naming_the_field(field, value):
+  c = load_config_module(CONFIGS["digits_demo"]).get_config("stage=teacher_mae")
+  node = c
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  with c.ignore_type():
+    node[leaf] = value
+  with pytest.raises(config_base.ConfigError, match=f"config.{field}="):
+    config_base.finalize(c)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(total_steps=10, warmup_steps=20), "config.warmup_steps=20 is more than config.total_steps=10"),
+    (dict(total_epochs=5.0, warmup_epochs=6.0), "config.warmup_epochs=6.0 is more than config.total_epochs=5.0"),
+    (dict(ckpt_every_steps=100, keep_every_steps=150), "config.keep_every_steps=150 must be a multiple of"),
+])
+def test_inconsistent_lengths_are_an_error(overrides, message):
+  c = load_config_module(CONFIGS["digits_demo"]).get_config("stage=teacher_mae")
+  c.update(overrides)
+  with pytest.raises(config_base.ConfigError, match=message):
+    config_base.finalize(c)

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -135,3 +136,74 @@ def test_sweep_rejects_colliding_workdirs(tmp_path):
 @pytest.mark.parametrize("script", ["slurm.sbatch", "tpu_pod.sh"])
 def test_shell_scripts_parse(script):
   subprocess.run(["bash", "-n", os.path.join(ROOT, "launch", script)], check=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exit status 75: the run saved a checkpoint and needs a rerun (tinymim_jax.main.EXIT_PREEMPTED).
+# ---------------------------------------------------------------------------------------------------------
+def test_local_reports_and_returns_the_preempted_status(tmp_path):
+  # Both processes save and exit 75, one later than the other: not a failure, nobody is killed.
+  code = ("import os, sys, time; r = int(os.environ['SLURM_PROCID']); time.sleep(0.2 + 1.5 * r); "
+          "print('saved', r, flush=True); sys.exit(75)")
+  res = _launch(["-n", "2", "--", sys.executable, "-c", code], timeout=60)
+  assert res.returncode == local.PREEMPTED == 75, res.stdout + res.stderr
+  assert "[p0] saved 0" in res.stdout and "[p1] saved 1" in res.stdout
+  assert "exited with 75 (saved)" not in res.stderr and "stopping the others" not in res.stderr
+  assert "rerun the same command to resume" in res.stderr
+
+
+def test_local_passes_sigterm_on_and_returns_75(tmp_path):
+  code = ("import os, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: sys.exit(75)); "
+          "print('up', flush=True); time.sleep(60)")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
+  proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "launch", "local.py"), "-n", "2", "--",
+                           sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True)
+  lines = 0
+  for line in proc.stdout:
+    lines += "up" in line
+    if lines == 2:
+      break
+  proc.send_signal(signal.SIGTERM)
+  out, err = proc.communicate(timeout=60)
+  assert proc.returncode == 75, out + err
+  assert "SIGTERM: passing it on" in err and "rerun the same command to resume" in err
+
+
+def _fake_bin(tmp_path, name, body):
+  path = tmp_path / "bin" / name
+  path.parent.mkdir(exist_ok=True)
+  path.write_text("#!/bin/bash\n" + body)
+  path.chmod(0o755)
+  return path
+
+
+@pytest.mark.parametrize("status,requeued", [(75, True), (0, False), (3, False)])
+def test_slurm_requeues_a_preempted_run(tmp_path, status, requeued):
+  # srun runs the task command as task 0; scontrol records its arguments; the "python" exits with `status`.
+  _fake_bin(tmp_path, "srun", 'while [[ "$1" == --* ]]; do shift; done\nSLURM_PROCID=0 exec "$@"\n')
+  _fake_bin(tmp_path, "scontrol", f'echo "$@" > {tmp_path}/scontrol.args\n')
+  python = _fake_bin(tmp_path, "python", f'echo "python $*"\nexit {status}\n')
+  env = {**os.environ, "PATH": f"{tmp_path}/bin:{os.environ['PATH']}", "PYTHON": str(python),
+         "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1", "SLURM_JOB_NODELIST": "n1", "SLURM_NTASKS": "1",
+         "TMPDIR": str(tmp_path)}
+  res = subprocess.run(["bash", os.path.join(ROOT, "launch", "slurm.sbatch"), "--config", "c.py", "--workdir", "w"],
+                       env=env, capture_output=True, text=True, timeout=60)
+  assert "python -m tinymim_jax.main --config c.py --workdir w" in res.stdout
+  assert res.returncode == status, res.stdout + res.stderr
+  assert os.path.exists(tmp_path / "scontrol.args") == requeued
+  if requeued:
+    assert (tmp_path / "scontrol.args").read_text().split() == ["requeue", "4242"]
+    assert "requeueing to resume" in res.stdout
+  assert not os.path.exists(tmp_path / "tinymim-preempted-4242")
+
+
+@pytest.mark.parametrize("statuses,expected", [((75, 75), 75), ((0, 0), 0), ((75, 1), 1)])
+def test_tpu_pod_run_reports_the_preempted_status(tmp_path, statuses, expected):
+  lines = "".join(f'echo "w{i}: tinymim exit status {s}"\n' for i, s in enumerate(statuses))
+  _fake_bin(tmp_path, "gcloud", lines + f"exit {int(any(statuses))}\n")  # says nothing about each worker
+  env = {**os.environ, "PATH": f"{tmp_path}/bin:{os.environ['PATH']}", "TPU": "t", "ZONE": "z"}
+  res = subprocess.run(["bash", os.path.join(ROOT, "launch", "tpu_pod.sh"), "run", "--config", "c.py"], env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert res.returncode == expected, res.stdout + res.stderr
+  assert ("rerun the same command to resume" in res.stderr) == (expected == 75)

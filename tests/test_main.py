@@ -1,8 +1,11 @@
-"""The main job end to end on tiny configs: resume (SIGKILL / SIGTERM), NaN stop, evals, export, configs."""
+"""The main job end to end on tiny configs: resume (SIGKILL / SIGTERM), NaN stop, evals, export, configs, and
+what survives which fault (a second run, damaged checkpoints, a changed config, a failed save, bad data)."""
 
 import glob
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,8 +16,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from tinymim_jax import builders, config_base, main as trainer
+from tinymim_jax import builders, checkpoint, config_base, main as trainer, workdir, writers
 from tinymim_jax.demo import load_config_module
+
+from tests.helpers.faults import copy_run, damage, fail_json_saves_at
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "digits_demo.py")
@@ -57,20 +62,11 @@ def wait_for(path_glob, proc, timeout=300):
   raise AssertionError(f"timeout waiting for {path_glob}")
 
 
-@pytest.fixture(scope="module")
-def teacher_root(tmp_path_factory):
-  """A tiny MAE teacher run (the first demo stage), trained uninterrupted, in-process."""
-  root = str(tmp_path_factory.mktemp("demo"))
-  res = trainer.train_and_evaluate(tiny_config("teacher_mae", root, total_steps=12, ckpt_every_steps=4),
-                                   os.path.join(root, "teacher_mae"))
-  assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
-  return root
-
-
 def test_run_leaves_checkpoints_metrics_plots_and_export(teacher_root):
   wd = os.path.join(teacher_root, "teacher_mae")
   for name in ("config.json", "metrics.jsonl", "curves.png", "model.safetensors", "done.json", "run.json"):
     assert os.path.exists(os.path.join(wd, name)), name
+  assert not os.path.exists(os.path.join(wd, workdir.LOCK_FILE))  # released at the end
   assert glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
   assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*"))) == [4, 8, 12]
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
@@ -95,6 +91,7 @@ def test_sigkill_between_saves_then_resume_equals_uninterrupted(teacher_root, tm
   out = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0, out[-3000:]
   assert "resumed from" in out
+  assert "taking over the lock" in out and "is gone" in out  # the SIGKILLed run's lock is not stuck
   assert ref.wait(timeout=600) == 0, ref.stdout.read()[-3000:]
   a = load_file(str(ref_root / "student_distill/model.safetensors"))
   b = load_file(str(cut_root / "student_distill/model.safetensors"))
@@ -103,40 +100,58 @@ def test_sigkill_between_saves_then_resume_equals_uninterrupted(teacher_root, tm
     np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_sigterm_saves_and_exits_cleanly(teacher_root, tmp_path):
+def test_sigterm_saves_and_exits_75_and_a_second_run_stops_at_once(teacher_root, tmp_path):
   wd = tmp_path / "student_distill"
-  proc = run_cli(tiny_args("student_distill", teacher_root, steps=400, ckpt=1000), wd)
+  proc = run_cli(tiny_args("student_distill", teacher_root, steps=400, ckpt=1000) + ["--config.keep_ckpts=1"], wd)
   wait_for(str(wd / "metrics.jsonl"), proc)
+  # A second run on the same workdir stops at once, naming the holder.
+  t = time.time()
+  with pytest.raises(workdir.WorkdirLockedError, match=f"pid {proc.pid}, started "):
+    trainer.train_and_evaluate(tiny_config("student_distill", teacher_root, total_steps=400), str(wd))
+  assert time.time() - t < 10
   proc.send_signal(signal.SIGTERM)
   out = proc.communicate(timeout=300)[0]
-  assert proc.returncode == 0, out[-3000:]
-  assert "SIGTERM: saved step" in out
+  assert proc.returncode == trainer.EXIT_PREEMPTED == 75, out[-3000:]
+  assert "SIGTERM: saved step" in out and "rerun the same command to resume" in out
   steps = [int(os.path.basename(p)) for p in glob.glob(str(wd / "checkpoints/[0-9]*"))]
   assert len(steps) == 1 and 0 < steps[0] < 400 and not os.path.exists(wd / "done.json")
+  assert not os.path.exists(wd / workdir.LOCK_FILE)
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(teacher_root, tmp_path):
+def test_nonfinite_loss_stops_saving_and_deleting_nothing(teacher_root, tmp_path):
   wd = str(tmp_path / "nan")
   trainer.train_and_evaluate(tiny_config("student_distill", teacher_root, total_steps=4, ckpt_every_steps=4,
                                          export=False), wd)
   os.remove(os.path.join(wd, "done.json"))  # continue the run, now with an lr that blows it up
-  config = tiny_config("student_distill", teacher_root, total_steps=30, ckpt_every_steps=2, warmup_steps=0)
-  with config.unlocked():
-    config.optim.base_lr = 1e12
-  with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step"):
+  # A save every step and a log line only at the end: the non-finite step must be checked before any save.
+  config = tiny_config("student_distill", teacher_root, total_steps=30, ckpt_every_steps=1, log_every_steps=1000,
+                       warmup_steps=0, **{"optim.base_lr": 1e12})
+  with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step") as e:
     trainer.train_and_evaluate(config, wd)
+  bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
+  saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*")))
+  assert saved and max(saved) < bad, (saved, bad)  # nothing saved at or after the blow-up
+  assert f"a rerun resumes from checkpoint step {max(saved)}" in str(e.value)
+  assert not os.path.exists(os.path.join(wd, "done.json")) and not os.path.exists(os.path.join(wd, "run.lock"))
   from flax import nnx
   from tinymim_jax import builders
-  saved = sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*")))
-  assert saved[0] == 4 and not os.path.exists(os.path.join(wd, "done.json"))
-  model = builders.restore_model(wd)  # the last checkpoint is complete and finite
+  model = builders.restore_model(wd)  # the checkpoint a rerun starts from is complete and finite
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(nnx.state(model)))
+  # Before any checkpoint (sparse saves), the message says where a rerun starts.
+  with pytest.raises(trainer.NonFiniteLossError, match="no checkpoint was saved before it, so a rerun starts "
+                                                         "from step 0"):
+    trainer._check_finite({"nonfinite": 1, "loss": float("nan")}, 7, None)
 
 
 def test_unknown_config_field_is_an_error_naming_it(tmp_path):
   proc = run_cli([f"--config={DEMO}:stage=teacher_mae", "--config.optim.bse_lr=1.0"], tmp_path / "x")
   out = proc.communicate(timeout=120)[0]
   assert proc.returncode != 0 and "bse_lr" in out
+  # A value that would crash later is a one-line error when the config is finalised, before anything runs.
+  proc = run_cli([f"--config={DEMO}:stage=teacher_mae", "--config.batch_size=0"], tmp_path / "x")
+  out = proc.communicate(timeout=120)[0]
+  assert proc.returncode == trainer.EXIT_FAILED and "config.batch_size=0: expected an integer in [1, inf)" in out
+  assert "Traceback" not in out and not os.path.exists(tmp_path / "x" / "checkpoints")
   with pytest.raises(ValueError, match="unknown config argument 'stag'"):
     load_config_module(DEMO).get_config("stag=x")
 
@@ -259,3 +274,82 @@ def test_main_job_names_a_bad_weights_source_in_one_error_line(tmp_path, kind):
   out = proc.communicate(timeout=300)[0]
   assert proc.returncode == 1 and want in out and "Traceback" not in out, out[-3000:]
   assert kind == "empty_file" or os.listdir(source) == []
+
+
+# -----------------------------------------------------------------------------------------------------
+# Faults: a changed config, a damaged checkpoint, a failed save, data that can only give garbage.
+# -----------------------------------------------------------------------------------------------------
+def test_resume_checks_the_config_and_survives_a_damaged_latest_checkpoint(teacher_root, tmp_path, caplog):
+  wd = copy_run(os.path.join(teacher_root, "teacher_mae"), tmp_path / "teacher_mae")
+  # The architecture is the checkpoint's meaning: an error naming the field, before anything is built.
+  with pytest.raises(workdir.ConfigChangeError) as e:
+    trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12, **{"model.num_heads": 8}), wd)
+  assert "model.num_heads: 4 -> 8" in str(e.value) and "--config.allow_config_change=True" in str(e.value)
+  # Forced through, a change of shapes is a short error listing the arrays (no Orbax traceback).
+  with pytest.raises(checkpoint.CheckpointMismatchError) as e:
+    trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12, allow_config_change=True,
+                                           **{"model.embed_dim": 96}), wd)
+  assert "model/params.encoder.blocks.0.attn.qkv.kernel: saved (128, 384) float32, now (96, 288)" in str(e.value)
+  assert len(str(e.value).splitlines()) < 20
+  # Bit rot in the latest checkpoint, and changes that are allowed (lr, schedule length): the run resumes from
+  # the newest intact checkpoint, moves the damaged one aside, and records the changes.
+  damage(wd, 12, "flip1")
+  config = tiny_config("teacher_mae", teacher_root, total_steps=14, ckpt_every_steps=4, **{"optim.base_lr": 1e-3})
+  with caplog.at_level(logging.WARNING):
+    res = trainer.train_and_evaluate(config, wd)
+  assert res["step"] == 14
+  (aside,) = glob.glob(os.path.join(wd, "checkpoints", "12.damaged-*"))
+  assert f"checkpoint step 12 in {wd}/checkpoints is damaged (checksum mismatch" in caplog.text
+  assert f"moved aside to {aside}" in caplog.text and "resuming from step 8" in caplog.text
+  (rec,) = [json.loads(line) for line in open(os.path.join(wd, workdir.HISTORY_FILE))]
+  assert rec["step"] == 8 and rec["changes"]["optim.base_lr"][1] == 1e-3 and rec["changes"]["total_steps"] == [12, 14]
+  assert json.load(open(os.path.join(wd, "config.json")))["optim"]["base_lr"] == 1e-3
+
+
+def test_failed_save_stops_the_run_at_once_with_earlier_checkpoints_intact(teacher_root, tmp_path, monkeypatch):
+  wd = copy_run(os.path.join(teacher_root, "teacher_mae"), tmp_path / "teacher_mae")
+  fail_json_saves_at(monkeypatch, 16)  # as on a full disk
+  config = tiny_config("teacher_mae", teacher_root, total_steps=30, ckpt_every_steps=2)
+  with pytest.raises(checkpoint.CheckpointSaveError) as e:
+    trainer.train_and_evaluate(config, wd)
+  msg = str(e.value)
+  assert "saving checkpoint step 16" in msg and "[Errno 28] No space left on device" in msg and "\n" not in msg
+  assert max(r["step"] for r in writers.read_metrics(wd)) < 20  # not at the next save, nor at the end
+  names = os.listdir(os.path.join(wd, "checkpoints"))
+  assert sorted(int(n) for n in names if n.isdigit()) == [8, 12, 14], names  # the failure deleted nothing
+  assert not glob.glob(os.path.join(wd, "checkpoints", "*tmp*")) and not os.path.exists(os.path.join(wd, "run.lock"))
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+  """Image folders: three classes with val/, three without val/, one class."""
+  from PIL import Image
+  root = tmp_path_factory.mktemp("folders")
+  rng = np.random.default_rng(0)
+
+  def write(path, n):
+    os.makedirs(path, exist_ok=True)
+    for k in range(n):
+      Image.fromarray(rng.integers(0, 255, (20, 20, 3), np.uint8)).save(os.path.join(path, f"{k}.png"))
+
+  for name, classes, val in (("three", "abc", True), ("no_val", "abc", False), ("one", "a", True)):
+    for c in classes:
+      write(root / name / "train" / c, 12)
+      if val:
+        write(root / name / "val" / c, 2)
+  return root
+
+
+@pytest.mark.parametrize("folder,stage,overrides,message", [
+    ("three", "student_finetune", {}, "config.model.num_classes=10, but the data (data.name='folder', "
+                                      "data.folder='{root}/three') has 3 classes"),
+    ("one", "student_finetune", {"model.num_classes": 0}, "fine-tuning needs at least 2 classes"),
+    ("no_val", "teacher_mae", {}, "has no held-out split"),
+])
+def test_data_that_can_only_give_garbage_stops_the_run_at_start(folders, tmp_path, folder, stage, overrides, message):
+  config = tiny_config(stage, str(tmp_path), total_steps=4, **{"data.name": "folder",
+                                                               "data.folder": str(folders / folder), **overrides})
+  t = time.time()
+  with pytest.raises(config_base.ConfigError, match=re.escape(message.format(root=folders))):
+    trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert time.time() - t < 60 and not os.path.exists(tmp_path / "run" / "checkpoints")

@@ -143,10 +143,12 @@ def _saved_trainable(meta: dict):
 
 
 def restore_model(workdir: str) -> nnx.Module:
-  """The trained model of a tinymim-jax run (latest checkpoint, without a target's extra layers), rebuilt from
-  the config it saved, on this process's first device whatever mesh saved it. Reads only.
+  """The trained model of a tinymim-jax run (its newest intact checkpoint, without a target's extra layers),
+  rebuilt from the config it saved, on this process's first device whatever mesh saved it. Reads only.
 
-  Raises convert.MissingSourceError (a FileNotFoundError) when `workdir` holds no checkpoint.
+  Raises convert.MissingSourceError (a FileNotFoundError) when `workdir` holds no checkpoint,
+  checkpoint.NoIntactCheckpointError when every checkpoint is damaged (a damaged one is skipped with a warning,
+  and left where it is).
   """
   return _restore(workdir)[0]
 
@@ -155,15 +157,18 @@ def _restore(workdir: str) -> tuple[nnx.Module, dict]:
   """-> (restore_model(workdir), the checkpoint's metadata)."""
   ckpt = _open_run(workdir)
   try:
-    meta = ckpt.restore_meta()
-    model, extras = _saved_trainable(meta)
-    modeldef, params, consts = ts.split_model(model, extras)
     local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = {"params": params, "consts": consts}
-    restored = ckpt.restore_model_item(checkpoint.abstract(target, jax.tree.map(lambda _: local, target)))
+    built = {}
+
+    def abstract_model(meta):
+      built["modeldef"], params, consts = ts.split_model(*_saved_trainable(meta))
+      target = {"params": params, "consts": consts}
+      return {"model": checkpoint.abstract(target, jax.tree.map(lambda _: local, target))}
+
+    _, restored, meta = ckpt.restore_intact(abstract_model)
   finally:
     ckpt.close()
-  return ts.merge_model(modeldef, restored["params"], restored["consts"]), meta
+  return ts.merge_model(built["modeldef"], restored["model"]["params"], restored["model"]["consts"]), meta
 
 
 def source_architecture(source: str) -> tuple[dict, str] | None:

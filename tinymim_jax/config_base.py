@@ -127,18 +127,137 @@ def base_config() -> ml_collections.ConfigDict:
       weight_decay=0.0, momentum=0.9, trust_coefficient=0.001,   # LARS (linprobe.lars)
   ))
   c.export = True                      # write the student as timm-named .safetensors at the end
+  # Resume even if a field that changes the model or the checkpoint's meaning differs from the workdir's
+  # config.json (tinymim_jax/workdir.py FIXED); other changes are always allowed, logged and recorded.
+  c.allow_config_change = False
   return c
 
 
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field."""
+
+
+# The range of every numeric field of base_config() outside data.* (data/config.py checks those), as an interval
+# string; a placeholder left at None passes. Ints must be ints (bools are not); floats also take ints.
+RANGES = {
+    "seed": (int, "[0, inf)"),
+    "batch_size": (int, "[1, inf)"),
+    "total_epochs": (float, "(0, inf)"),
+    "total_steps": (int, "[1, inf)"),
+    "warmup_epochs": (float, "[0, inf)"),
+    "warmup_steps": (int, "[0, inf)"),
+    "distill.teacher_block": (int, "[1, inf)"),
+    "distill.student_block": (int, "[1, inf)"),
+    "distill.relation_heads": (int, "[1, inf)"),
+    "distill.w_qk": (float, "[0, inf)"),
+    "distill.w_vv": (float, "[0, inf)"),
+    "distill.student_mask_ratio": (float, "[0, 1)"),
+    "mae.mask_ratio": (float, "[0, 1)"),
+    "mae.decoder_embed_dim": (int, "[1, inf)"),
+    "mae.decoder_depth": (int, "[1, inf)"),
+    "mae.decoder_num_heads": (int, "[1, inf)"),
+    "finetune.mixup": (float, "[0, inf)"),
+    "finetune.cutmix": (float, "[0, inf)"),
+    "finetune.switch_prob": (float, "[0, 1]"),
+    "finetune.label_smoothing": (float, "[0, 1)"),
+    "optim.base_lr": (float, "(0, inf)"),
+    "optim.lr_scaling_batch": (int, "[1, inf)"),
+    "optim.min_lr": (float, "[0, inf)"),
+    "optim.b1": (float, "[0, 1)"),
+    "optim.b2": (float, "[0, 1)"),
+    "optim.eps": (float, "(0, inf)"),
+    "optim.weight_decay": (float, "[0, inf)"),
+    "optim.layer_decay": (float, "(0, 1]"),
+    "optim.grad_clip_norm": (float, "(0, inf)"),
+    "optim.grad_accum_steps": (int, "[1, inf)"),
+    "mesh.fsdp": (int, "[1, inf)"),
+    "log_every_steps": (int, "[1, inf)"),
+    "ckpt_every_steps": (int, "[1, inf)"),
+    "keep_ckpts": (int, "[1, inf)"),       # the latest checkpoint is always kept
+    "keep_every_steps": (int, "[1, inf)"),
+    "eval_every_steps": (int, "[0, inf)"),  # 0: only the final eval
+    "eval.max_train": (int, "[1, inf)"),
+    "eval.knn.k": (int, "[1, inf)"),
+    "eval.knn.temperature": (float, "(0, inf)"),
+    "eval.fewshot.draws": (int, "[1, inf)"),
+    "eval.fewshot.val_per_class": (int, "[0, inf)"),
+    "linprobe.batch_size": (int, "[1, inf)"),
+    "linprobe.epochs": (float, "(0, inf)"),
+    "linprobe.warmup_epochs": (float, "[0, inf)"),
+    "linprobe.base_lr": (float, "(0, inf)"),
+    "linprobe.weight_decay": (float, "[0, inf)"),
+    "linprobe.momentum": (float, "[0, 1)"),
+    "linprobe.trust_coefficient": (float, "(0, inf)"),
+}
+# The numeric ViTConfig fields, for model.* and teacher.*.
+VIT_RANGES = {
+    "img_size": (int, "[1, inf)"),
+    "patch_size": (int, "[1, inf)"),
+    "embed_dim": (int, "[1, inf)"),
+    "depth": (int, "[1, inf)"),
+    "num_heads": (int, "[1, inf)"),
+    "mlp_ratio": (float, "(0, inf)"),
+    "drop_path": (float, "[0, 1)"),
+    "num_classes": (int, "[0, inf)"),   # 0: no head
+    "init_values": (float, "[0, inf)"),  # LayerScale; 0: off
+    "reg_tokens": (int, "[0, inf)"),
+    "norm_eps": (float, "(0, inf)"),
+}
+
+
+def _in_range(value, interval: str) -> bool:
+  lo, hi = (float(v) for v in interval[1:-1].split(","))
+  return ((lo <= value) if interval[0] == "[" else (lo < value)) and ((value <= hi) if interval[-1] == "]"
+                                                                      else (value < hi))
+
+
+def check_range(name: str, value, kind: type, interval: str) -> None:
+  """Raises ConfigError naming `config.<name>` unless value is None or a `kind` inside `interval`."""
+  if value is None:
+    return
+  ok_type = not isinstance(value, bool) and isinstance(value, int if kind is int else (int, float))
+  if not ok_type or not _in_range(value, interval):
+    raise ConfigError(f"config.{name}={value!r}: expected {'an integer' if kind is int else 'a number'} in "
+                      f"{interval}")
+
+
+def _ranges() -> dict[str, tuple[type, str]]:
+  out = dict(RANGES)
+  for section in ("model", "teacher"):
+    out.update({f"{section}.{k}": v for k, v in VIT_RANGES.items()})
+  return out
+
+
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks the values a schema cannot, then locks the config."""
+  """Checks the values a schema cannot, then locks the config.
+
+  Raises ConfigError (a ValueError) naming the field: a value outside its range (RANGES, VIT_RANGES, the data
+  fields' checks in data/config.py), an unknown objective, a missing teacher / init, inconsistent lengths.
+  """
   if c.objective not in OBJECTIVES:
-    raise ValueError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
+    raise ConfigError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
   if c.objective == "distill" and not c.teacher.source:
-    raise ValueError("config.teacher.source is empty: name a .pth/.safetensors file or a tinymim-jax workdir")
+    raise ConfigError("config.teacher.source is empty: name a .pth/.safetensors file or a tinymim-jax workdir")
   if c.objective in ("eval", "linprobe") and not c.init:
-    raise ValueError(f"config.init is empty: objective {c.objective!r} needs weights to evaluate (a .pth / "
-                     f".safetensors file or a tinymim-jax workdir)")
+    raise ConfigError(f"config.init is empty: objective {c.objective!r} needs weights to evaluate (a .pth / "
+                      f".safetensors file or a tinymim-jax workdir)")
+  for name, (kind, interval) in _ranges().items():
+    node = c
+    for part in name.split("."):
+      node = node[part]
+    check_range(name, node, kind, interval)
+  if c.total_steps is not None and c.warmup_steps is not None and c.warmup_steps > c.total_steps:
+    raise ConfigError(f"config.warmup_steps={c.warmup_steps} is more than config.total_steps={c.total_steps}")
+  if c.total_steps is None and c.warmup_steps is None and c.warmup_epochs > c.total_epochs:
+    raise ConfigError(f"config.warmup_epochs={c.warmup_epochs} is more than config.total_epochs={c.total_epochs}")
+  if c.keep_every_steps is not None and c.keep_every_steps % c.ckpt_every_steps:
+    raise ConfigError(f"config.keep_every_steps={c.keep_every_steps} must be a multiple of "
+                      f"config.ckpt_every_steps={c.ckpt_every_steps} (it keeps saved steps divisible by it)")
+  from tinymim_jax.data import config as data_config  # no TF import
+  try:
+    data_config.resolve(c.data)
+  except ValueError as e:
+    raise ConfigError(f"config.{e}" if str(e).startswith("data.") else str(e)) from None
   c.lock()
   return c
 

@@ -4,12 +4,18 @@ r"""The main job: one flat trainer for TinyMIM distillation, MAE pretraining, fi
       [--config.batch_size=1024 --config.data.data_dir=/data/tfds ...]
 
 The config's `objective` picks the step ('distill' | 'mae_pretrain' | 'finetune' | 'linprobe' | 'eval'). A rerun
-with the same workdir resumes from its latest checkpoint; a finished run (workdir/done.json) is not run again.
-Sections: processes & mesh, data, model & teacher, optimizer, checkpoint, loop, evals, export.
+with the same workdir resumes from its newest intact checkpoint; a finished run (workdir/done.json) is not run
+again. One run at a time holds the workdir (tinymim_jax/workdir.py), and a resumed run's config is checked against
+the workdir's. Sections: processes & mesh, data, model & teacher, optimizer, checkpoint, loop, evals, export.
 
 'linprobe' trains a linear probe on a frozen encoder (linprobe.py); 'eval' reports every eval of a trained
 model (`init`: a workdir or a .pth / .safetensors file) without training: k-NN, few-shot and a linear probe on
 cached features, plus the head's top-1 if it has one.
+
+Exit statuses: 0 finished (or finished earlier); 75 (EX_TEMPFAIL) stopped by SIGTERM after saving a checkpoint:
+rerun the same command to resume (launch/slurm.sbatch requeues on it); 1 failed (a one-line reason for a bad
+config, a busy workdir, a forbidden config change, damaged checkpoints, a failed save, a NaN/Inf loss or a
+weights source that cannot be read).
 """
 
 from __future__ import annotations
@@ -27,11 +33,14 @@ import ml_collections
 import numpy as np
 
 from tinymim_jax import builders, checkpoint, config_base, convert, data, features, fewshot, knn, linprobe, optim
+from tinymim_jax import workdir as workdir_lib
 from tinymim_jax import writers
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
 DONE = "done.json"
+EXIT_PREEMPTED = os.EX_TEMPFAIL  # 75: saved, needs a rerun
+EXIT_FAILED = 1
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -52,11 +61,13 @@ class _Preemption:
     del signum, frame
     self.requested = True
 
-  def check(self) -> bool:
+  def check(self, save_failed: bool = False) -> tuple[bool, bool]:
+    """-> (SIGTERM seen, a checkpoint save failed), each on any process."""
+    flags = np.asarray([self.requested, save_failed])
     if jax.process_count() > 1:  # every process must agree, or a lone save would hang
       from jax.experimental import multihost_utils
-      return bool(multihost_utils.process_allgather(np.asarray(self.requested)).any())
-    return self.requested
+      flags = np.asarray(multihost_utils.process_allgather(flags)).reshape(-1, 2).any(0)
+    return bool(flags[0]), bool(flags[1])
 
   def restore(self):
     if self._old is not None:
@@ -83,7 +94,10 @@ def _versions() -> dict[str, str]:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) the job `config` describes in `workdir`; returns the final metrics."""
+  """Runs (or resumes) the job `config` describes in `workdir`; returns the final metrics, or {'preempted': True,
+  'step'} after a SIGTERM. Raises workdir.WorkdirLockedError (another run holds the workdir),
+  workdir.ConfigChangeError, checkpoint.CheckpointError (no intact checkpoint, a checkpoint that does not fit, a
+  failed save), config_base.ConfigError (data that cannot work) or NonFiniteLossError."""
   os.makedirs(workdir, exist_ok=True)
   done_path = os.path.join(workdir, DONE)
   if os.path.exists(done_path):
@@ -92,9 +106,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     logging.info("%s: finished earlier (step %s); nothing to do", workdir, done.get("step"))
     return done
   preemption = _Preemption()  # first: a SIGTERM during set-up is honoured after the first step
+  lock = None
   try:
-    return _train_and_evaluate(config, workdir, preemption)
+    lock = workdir_lib.acquire_for_job(workdir, process_index=jax.process_index(),
+                                       agree=_all_processes if jax.process_count() > 1 else None)
+    res = _train_and_evaluate(config, workdir, preemption, _config_changes(config, workdir))
+    if lock is not None:
+      lock.release()
+    if jax.process_count() > 1:  # no process exits (and a launcher stops the others) before the lock is free
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("tinymim_workdir_released")
+    return res
   finally:
+    if lock is not None:
+      lock.release()
     preemption.restore()
 
 
@@ -116,7 +141,39 @@ def _at_resolution(config, img_size: int):
   return config
 
 
-def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[str, Any]:
+def _all_processes(ok: bool) -> bool:
+  from jax.experimental import multihost_utils
+  return bool(np.asarray(multihost_utils.process_allgather(np.asarray(ok))).all())
+
+
+def _config_changes(config, workdir: str) -> dict:
+  """How `config` differs from the one the workdir's checkpoints were trained with ({} for a fresh run); raises
+  workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (workdir.FIXED)."""
+  saved = workdir_lib.saved_config(workdir)
+  if saved is None or config.objective == "eval" or not checkpoint.has_checkpoint(workdir):
+    return {}
+  return workdir_lib.check_config_change(saved, config, allow=config.allow_config_change)
+
+
+def _check_data(config, info) -> None:
+  """Data that can only give garbage stops the run here, before anything is compiled."""
+  where = f"data.name={config.data.name!r}" + (f", data.folder={config.data.folder!r}"
+                                                 if config.data.name == "folder" else "")
+  if config.objective in ("finetune", "eval"):
+    if config.model.num_classes and config.model.num_classes != info.num_classes:
+      raise config_base.ConfigError(
+          f"config.model.num_classes={config.model.num_classes}, but the data ({where}) has {info.num_classes} "
+          f"classes: set --config.model.num_classes={info.num_classes}, or 0 to take the data's count")
+    if config.objective == "finetune" and info.num_classes < 2:
+      raise config_base.ConfigError(f"fine-tuning needs at least 2 classes; the data ({where}) has "
+                                    f"{info.num_classes}")
+  if not info.num_eval:  # every run ends with an eval on the held-out split (and monitors on it)
+    raise config_base.ConfigError(
+        f"the data ({where}) has no held-out split, which the evals read (the final eval, eval_every_steps, "
+        "k-NN): for data.name='folder' add <folder>/val/<class>/*")
+
+
+def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_changes: dict) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   objective = config.objective
   if objective == "linprobe":
@@ -134,6 +191,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # Data.
   # ---------------------------------------------------------------------------------------------------
   info = data.dataset_info(config.data)
+  _check_data(config, info)
   steps_per_epoch = data.steps_per_epoch(config.data, global_batch_size=config.batch_size)
   total_steps, warmup_steps = _schedule_lengths(config, steps_per_epoch)
 
@@ -200,7 +258,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   # ---------------------------------------------------------------------------------------------------
   state_sharding = sh.tree_sharding(state, mesh)
   ckpt = checkpoint.Checkpointer(workdir, keep=config.keep_ckpts, keep_every=config.keep_every_steps)
-  if ckpt.latest_step() is not None:
+  if ckpt.all_steps():  # the newest intact one; damaged ones are moved aside with a warning
     restored, saved_meta = ckpt.restore(checkpoint.abstract(ts.checkpointable(state),
                                                             ts.checkpointable(state_sharding)))
     if saved_meta.get("teacher", {}).get("sha256") not in (None, meta.get("teacher", {}).get("sha256")):
@@ -208,6 +266,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
                       saved_meta["teacher"]["source"])
     state.update(restored)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
+    if is_main:
+      workdir_lib.record_config_change(workdir, config, config_changes, step=int(state["step"]))
   state = jax.device_put(state, state_sharding)
   start_step = int(state["step"])
   meta["config"] = json.loads(config.to_json_best_effort())
@@ -279,13 +339,20 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
         buffer = []
       if (config.eval_every_steps and step % config.eval_every_steps == 0) and not last:
         writer.write(step, evaluator(state))
-      preempted = preemption.check()
+      save_error = _poll_saves(ckpt)
+      preempted, save_failed = preemption.check(save_error is not None)
+      if save_failed:  # stop at once, on every process, with the earlier checkpoints intact
+        raise save_error or checkpoint.CheckpointSaveError("a checkpoint save failed on another process")
       if step % config.ckpt_every_steps == 0 or last or preempted:
+        if pending is not None:  # the NaN guard sees every step before it is saved
+          buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
+          pending = None
         ckpt.save(step, ts.checkpointable(state), {**meta, "step": step})
         last_saved = step
       if preempted:
         ckpt.wait()
-        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume", step, workdir)
+        logging.warning("SIGTERM: saved step %d in %s; rerun the same command to resume (exit status %d)", step,
+                        workdir, EXIT_PREEMPTED)
         return {"preempted": True, "step": step}
   finally:
     progress.close()
@@ -304,12 +371,24 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption) -> dict[s
   return _finish_run(config, workdir, model, {**final, "step": total_steps, "feature": meta["feature"]})
 
 
+def _poll_saves(ckpt) -> checkpoint.CheckpointSaveError | None:
+  try:
+    ckpt.poll()
+  except checkpoint.CheckpointSaveError as e:
+    return e
+  return None
+
+
 def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
+  """Raises NonFiniteLossError if the step's loss or gradient was NaN/Inf. Every step is checked before a
+  checkpoint after it is saved, so the checkpoints on disk hold finite weights from before the blow-up."""
   if metrics.pop("nonfinite", 0):
+    resume = (f"a rerun resumes from checkpoint step {last_saved}, saved before it (finite weights)"
+              if last_saved is not None else "no checkpoint was saved before it, so a rerun starts from step 0")
     raise NonFiniteLossError(
         f"the loss or gradient became NaN/Inf at step {step} (loss={metrics.get('loss')}, "
-        f"grad_norm={metrics.get('grad_norm')}). The update was skipped and nothing was saved after it; the last "
-        f"good checkpoint is step {last_saved}. Lower optim.base_lr or check the data, then rerun to resume.")
+        f"grad_norm={metrics.get('grad_norm')}). Stopped without saving or deleting anything: {resume}. Lower "
+        "optim.base_lr or check the data, then rerun.")
   return metrics
 
 
@@ -455,7 +534,12 @@ def quiet_library_logs() -> None:
 
   class _Filter(logging.Filter):
     def filter(self, record):
-      return record.levelno >= logging.WARNING or not any(n in record.pathname for n in noisy)
+      if not any(n in record.pathname for n in noisy):
+        return True
+      if record.levelno >= logging.WARNING and record.exc_info:  # one line, not a library traceback
+        record.msg, record.args = record.getMessage().splitlines()[0][:300], ()
+        record.exc_info = record.exc_text = None
+      return record.levelno >= logging.WARNING
 
   root = logging.getLogger()
   root.setLevel(logging.INFO)
@@ -479,16 +563,21 @@ def main(argv=None) -> int:
   def run(_):
     quiet_library_logs()
     sh.initialize_distributed()
-    config = config_base.finalize(flags.FLAGS.config)
     try:
+      config = config_base.finalize(flags.FLAGS.config)
       res = train_and_evaluate(config, flags.FLAGS.workdir)
     except convert.ConvertError as e:  # a weights source that cannot be read or does not fit: the message says why
       print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
+      return EXIT_FAILED
+    except (config_base.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
+            NonFiniteLossError) as e:  # complete messages: no traceback
+      logging.error("%s", e)
+      return EXIT_FAILED
     if jax.process_index() == 0:
       print(json.dumps(res, indent=2))
+    return EXIT_PREEMPTED if res.get("preempted") else 0
 
-  app.run(run, argv=argv)
+  app.run(run, argv=argv)  # exits with run's status
   return 0
 
 

@@ -46,6 +46,16 @@ def _atomic_write(path: str, data: str | bytes) -> None:
     raise
 
 
+def write_config(workdir: str, config: Any) -> None:
+  """Saves the resolved config as workdir/config.json and config.txt (a ConfigDict or a plain dict)."""
+  if hasattr(config, "to_json_best_effort"):
+    js = config.to_json_best_effort(indent=2)
+  else:
+    js = json.dumps(config, indent=2, default=str)
+  _atomic_write(os.path.join(workdir, "config.json"), js + "\n")
+  _atomic_write(os.path.join(workdir, "config.txt"), str(config) + "\n")
+
+
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of workdir/metrics.jsonl, in file order. A torn last line (crash mid-write) is skipped."""
   path = os.path.join(workdir, METRICS_FILE)
@@ -186,14 +196,8 @@ class MetricWriter:
 
   def write_config(self, config: Any) -> None:
     """Saves the resolved config as config.json and config.txt (a ConfigDict or a plain dict)."""
-    if not self.enabled:
-      return
-    if hasattr(config, "to_json_best_effort"):
-      js = config.to_json_best_effort(indent=2)
-    else:
-      js = json.dumps(config, indent=2, default=str)
-    _atomic_write(os.path.join(self.workdir, "config.json"), js + "\n")
-    _atomic_write(os.path.join(self.workdir, "config.txt"), str(config) + "\n")
+    if self.enabled:
+      write_config(self.workdir, config)
 
   def plot(self) -> None:
     """Re-draws curves.png now (write() calls this at most every plot_every_s; close() always does)."""

@@ -90,3 +90,26 @@ def timm_module(name):
     sys.modules[key] = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(sys.modules[key])
   return sys.modules[key]
+
+
+def black_png(width, height, rows_per_block=256):
+  """A valid all-black RGB PNG of width x height, built without ever holding the image: 16000 x 16000 is ~0.7 MB
+  and takes well under a second. The zlib stream repeats one deflate block (a full flush resets the compressor,
+  so every block of the same rows compresses to the same bytes); the pixels are all zero bytes, so their
+  Adler-32 is (n mod 65521) << 16 | 1."""
+  import struct
+  import zlib
+
+  def chunk(kind, payload):
+    return struct.pack('>I', len(payload)) + kind + payload + struct.pack('>I', zlib.crc32(kind + payload))
+
+  row = bytes(1 + 3 * width)  # Filter type 0, then black pixels.
+  full, rest = divmod(height, rows_per_block)
+  block = zlib.compressobj(9, zlib.DEFLATED, -15)
+  block = block.compress(row * rows_per_block) + block.flush(zlib.Z_FULL_FLUSH)
+  last = zlib.compressobj(9, zlib.DEFLATED, -15)
+  last = last.compress(row * rest) + last.flush(zlib.Z_FINISH)  # Ends with the final block.
+  adler = (len(row) * height % 65521) << 16 | 1
+  stream = b'\x78\x9c' + block * full + last + struct.pack('>I', adler)
+  header = struct.pack('>IIBBBBB', width, height, 8, 2, 0, 0, 0)
+  return b'\x89PNG\r\n\x1a\n' + chunk(b'IHDR', header) + chunk(b'IDAT', stream) + chunk(b'IEND', b'')

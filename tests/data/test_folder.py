@@ -92,3 +92,47 @@ def test_folder_errors_name_the_path(tmp_path):
   cfg.name = 'folder'
   with pytest.raises(ValueError, match='data.folder'):
     data.dataset_info(cfg)
+
+
+def test_skipped_files_are_named_by_path(messy_folder, caplog):
+  it = data.make_train_iterator(messy_folder, mode='distill', global_batch_size=5, seed=0, process_index=0,
+                                process_count=1)
+  with caplog.at_level('WARNING'):
+    for _ in range(3):
+      next(it)
+    list(data.make_eval_iterator(messy_folder, split='val', global_batch_size=8, process_index=0, process_count=1))
+  for path in BAD + ('val/photo/truncated.jpg',):
+    assert os.path.join(messy_folder.folder, path) in caplog.text, caplog.text
+  assert 'position' not in caplog.text
+
+
+def test_an_empty_class_folder_is_not_a_class(tmp_path, caplog):
+  files = {f'train/{c}/{k}.png': data_testlib.encode(data_testlib.solid(i), 'PNG')
+           for i, c in enumerate('ab') for k in range(3)}
+  files['train/empty/notes.txt'] = b'no images here'
+  files['val/a/0.png'] = files['train/a/0.png']
+  data_testlib.write_files(tmp_path, files)
+  os.makedirs(tmp_path / 'val' / 'empty')
+  with caplog.at_level('WARNING'):
+    info = data.dataset_info(data_testlib.folder_cfg(tmp_path))
+  assert (info.num_classes, info.num_train, info.num_eval) == (2, 6, 1)
+  assert f'{tmp_path}/train/empty has no images' in caplog.text and 'not counted as a class' in caplog.text
+
+
+def test_an_image_above_the_pixel_limit_is_skipped_and_counted(tmp_path, caplog):
+  files = {f'train/{c}/{k}.png': data_testlib.encode(data_testlib.solid(i), 'PNG')
+           for i, c in enumerate('ab') for k in range(3)}
+  files['train/a/huge.png'] = data_testlib.black_png(16000, 16000)  # 0.7 MB on disk, 768 MB decoded
+  files['val/a/huge.png'] = files['train/a/huge.png']
+  files['val/b/0.png'] = files['train/b/0.png']
+  data_testlib.write_files(tmp_path, files)
+  cfg = data_testlib.folder_cfg(tmp_path)
+  assert cfg.max_image_pixels == 89_478_485  # PIL's limit
+  it = data.make_train_iterator(cfg, mode='finetune', global_batch_size=7, seed=0, process_index=0, process_count=1)
+  with caplog.at_level('WARNING'):
+    batch = next(it)  # one epoch: all 7 files
+  assert it.skipped == 1 and batch['image'].shape == (7, 16, 16, 3)
+  assert os.path.join(str(tmp_path), 'train/a/huge.png') in caplog.text
+  ev = data.make_eval_iterator(cfg, split='val', global_batch_size=2, process_index=0, process_count=1)
+  (batch,) = list(ev)
+  assert ev.skipped == 1 and batch['mask'].tolist() == [False, True]

@@ -193,3 +193,30 @@ def test_randaug_ops_match_timm(name, monkeypatch):
       assert diff.mean() < 1.5, (name, sign)
     else:
       assert diff.max() <= 1, (name, sign)
+
+
+@pytest.mark.parametrize('fmt,size', [('PNG', (53, 37)), ('JPEG', (53, 37)), ('GIF', (20, 300)), ('BMP', (53, 37)),
+                                      ('WEBP', (53, 37))])
+def test_image_size_from_the_header(fmt, size):
+  image = np.zeros(size + (3,), np.uint8)
+  assert [int(v) for v in transforms.image_size(tf.constant(data_testlib.encode(image, fmt)))] == list(size)
+
+
+def test_webp_header_layouts():
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((21, 40, 3), np.uint8)).save(buffer, 'WEBP', lossless=True)  # VP8L
+  assert [int(v) for v in transforms.image_size(tf.constant(buffer.getvalue()))] == [21, 40]
+  buffer = io.BytesIO()
+  Image.fromarray(np.zeros((21, 40, 4), np.uint8)).save(buffer, 'WEBP')  # alpha: VP8X
+  assert [int(v) for v in transforms.image_size(tf.constant(buffer.getvalue()))] == [21, 40]
+
+
+def test_an_image_above_the_pixel_limit_is_refused_before_decoding():
+  raw = tf.constant(data_testlib.black_png(16000, 16000))  # ~0.7 MB; decoded it would be 768 MB
+  assert [int(v) for v in transforms.image_size(raw)] == [16000, 16000]
+  with pytest.raises(tf.errors.InvalidArgumentError, match='larger than data.max_image_pixels=89478485'):
+    transforms.decode_and_crop(raw, transforms.full_window, 89_478_485)
+  small = tf.constant(data_testlib.black_png(30, 20))
+  assert transforms.decode_and_crop(small, transforms.full_window, 600).shape == (20, 30, 3)
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    transforms.decode_and_crop(small, transforms.full_window, 599)

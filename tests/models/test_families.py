@@ -1,7 +1,6 @@
 """DINOv2 and CLIP towers by their timm names: forward parity with timm's own classes on random weights (no
 downloads), the converter's keys both ways, a timm-saved file of each kind, positional tables with prefix rows."""
 
-import jax
 import numpy as np
 import pytest
 import timm

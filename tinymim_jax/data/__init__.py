@@ -19,7 +19,7 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
   'linprobe' -> {'image', 'label'}; images float32 (global_batch_size // process_count, S, S, 3), labels int32.
   Starting at `start_step` gives the
   batches an uninterrupted run sees from that step on. The iterator has .steps_per_epoch, .skipped
-  (undecodable files skipped so far) and .num_classes.
+  (unreadable, undecodable or oversized files skipped so far) and .num_classes.
   """
   from tinymim_jax.data import pipeline  # pylint: disable=g-import-not-at-top  (imports TF)
   return pipeline.make_train_iterator(

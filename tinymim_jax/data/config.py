@@ -38,6 +38,9 @@ class Config:
   num_parallel_calls: int = AUTOTUNE
   prefetch: int = 2  # Batches.
   cache: Optional[bool] = None  # Hold decoded/encoded examples in memory. None: digits if < 64 MB.
+  # Larger images (height x width, read from the file header before decoding) are skipped and counted like
+  # undecodable ones, so one huge file cannot exhaust host memory. PIL's default limit (Image.MAX_IMAGE_PIXELS).
+  max_image_pixels: int = 89_478_485
   digits_test_fraction: float = 0.2
   digits_split_seed: int = 0  # Fixes the stratified digits train/test split.
 
@@ -112,5 +115,9 @@ def _check(c):
                      'expected >= 1 and >= 0.')
   if c.num_parallel_calls != AUTOTUNE and c.num_parallel_calls < 1:
     raise ValueError(f'data.num_parallel_calls={c.num_parallel_calls}: expected >= 1 or -1 (AUTOTUNE).')
+  if not isinstance(c.max_image_pixels, int) or c.max_image_pixels < 1:
+    raise ValueError(f'data.max_image_pixels={c.max_image_pixels!r}: expected a positive int.')
+  if not isinstance(c.digits_split_seed, int) or c.digits_split_seed < 0:
+    raise ValueError(f'data.digits_split_seed={c.digits_split_seed!r}: expected an int >= 0.')
   if c.name == 'imagenet2012' and c.cache:
     raise ValueError('data.cache=True is not supported for imagenet2012 (about 150 GB); leave it None.')

@@ -13,7 +13,9 @@ before the resume point without decoding them (about the I/O of that part of the
 
 Bad files. Each example is loaded and decoded inside a tf.data "try" (a one-element dataset with
 ignore_errors, followed by a fallback element), which yields the example with valid=True or a 1-pixel
-stand-in with valid=False, without losing its position; the augmentations, which cannot fail, follow
+stand-in with valid=False (named by its path), without losing its position. An image whose header says it
+has more than data.max_image_pixels pixels fails the same way, before it is decoded, so one huge file cannot
+exhaust host memory. The augmentations, which cannot fail, follow
 in a plain map. The Python iterator counts the invalid ones (`.skipped`) and
 replaces their rows with valid rows of the same batch, so batch positions - and with them resumption and
 the per-process step count - never depend on which files fail. Eval marks them mask=False instead.
@@ -99,7 +101,7 @@ def _train_transforms(c, mode):
   def decode(raw, seed):
     crop_seed = transforms.split_seed(seed, 5)[0]
     window = functools.partial(transforms.rrc_window, scale=scale, ratio=c.crop_ratio, seed=crop_seed)
-    return transforms.decode_and_crop(raw, window)  # JPEGs decode only the window.
+    return transforms.decode_and_crop(raw, window, c.max_image_pixels)  # JPEGs decode only the window.
 
   def augment(crop, seed):
     _, flip_seed, jitter_seed, randaug_seed, erase_seed = transforms.split_seed(seed, 5)
@@ -123,7 +125,7 @@ def _train_transforms(c, mode):
 def _eval_transforms(c):
   """(decode, augment) for eval: full decode (inside the try), then resize + center crop + normalise."""
   def decode(raw):
-    return transforms.decode_and_crop(raw, transforms.full_window)
+    return transforms.decode_and_crop(raw, transforms.full_window, c.max_image_pixels)
 
   def augment(image):
     image = transforms.resize_shorter_center_crop(image, c.image_size, c.crop_pct)
@@ -156,14 +158,15 @@ def _fill_invalid(batch, valid, where, keys):
 
 def _log_skipped(keys, split_name):
   for key in keys[:10]:
-    logging.warning('Skipped an undecodable example of %s: %s', split_name, key.decode(errors='replace'))
+    logging.warning('Skipped an example of %s that is unreadable, undecodable or larger than '
+                    'data.max_image_pixels: %s', split_name, key.decode(errors='replace'))
 
 
 class TrainIterator:
   """Infinite iterator of host-local training batches (dicts of numpy arrays).
 
-  Attributes: steps_per_epoch, num_classes, skipped (undecodable examples skipped so far), step (the step
-  the next batch belongs to).
+  Attributes: steps_per_epoch, num_classes, skipped (unreadable, undecodable or oversized examples skipped so
+  far), step (the step the next batch belongs to).
   """
 
   def __init__(self, ds, *, steps_per_epoch, num_classes, start_step, split_name):
@@ -274,8 +277,7 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
     return {'crop': decode(ex['raw'], seed), 'label': ex['label'], 'key': ex['key'], 'seed': seed}
 
   def failed(e):
-    key = tf.strings.join([split.name, ' position ', tf.strings.as_string(e['desc']['pos'])])
-    return dict(_failed(key), seed=transforms.fold_in(e['seed'], e['desc']['pos']))
+    return dict(_failed(split.key(e['desc'])), seed=transforms.fold_in(e['seed'], e['desc']['pos']))
 
   def views(e):
     return dict(augment(e['crop'], e['seed']), label=e['label'], key=e['key'], valid=e['valid'])
@@ -306,7 +308,7 @@ def make_eval_iterator(cfg, *, split='test', global_batch_size, process_index=No
     return {'crop': decode(ex['raw']), 'label': ex['label'], 'key': ex['key']}
 
   def failed(d):
-    return _failed(tf.strings.join([data.name, ' position ', tf.strings.as_string(d['pos'])]))
+    return _failed(data.key(d))
 
   ds = _try_map(data.epoch(None, 0), load_and_decode, failed, c.num_parallel_calls)
   padding = dict(_failed(tf.constant('padding')), valid=False)

@@ -3,8 +3,9 @@
 A source hands out one process's share of a split as a `Split`: `epoch(seed, skip)` lists the share in
 the order of one epoch (a permutation fixed by `seed`, or storage order for seed None), starting at
 position `skip`, as small descriptors with their position 'pos'; `load(descriptor)` turns one into
-{'raw': encoded bytes or a uint8 image, 'label': int32, 'key': str}. Loading runs inside the decode
-step, so that an unreadable file is counted as skipped rather than stopping the run.
+{'raw': encoded bytes or a uint8 image, 'label': int32, 'key': str}; `key(descriptor)` names the example
+(its path) without reading it, for the message about a skipped one. Loading runs inside the decode step, so
+that an unreadable file is counted as skipped rather than stopping the run.
 
 Shares follow tfds.even_splits(drop_remainder=False): the first (n mod processes) processes hold one
 example more.
@@ -15,6 +16,7 @@ import gzip
 import os
 from typing import Callable
 
+from absl import logging
 import numpy as np
 
 from tinymim_jax.data import transforms
@@ -35,6 +37,7 @@ class Split:
   num_local: int  # Held by this process.
   epoch: Callable
   load: Callable
+  key: Callable  # descriptor -> tf.string: the example's path / name.
 
   def shares(self, process_count):
     """(fewest, most) examples any process holds."""
@@ -61,7 +64,7 @@ def _share(n, process_index, process_count):
   return bounds[process_index], bounds[process_index + 1]
 
 
-def _indexed_split(name, num_examples, process_index, process_count, load_index):
+def _indexed_split(name, num_examples, process_index, process_count, load_index, key_index):
   """A split whose examples are addressed by index: exact shuffles, and skipping costs nothing."""
   start, end = _share(num_examples, process_index, process_count)
 
@@ -72,7 +75,8 @@ def _indexed_split(name, num_examples, process_index, process_count, load_index)
     pos = tf.range(end - start, dtype=tf.int64)
     return tf.data.Dataset.from_tensor_slices({'index': index[skip:], 'pos': pos[skip:]})
 
-  return Split(name, num_examples, end - start, epoch, lambda d: load_index(d['index']))
+  return Split(name, num_examples, end - start, epoch, lambda d: load_index(d['index']),
+               lambda d: key_index(d['index']))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -106,13 +110,15 @@ def _digits(c):
     split_images = tf.constant(split_images)
     members_t = tf.constant(members)
 
+    def key(i):
+      return tf.strings.join(['digits[', tf.strings.as_string(members_t[i]), ']'])
+
     def load(i):
       image = split_images[i] if cache else upsample(split_images[i])
-      key = tf.strings.join(['digits[', tf.strings.as_string(members_t[i]), ']'])
-      return {'raw': image, 'label': split_labels[i], 'key': key}
+      return {'raw': image, 'label': split_labels[i], 'key': key(i)}
 
     split_name = f"digits '{'train' if name == 'train' else 'test'}'"
-    return _indexed_split(split_name, len(members), process_index, process_count, load)
+    return _indexed_split(split_name, len(members), process_index, process_count, load, key)
 
   return Source('digits', 10, len(train), len(test), split)
 
@@ -238,13 +244,21 @@ def _fashion_mnist(c):
 
 
 def _list_folder(directory):
-  """Sorted class names and the sorted (path, class name) pairs below `directory`."""
-  classes = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(directory)
+  """Sorted class names and the sorted (path, class name) pairs below `directory`. A class folder without
+  images is not a class (a warning names it)."""
+  folders = sorted(d.rstrip('/') for d in tf.io.gfile.listdir(directory)
                    if tf.io.gfile.isdir(os.path.join(directory, d)))
-  files = []
-  for name in classes:
+  classes, files = [], []
+  for name in folders:
+    found = []
     for root, _, filenames in tf.io.gfile.walk(os.path.join(directory, name)):
-      files += [(os.path.join(root, f), name) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+      found += [(os.path.join(root, f), name) for f in filenames if f.lower().endswith(IMAGE_EXTENSIONS)]
+    if found:
+      classes.append(name)
+      files += found
+    else:
+      logging.warning('data.folder: %s has no images (%s); it is not counted as a class.',
+                      os.path.join(directory, name), ', '.join(IMAGE_EXTENSIONS))
   return classes, sorted(files)
 
 
@@ -285,7 +299,7 @@ def _folder(c):
       return {'raw': read(i), 'label': labels[i], 'key': paths[i]}
 
     split_name = f"folder {c.folder} '{'train' if name == 'train' else 'val'}'"
-    return _indexed_split(split_name, len(files), process_index, process_count, load)
+    return _indexed_split(split_name, len(files), process_index, process_count, load, lambda i: paths[i])
 
   return Source('folder', len(classes), len(train_files), len(val_files), split)
 
@@ -357,8 +371,12 @@ def _imagenet(c):
       ex = features.deserialize_example(d['record'], decoders={'image': tfds.decode.SkipDecoding()})
       return {'raw': ex['image'], 'label': tf.cast(ex['label'], tf.int32), 'key': ex['file_name']}
 
+    def key(d):  # the record's file name, without touching the image
+      spec = {'file_name': tf.io.FixedLenFeature([], tf.string, default_value='')}
+      return tf.io.parse_single_example(d['record'], spec)['file_name']
+
     return Split(f"imagenet2012 '{tfds_split}'", splits[tfds_split].num_examples, share.num_examples,
-                 epoch, load)
+                 epoch, load, key)
 
   return Source('imagenet2012', features['label'].num_classes, splits['train'].num_examples,
                 splits['validation'].num_examples, split)

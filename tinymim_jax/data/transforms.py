@@ -31,16 +31,93 @@ def permutation(n, seed):
 # Decoding and cropping.
 
 
-def decode_and_crop(raw, window_fn):
+def _bytes(raw, pos, n):
+  """Bytes [pos, pos + n) of a string as int64 values 0..255 (fewer if the string is shorter)."""
+  return tf.cast(tf.io.decode_raw(tf.strings.substr(raw, pos, n), tf.uint8), tf.int64)
+
+
+def _le(b, start, n):
+  return sum(b[start + k] * (256 ** k) for k in range(n))
+
+
+def _be(b, start, n):
+  return sum(b[start + k] * (256 ** (n - 1 - k)) for k in range(n))
+
+
+def image_size(raw):
+  """(height, width) int64 of an encoded image from its header, without decoding it; (0, 0) for a format
+  tf.io.decode_image does not read. Layouts: JPEG SOF (tf.image.extract_jpeg_shape), PNG IHDR, GIF logical
+  screen, BMP DIB header, WebP VP8X / VP8L / VP8 (lossy) headers. A truncated header raises InvalidArgument."""
+  magic = tf.strings.substr(raw, 0, 4)
+
+  def jpeg():
+    shape = tf.cast(tf.image.extract_jpeg_shape(raw), tf.int64)
+    return shape[0], shape[1]
+
+  def png():  # signature (8) | IHDR length (4) | 'IHDR' | width (4, big-endian) | height (4)
+    b = _bytes(raw, 16, 8)
+    return _be(b, 4, 4), _be(b, 0, 4)
+
+  def gif():  # 'GIF87a' / 'GIF89a' | width (2, little-endian) | height (2)
+    b = _bytes(raw, 6, 4)
+    return _le(b, 2, 2), _le(b, 0, 2)
+
+  def bmp():  # 'BM' ... DIB header at 14: size (4) | width | height (2 each for the 12-byte OS/2 header, else 4)
+    b = _bytes(raw, 14, 12)
+    core = tf.equal(_le(b, 0, 4), 12)
+    width = tf.where(core, _le(b, 4, 2), _le(b, 4, 4))
+    height = tf.where(core, _le(b, 6, 2), _le(b, 8, 4))
+    height = tf.where(height >= 2**31, 2**32 - height, height)  # negative = top-down rows
+    return height, width
+
+  def webp():  # 'RIFF' size 'WEBP' | chunk fourcc at 12
+    chunk = tf.strings.substr(raw, 12, 4)
+    vp8x, vp8l, vp8 = _bytes(raw, 24, 6), _bytes(raw, 21, 4), _bytes(raw, 26, 4)
+
+    def extended():  # canvas width - 1, height - 1: 3 bytes each
+      return _le(vp8x, 3, 3) + 1, _le(vp8x, 0, 3) + 1
+
+    def lossless():  # 14 bits width - 1, 14 bits height - 1
+      bits = _le(vp8l, 0, 4)
+      return (bits // 2**14) % 2**14 + 1, bits % 2**14 + 1
+
+    def lossy():  # after the 3-byte start code: 14-bit width and height (2 scale bits each)
+      return _le(vp8, 2, 2) % 2**14, _le(vp8, 0, 2) % 2**14
+
+    return tf.case([(tf.equal(chunk, 'VP8X'), extended), (tf.equal(chunk, 'VP8L'), lossless)], default=lossy)
+
+  def unknown():
+    return tf.constant(0, tf.int64), tf.constant(0, tf.int64)
+
+  return tf.case([
+      (tf.io.is_jpeg(raw), jpeg),
+      (tf.equal(magic, b'\x89PNG'), png),
+      (tf.equal(tf.strings.substr(raw, 0, 3), b'GIF'), gif),
+      (tf.equal(tf.strings.substr(raw, 0, 2), b'BM'), bmp),
+      (tf.equal(magic, b'RIFF') & tf.equal(tf.strings.substr(raw, 8, 4), b'WEBP'), webp),
+  ], default=unknown, exclusive=False)
+
+
+def decode_and_crop(raw, window_fn, max_pixels=None):
   """Decodes `raw` and crops window_fn(height, width) -> (y, x, h, w) out of it (uint8, 3 channels).
 
   `raw` is either encoded bytes (any format tf.io.decode_image reads; grayscale and CMYK JPEGs come out
   RGB) or an already decoded uint8 image. A JPEG only decodes the crop window (decode_and_crop_jpeg).
+  max_pixels: an encoded image whose header says height * width > max_pixels raises InvalidArgument before
+  anything is decoded (no memory is spent on it).
   """
   if raw.dtype != tf.string:
     shape = tf.shape(raw)
     y, x, h, w = window_fn(shape[0], shape[1])
     return raw[y:y + h, x:x + w]
+
+  if max_pixels is not None:
+    height, width = image_size(raw)
+    check = tf.debugging.assert_less_equal(
+        height * width, tf.constant(max_pixels, tf.int64),
+        message=f'image larger than data.max_image_pixels={max_pixels} (height x width from its header)')
+    with tf.control_dependencies([check]):  # the decoders below only start once the check passed
+      raw = tf.identity(raw)
 
   def jpeg():
     shape = tf.image.extract_jpeg_shape(raw)

@@ -1,0 +1,369 @@
+"""The workdir as a run's home: one writer at a time (a lock file), and the config as the run's identity.
+
+Lock. `workdir/run.lock` is created atomically (O_CREAT | O_EXCL) and holds JSON: host, pid, the process's
+start time, the run's start time, a unique run id (and the SLURM job, if any). The holder refreshes the
+file's mtime every HEARTBEAT_S seconds from a daemon thread. A lock is stale, and is taken over with a
+warning, when its holder is gone:
+  - same host: the pid is not alive, or is alive but is another process (its start time differs);
+  - the same SLURM job, requeued (SLURM_RESTART_COUNT is larger): the earlier incarnation has ended;
+  - another host: the heartbeat is older than STALE_AFTER_S, measured against the shared filesystem's own
+    clock (the mtime of a file this process touches next to the lock), so clock skew between hosts does not
+    matter.
+Otherwise the second run stops at once with WorkdirLockedError naming the holder. `Lock` is the interface;
+`LocalFileLock` implements it for local and mounted shared filesystems. An object store would implement the
+same three methods with a conditional create (GCS: ifGenerationMatch=0) and a metadata heartbeat.
+
+Config identity. `workdir/config.json` (written when the run starts) is what the checkpoints mean. A resumed
+run lists the differences to it: the ones that change the model or the meaning of the checkpoint (FIXED) are a
+ConfigChangeError unless `config.allow_config_change=True`; the others are logged, appended to
+`workdir/config_history.jsonl` ({"step", "time", "changes": {field: [old, new]}, "forced": [...]}) and
+config.json is rewritten with the new values.
+"""
+
+from __future__ import annotations
+
+import datetime
+import fnmatch
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Protocol
+
+LOCK_FILE = "run.lock"
+CONFIG_FILE = "config.json"
+HISTORY_FILE = "config_history.jsonl"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0
+
+# Fields whose change makes a checkpoint mean something else: the architecture, the objective, the teacher and
+# its block, the distillation target, the starting weights. fnmatch patterns over dotted field names.
+FIXED = ("objective", "model.*", "teacher.*", "distill.*", "init", "init_skip", "mae.decoder_*")
+# Not part of the identity at all.
+IGNORED = ("allow_config_change",)
+
+
+class WorkdirError(RuntimeError):
+  """The workdir cannot be used by this run (the message says why and what to do)."""
+
+
+class WorkdirLockedError(WorkdirError):
+  pass
+
+
+class ConfigChangeError(WorkdirError):
+  pass
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Lock.
+# ---------------------------------------------------------------------------------------------------------
+class Lock(Protocol):
+  """One writer per workdir. acquire() raises WorkdirLockedError naming a live holder; heartbeat() proves the
+  holder alive; release() is idempotent."""
+
+  def acquire(self) -> None: ...
+  def heartbeat(self) -> None: ...
+  def release(self) -> None: ...
+
+
+def _process_start(pid: int) -> str | None:
+  """The kernel's start time of `pid` (Linux: /proc/<pid>/stat field 22), to tell a reused pid apart."""
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rsplit(")", 1)[1].split()[19]
+  except (OSError, IndexError):
+    return None
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # alive, owned by someone else
+    return True
+  return True
+
+
+def _slurm() -> dict[str, Any]:
+  if "SLURM_JOB_ID" not in os.environ:
+    return {}
+  return {"slurm_job": os.environ["SLURM_JOB_ID"], "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", 0))}
+
+
+def describe_holder(h: dict) -> str:
+  job = f", SLURM job {h['slurm_job']}" if h.get("slurm_job") else ""
+  return f"host {h.get('host')}, pid {h.get('pid')}, started {h.get('start')}{job}, run id {h.get('run_id')}"
+
+
+class LocalFileLock:
+  """`Lock` on a local or mounted shared filesystem (see the module docstring)."""
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+    pid = os.getpid()
+    self.info = {"host": socket.gethostname(), "pid": pid, "pid_start": _process_start(pid),
+                 "start": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                 "run_id": uuid.uuid4().hex, **_slurm()}
+    self._held = False
+    self._stop = threading.Event()
+    self._thread = None
+
+  # -- acquire -------------------------------------------------------------------------------------------
+  def acquire(self) -> None:
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    for _ in range(20):  # races: another run may create or move the lock between our steps
+      if self._create():
+        break
+      holder, age = self._read()
+      if holder is None:
+        if age is not None and age > 10:  # unreadable for a while: a holder that crashed while writing it
+          self._take_over(None, f"the lock file is unreadable and {age:.0f}s old")
+        else:  # gone, or being written right now: look again
+          time.sleep(0.1)
+        continue
+      why = self._stale_reason(holder, age)
+      if why is None:
+        raise WorkdirLockedError(
+            f"{os.path.dirname(self.path)} is in use by another run ({describe_holder(holder)}; last heartbeat "
+            f"{age:.0f}s ago). One run per workdir: wait for it to end or stop it (a crashed run's lock is taken "
+            f"over automatically: same host once its pid is gone, other hosts after {self.stale_after_s:.0f}s "
+            f"without a heartbeat; or remove {self.path} if you are sure it is dead).")
+      self._take_over(holder, why)
+    else:
+      raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep creating it")
+    self._held = True
+    self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+    self._thread.start()
+
+  def _create(self) -> bool:
+    try:
+      fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      json.dump(self.info, f, indent=2)
+      f.flush()
+      os.fsync(f.fileno())
+    return True
+
+  def _read(self) -> tuple[dict | None, float | None]:
+    """(holder, heartbeat age in seconds by the filesystem's clock); (None, None) if the file vanished,
+    (None, age) if it exists but is not valid JSON."""
+    try:
+      with open(self.path) as f:
+        text = f.read()
+      mtime = os.stat(self.path).st_mtime
+    except FileNotFoundError:
+      return None, None
+    age = max(self._fs_now() - mtime, 0.0)
+    try:
+      holder = json.loads(text)
+    except json.JSONDecodeError:
+      return None, age
+    return (holder if isinstance(holder, dict) else None), age
+
+  def _fs_now(self) -> float:
+    """Now, by the clock that stamps mtimes in this directory (a shared filesystem's server may differ from
+    ours)."""
+    probe = f"{self.path}.clock-{self.info['run_id']}"
+    try:
+      with open(probe, "w"):
+        pass
+      return os.stat(probe).st_mtime
+    except OSError:
+      return time.time()
+    finally:
+      try:
+        os.remove(probe)
+      except OSError:
+        pass
+
+  def _stale_reason(self, h: dict, age: float) -> str | None:
+    me = self.info
+    if h.get("slurm_job") and h.get("slurm_job") == me.get("slurm_job") and \
+        int(h.get("slurm_restart", 0)) < int(me.get("slurm_restart", 0)):
+      return f"it is an earlier run of this SLURM job {h['slurm_job']} (requeued)"
+    if h.get("host") == me["host"]:
+      pid = int(h.get("pid", -1))
+      if pid == os.getpid():  # another run in this very process (e.g. a thread): alive
+        return None
+      if not _pid_alive(pid):
+        return f"its process {pid} on this host is gone"
+      start = _process_start(pid)
+      if h.get("pid_start") and start and start != h["pid_start"]:
+        return f"pid {pid} on this host now belongs to another process"
+      return None
+    if age > self.stale_after_s:
+      return f"its host {h.get('host')} has not refreshed it for {age:.0f}s (> {self.stale_after_s:.0f}s)"
+    return None
+
+  def _take_over(self, holder: dict | None, why: str) -> None:
+    """Moves the stale lock aside (one rename wins a race) and checks that it was the stale one."""
+    aside = f"{self.path}.stale-{self.info['run_id']}"
+    try:
+      os.rename(self.path, aside)
+    except FileNotFoundError:
+      return  # someone else moved it: retry the create
+    try:
+      with open(aside) as f:
+        moved = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      moved = None
+    if holder is not None and (moved or {}).get("run_id") != holder.get("run_id"):
+      # We moved a fresh lock that another run created after we read the stale one: put it back.
+      try:
+        os.link(aside, self.path)
+      except FileExistsError:
+        pass
+    else:
+      logging.warning("taking over the lock of %s: %s (%s)", os.path.dirname(self.path),
+                      describe_holder(holder) if holder else "unknown holder", why)
+    try:
+      os.remove(aside)
+    except OSError:
+      pass
+
+  # -- heartbeat / release --------------------------------------------------------------------------------
+  def _owns(self) -> bool:
+    try:
+      with open(self.path) as f:
+        return json.load(f).get("run_id") == self.info["run_id"]
+    except (OSError, json.JSONDecodeError, AttributeError):
+      return False
+
+  def heartbeat(self) -> None:
+    if self._held and self._owns():
+      try:
+        os.utime(self.path)
+      except OSError as e:  # e.g. a full disk: the next beat tries again
+        logging.warning("could not refresh the workdir lock %s: %s", self.path, e)
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      self.heartbeat()
+
+  def release(self) -> None:
+    if not self._held:
+      return
+    self._held = False
+    self._stop.set()
+    if self._owns():
+      try:
+        os.remove(self.path)
+      except OSError:
+        pass
+
+
+def make_lock(workdir: str, **kwargs) -> Lock:
+  """The lock implementation for `workdir`'s storage."""
+  if "://" in workdir:
+    raise WorkdirError(f"workdir {workdir!r}: locking is implemented for local and mounted filesystems only")
+  return LocalFileLock(workdir, **kwargs)
+
+
+def acquire_for_job(workdir: str, *, process_index: int = 0, agree: Callable[[bool], bool] | None = None,
+                    **kwargs) -> Lock | None:
+  """Process 0 takes the lock; `agree(ok)` -> whether every process's ok is True (a collective; None in a
+  single-process run). Raises WorkdirLockedError on every process if process 0 could not take it."""
+  lock, error = None, None
+  if process_index == 0:
+    lock = make_lock(workdir, **kwargs)
+    try:
+      lock.acquire()
+    except WorkdirLockedError as e:
+      lock, error = None, e
+  if agree is not None and not agree(error is None):
+    if lock is not None:
+      lock.release()
+    raise error or WorkdirLockedError(f"{workdir} is in use by another run (process 0 says who)")
+  if error is not None:
+    raise error
+  return lock
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config identity.
+# ---------------------------------------------------------------------------------------------------------
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if isinstance(tree, dict):
+    out = {}
+    for k, v in tree.items():
+      out.update(_flatten(v, f"{prefix}{k}."))
+    return out
+  return {prefix[:-1]: tree}
+
+
+def _as_json(config) -> dict:
+  js = config.to_json_best_effort() if hasattr(config, "to_json_best_effort") else json.dumps(config, default=str)
+  return json.loads(js)  # tuples -> lists, as in config.json
+
+
+def saved_config(workdir: str) -> dict | None:
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def _schema_defaults() -> dict[str, Any]:
+  from tinymim_jax import config_base  # pylint: disable=g-import-not-at-top
+  return _flatten(_as_json(config_base.base_config()))
+
+
+def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
+  """{dotted field: (old value, new value)} of the fields that differ, IGNORED left out. A field the old config
+  lacks (added to the schema since) counts only if its new value is not the schema's default; a field the new
+  schema lacks is gone and does not count."""
+  a, b = _flatten(old), _flatten(_as_json(new))
+  defaults = None
+  changes = {}
+  for k in sorted(b):
+    if any(fnmatch.fnmatchcase(k, p) for p in IGNORED):
+      continue
+    if k not in a:
+      defaults = _schema_defaults() if defaults is None else defaults
+      if k in defaults and b[k] == defaults[k]:
+        continue
+    if a.get(k) != b[k]:
+      changes[k] = (a.get(k), b[k])
+  return changes
+
+
+def is_fixed(field: str) -> bool:
+  return any(fnmatch.fnmatchcase(field, p) for p in FIXED)
+
+
+def check_config_change(old: dict, new, *, allow: bool = False) -> dict[str, tuple[Any, Any]]:
+  """The changes from the workdir's config `old` to `new`; raises ConfigChangeError listing the FIXED ones
+  (with old and new values) unless `allow`."""
+  changes = config_changes(old, new)
+  fixed = {k: v for k, v in changes.items() if is_fixed(k)}
+  if fixed and not allow:
+    lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in fixed.items())
+    raise ConfigChangeError(
+        f"this workdir's checkpoints were trained with another config, and these fields change the model or what "
+        f"the checkpoint means:\n{lines}\nUse a new workdir, undo the change, or pass "
+        "--config.allow_config_change=True to resume anyway.")
+  return changes
+
+
+def record_config_change(workdir: str, config, changes: dict[str, tuple[Any, Any]], *, step: int) -> None:
+  """Logs `changes`, appends them to config_history.jsonl and rewrites config.json / config.txt (process 0)."""
+  if not changes:
+    return
+  forced = [k for k in changes if is_fixed(k)]
+  logging.warning("resuming at step %d with a changed config:\n%s", step,
+                  "\n".join(f"  {k}: {o!r} -> {n!r}{'  (forced)' if k in forced else ''}"
+                            for k, (o, n) in changes.items()))
+  with open(os.path.join(workdir, HISTORY_FILE), "a") as f:
+    f.write(json.dumps({"step": int(step), "time": time.time(), "changes": {k: list(v) for k, v in changes.items()},
+                        "forced": forced}) + "\n")
+  from tinymim_jax import writers
+  writers.write_config(workdir, config)
