@@ -60,8 +60,9 @@ def ours(ref):
     c = reference_config(meta)
     student, teacher = builders.make_model(c), builders.make_teacher(c)
     built_table = np.asarray(student.pos_embed[...])
-    reports = [convert.load_pytorch_weights(m, {k[len(p):]: v for k, v in z.items() if k.startswith(p)})
-               for m, p in ((student, "stu/"), (teacher, "tea/"))]
+    # The teacher as the trainer builds and loads it: blocks 1..teacher_block (its file's later block unused).
+    reports = [convert.load_pytorch_weights(m, {k[len(p):]: v for k, v in z.items() if k.startswith(p)}, depth=d)
+               for m, p, d in ((student, "stu/", None), (teacher, "tea/", c.distill.teacher_block))]
     dtypes = {str(x.dtype) for m in (student, teacher) for x in jax.tree.leaves(nnx.state(m))}
     x_t, x_s = (np.ascontiguousarray(z[k].transpose(0, 2, 3, 1)) for k in ("xT", "xS"))  # NCHW -> NHWC
 
