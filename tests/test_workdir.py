@@ -161,3 +161,11 @@ def test_a_field_added_to_the_schema_since_is_not_a_change():
   assert changes == {"data.max_image_pixels": (None, 1000)}
   with pytest.raises(workdir.ConfigChangeError, match="model.attention"):
     workdir.check_config_change(old, _config(**{"model.attention": "xla"}))
+
+
+def test_a_field_left_to_the_variant_equals_the_variants_value():
+  old = json.loads(_config().to_json_best_effort())
+  old["model"]["img_size"], old["model"]["pos_embed"] = 224, "sincos"  # saved when these were not placeholders
+  assert workdir.check_config_change(old, _config()) == {}  # None: the variant's 224 / 'sincos'
+  with pytest.raises(workdir.ConfigChangeError, match="model.pos_embed"):
+    workdir.check_config_change(old, _config(**{"model.pos_embed": "learn"}))

@@ -22,6 +22,7 @@ config.json is rewritten with the new values.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fnmatch
 import json
@@ -317,11 +318,25 @@ def _schema_defaults() -> dict[str, Any]:
   return _flatten(_as_json(config_base.base_config()))
 
 
+def _variant_values_filled_in(tree: dict) -> dict:
+  """The model / teacher sections with their None fields (= the variant's value) replaced by that value, so that
+  a schema that turns a field into a placeholder (or back) is not a change of the model."""
+  from tinymim_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
+  tree = dict(tree)
+  for section in ("model", "teacher"):
+    s = tree.get(section)
+    if isinstance(s, dict) and s.get("name") in vit_lib.VARIANTS:
+      resolved = dataclasses.asdict(vit_lib.vit_config(s["name"]))
+      tree[section] = {k: resolved.get(k) if v is None and isinstance(resolved.get(k), (int, float, str)) else v
+                       for k, v in s.items()}
+  return tree
+
+
 def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (old value, new value)} of the fields that differ, IGNORED left out. A field the old config
   lacks (added to the schema since) counts only if its new value is not the schema's default; a field the new
-  schema lacks is gone and does not count."""
-  a, b = _flatten(old), _flatten(_as_json(new))
+  schema lacks is gone and does not count; a model field left to the variant (None) equals the variant's value."""
+  a, b = _flatten(_variant_values_filled_in(old)), _flatten(_variant_values_filled_in(_as_json(new)))
   defaults = None
   changes = {}
   for k in sorted(b):
