@@ -228,12 +228,14 @@ def _fashion_mnist(c):
     images, labels = arrays[split_name]
     images_t, labels_t = tf.constant(images), tf.constant(labels)
 
+    def key(i):
+      return tf.strings.join([f'fashion_mnist[{split_name} ', tf.strings.as_string(i), ']'])
+
     def load(i):  # Grey -> 3 equal channels.
       image = tf.repeat(images_t[i][..., None], 3, axis=-1)
-      key = tf.strings.join([f'fashion_mnist[{split_name} ', tf.strings.as_string(i), ']'])
-      return {'raw': image, 'label': labels_t[i], 'key': key}
+      return {'raw': image, 'label': labels_t[i], 'key': key(i)}
 
-    return _indexed_split(f"fashion_mnist '{split_name}'", len(labels), process_index, process_count, load)
+    return _indexed_split(f"fashion_mnist '{split_name}'", len(labels), process_index, process_count, load, key)
 
   return Source('fashion_mnist', 10, len(arrays['train'][1]), len(arrays['test'][1]), split)
 
