@@ -82,7 +82,8 @@ def test_distill_configs_match_spec(student, name, heads, rel_heads, teacher, tb
   assert model.config.block_heads(12) == rel_heads and all(model.config.block_heads(i) == heads for i in range(1, 12))
   assert model.config.embed_dim // rel_heads == {"tiny": 16, "small": 32, "base": 48}[student]
   assert [model.config.block_drop_path(i) for i in (1, 11, 12)] == [0.1, 0.1, 0.0]
-  assert (c.model.img_size, c.model.pos_embed, c.teacher.img_size) == (224, "sincos", 224)
+  student = builders.vit_config(c.model.name, **builders.vit_kwargs(c.model))  # None fields: the variant's
+  assert (student.img_size, student.pos_embed, builders.teacher_vit_config(c).img_size) == (224, "sincos", 224)
   assert (c.batch_size, c.total_epochs, c.warmup_epochs) == (4096, 300.0, 15.0)
   o = c.optim
   assert (o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip_norm, o.min_lr) == (0.9, 0.95, 1e-8, 0.05, None, 0.0)

@@ -176,6 +176,7 @@ RANGES = {
     "keep_ckpts": (int, "[1, inf)"),       # the latest checkpoint is always kept
     "keep_every_steps": (int, "[1, inf)"),
     "eval_every_steps": (int, "[0, inf)"),  # 0: only the final eval
+    "eval.feature.block": (int, "[0, inf)"),   # 0: the embeddings
     "eval.max_train": (int, "[1, inf)"),
     "eval.knn.k": (int, "[1, inf)"),
     "eval.knn.temperature": (float, "(0, inf)"),
