@@ -128,14 +128,19 @@ def _pump(rank: int, stream, lock: threading.Lock) -> None:
   stream.close()
 
 
-def _kill_all(procs: list[subprocess.Popen], grace_s: float = 10) -> None:
-  """SIGTERM each child's process group (a child may have children), SIGKILL what is left after grace_s."""
+def _signal_all(procs: list[subprocess.Popen], sig: int) -> None:
+  """`sig` to each running child's process group (a child may have children)."""
   for p in procs:
     if p.poll() is None:
       try:
-        os.killpg(p.pid, signal.SIGTERM)
+        os.killpg(p.pid, sig)
       except ProcessLookupError:
         pass
+
+
+def _kill_all(procs: list[subprocess.Popen], grace_s: float = 10) -> None:
+  """SIGTERM each child's process group, SIGKILL what is left after grace_s."""
+  _signal_all(procs, signal.SIGTERM)
   deadline = time.monotonic() + grace_s
   for p in procs:
     try:
@@ -177,12 +182,7 @@ def run(command: list[str], num_processes: int, *, devices_per_process: int = 1,
     if signum == signal.SIGTERM and not forwarded:  # preemption: let the run save and exit 75
       forwarded.append(True)
       print("[local] SIGTERM: passing it on (the run saves a checkpoint and stops)", file=sys.stderr, flush=True)
-      for p in procs:
-        if p.poll() is None:
-          try:
-            os.killpg(p.pid, signal.SIGTERM)
-          except ProcessLookupError:
-            pass
+      _signal_all(procs, signal.SIGTERM)
       return
     _kill_all(procs)
     sys.exit(128 + signum)

@@ -44,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tinymim_jax import optim
+
 CKPT_DIR = "checkpoints"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
 
@@ -69,15 +71,7 @@ class CheckpointSaveError(CheckpointError):
 # -----------------------------------------------------------------------------------------------------
 def _key_name(path) -> str:
   """A key path as Orbax names it ('1.0.mu.blocks.0.attn.qkv.kernel')."""
-  parts = []
-  for k in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+  return optim.path_name(path).replace("/", ".")
 
 
 def _mix(h: np.ndarray) -> np.ndarray:
