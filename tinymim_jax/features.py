@@ -21,8 +21,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
-import jax
 import jax.numpy as jnp
+
+from tinymim_jax import losses
 
 POOLS = ("cls", "mean")
 LN_EPS = 1e-6
@@ -84,9 +85,7 @@ def pool(hidden, spec: FeatureSpec, num_prefix_tokens: int = 1):
   """
   h = hidden.astype(jnp.float32)
   if spec.norm:
-    mean = h.mean(axis=-1, keepdims=True)
-    var = jnp.square(h - mean).mean(axis=-1, keepdims=True)
-    h = (h - mean) * jax.lax.rsqrt(var + LN_EPS)
+    h = losses.layer_norm(h, LN_EPS)
   return h[:, 0] if spec.pool == "cls" else h[:, num_prefix_tokens:].mean(axis=1)  # 'mean': the patch tokens
 
 

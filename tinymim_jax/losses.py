@@ -163,8 +163,8 @@ def class_token_loss(student_cls, teacher_cls, kind="cosine"):
   return _regression(_f32(student_cls), _f32(teacher_cls), kind)
 
 
-def _layer_norm(x, eps=1e-6):
-  # Parameter-free LayerNorm over the last axis (biased variance, as torch).
+def layer_norm(x, eps=1e-6):
+  """Parameter-free LayerNorm over the last axis (biased variance, as torch); eps 1e-6 as the ViT's."""
   mean = jnp.mean(x, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
   return (x - mean) * jax.lax.rsqrt(var + eps)
@@ -180,7 +180,7 @@ def feature_loss(student, teacher, kind="smooth_l1", normalize_target=False):
   """
   teacher = _f32(teacher)
   if normalize_target:
-    teacher = _layer_norm(teacher)
+    teacher = layer_norm(teacher)
   return _regression(_f32(student), teacher, kind)
 
 
