@@ -22,12 +22,19 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def teacher_root(tmp_path_factory):
   """A tiny finished MAE teacher run (the first digits demo stage: 12 steps, checkpoints 4, 8, 12), trained once
-  per session, in-process, under <root>/teacher_mae. Tests that resume or damage it work on a copy
-  (tests/helpers/faults.copy_run)."""
+  per test run (shared by the xdist workers), in-process, under <root>/teacher_mae. Tests that resume or damage
+  it work on a copy (tests/helpers/faults.copy_run)."""
+  import fcntl
   from test_main import tiny_config
   from tinymim_jax import main as trainer
-  root = str(tmp_path_factory.mktemp("demo"))
-  res = trainer.train_and_evaluate(tiny_config("teacher_mae", root, total_steps=12, ckpt_every_steps=4),
-                                   os.path.join(root, "teacher_mae"))
-  assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
-  return root
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):  # <run's basetemp>/popen-gwN: the parent is this run's, shared
+    base = base.parent
+  root = base / "teacher_demo"
+  with open(base / "teacher_demo.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)  # the first worker trains it, the others wait and reuse it
+    if not (root / "teacher_mae" / "done.json").exists():
+      res = trainer.train_and_evaluate(tiny_config("teacher_mae", str(root), total_steps=12, ckpt_every_steps=4),
+                                       str(root / "teacher_mae"))
+      assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
+  return str(root)

@@ -129,14 +129,20 @@ def _config(**overrides):
 
 
 def test_changes_to_the_model_or_checkpoint_meaning_are_an_error():
-  old = json.loads(_config().to_json_best_effort())
-  for field, value in [("model.num_heads", 8), ("teacher.source", "other.pth"), ("distill.teacher_block", 9),
-                       ("objective", "mae_pretrain"), ("mae.decoder_depth", 2), ("init", "w.pth")]:
-    new = _config(**{field: value})
+  for objective, field, value in [("distill", "model.num_heads", 8), ("distill", "teacher.source", "other.pth"),
+                                  ("distill", "distill.teacher_block", 9), ("distill", "objective", "mae_pretrain"),
+                                  ("mae_pretrain", "mae.decoder_depth", 2), ("finetune", "init", "w.pth")]:
+    old = json.loads(_config(objective=objective).to_json_best_effort())
+    new = _config(**{"objective": objective, field: value})
     with pytest.raises(workdir.ConfigChangeError) as e:
       workdir.check_config_change(old, new)
     assert field in str(e.value) and repr(value) in str(e.value) and "--config.allow_config_change=True" in str(e.value)
     assert workdir.check_config_change(old, new, allow=True) == workdir.config_changes(old, new)
+  # The teacher and the distillation target belong to a distillation run only.
+  mae = json.loads(_config(objective="mae_pretrain").to_json_best_effort())
+  assert set(workdir.check_config_change(mae, _config(**{"objective": "mae_pretrain", "teacher.source": "x.pth",
+                                                         "distill.teacher_block": 9}))) == {"teacher.source",
+                                                                                          "distill.teacher_block"}
 
 
 def test_other_changes_are_allowed_and_recorded(tmp_path):

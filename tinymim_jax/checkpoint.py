@@ -274,6 +274,8 @@ class Checkpointer:
     try:
       self.mngr.wait_until_finished()
     except Exception as e:  # pylint: disable=broad-except
+      if step is None:  # a failure that was raised already
+        return
       self._failed(step, e)
     if step is not None and not os.path.isdir(os.path.join(self.directory, str(step))):
       self._failed(step, None)

@@ -148,7 +148,7 @@ def _all_processes(ok: bool) -> bool:
 
 def _config_changes(config, workdir: str) -> dict:
   """How `config` differs from the one the workdir's checkpoints were trained with ({} for a fresh run); raises
-  workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (workdir.FIXED)."""
+  workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (workdir.FIXED, FIXED_FOR)."""
   saved = workdir_lib.saved_config(workdir)
   if saved is None or config.objective == "eval" or not checkpoint.has_checkpoint(workdir):
     return {}

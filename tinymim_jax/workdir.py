@@ -14,10 +14,10 @@ Otherwise the second run stops at once with WorkdirLockedError naming the holder
 same three methods with a conditional create (GCS: ifGenerationMatch=0) and a metadata heartbeat.
 
 Config identity. `workdir/config.json` (written when the run starts) is what the checkpoints mean. A resumed
-run lists the differences to it: the ones that change the model or the meaning of the checkpoint (FIXED) are a
-ConfigChangeError unless `config.allow_config_change=True`; the others are logged, appended to
-`workdir/config_history.jsonl` ({"step", "time", "changes": {field: [old, new]}, "forced": [...]}) and
-config.json is rewritten with the new values.
+run lists the differences to it: the ones that change the model or the meaning of the checkpoint (FIXED, and
+FIXED_FOR the run's objective) are a ConfigChangeError unless `config.allow_config_change=True`; the others are
+logged, appended to `workdir/config_history.jsonl` ({"step", "time", "changes": {field: [old, new]}, "forced":
+[...]}) and config.json is rewritten with the new values.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ HISTORY_FILE = "config_history.jsonl"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
 
-# Fields whose change makes a checkpoint mean something else: the architecture, the objective, the teacher and
-# its block, the distillation target, the starting weights. fnmatch patterns over dotted field names.
-FIXED = ("objective", "model.*", "teacher.*", "distill.*", "init", "init_skip", "mae.decoder_*")
+# Fields whose change makes a checkpoint mean something else: the architecture, the objective, the starting
+# weights; for distillation also the teacher (incl. its source and block) and the target; for MAE pretraining the
+# decoder. fnmatch patterns over dotted field names.
+FIXED = ("objective", "model.*", "init", "init_skip")
+FIXED_FOR = {"distill": ("teacher.*", "distill.*"), "mae_pretrain": ("mae.decoder_*",)}
 # Not part of the identity at all.
 IGNORED = ("allow_config_change",)
 
@@ -351,15 +353,15 @@ def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
   return changes
 
 
-def is_fixed(field: str) -> bool:
-  return any(fnmatch.fnmatchcase(field, p) for p in FIXED)
+def is_fixed(field: str, objective: str) -> bool:
+  return any(fnmatch.fnmatchcase(field, p) for p in FIXED + FIXED_FOR.get(objective, ()))
 
 
 def check_config_change(old: dict, new, *, allow: bool = False) -> dict[str, tuple[Any, Any]]:
   """The changes from the workdir's config `old` to `new`; raises ConfigChangeError listing the FIXED ones
   (with old and new values) unless `allow`."""
   changes = config_changes(old, new)
-  fixed = {k: v for k, v in changes.items() if is_fixed(k)}
+  fixed = {k: v for k, v in changes.items() if is_fixed(k, old.get("objective"))}
   if fixed and not allow:
     lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in fixed.items())
     raise ConfigChangeError(
@@ -373,7 +375,7 @@ def record_config_change(workdir: str, config, changes: dict[str, tuple[Any, Any
   """Logs `changes`, appends them to config_history.jsonl and rewrites config.json / config.txt (process 0)."""
   if not changes:
     return
-  forced = [k for k in changes if is_fixed(k)]
+  forced = [k for k in changes if is_fixed(k, config.objective)]
   logging.warning("resuming at step %d with a changed config:\n%s", step,
                   "\n".join(f"  {k}: {o!r} -> {n!r}{'  (forced)' if k in forced else ''}"
                             for k, (o, n) in changes.items()))
