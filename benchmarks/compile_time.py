@@ -30,7 +30,7 @@ def measure(size: str, batch: int, teacher_dtype: str, student_dtype: str) -> di
   b, compiled, build_s, lower_s, compile_s = build_and_compile(
       size, batch, teacher_dtype=teacher_dtype, student_dtype=student_dtype, abstract=True)
   n_params = sum(x.size for x in jax.tree.leaves(b["state"]["params"]))
-  n_teacher = sum(x.size for x in jax.tree.leaves(b["state"]["teacher"]))
+  n_teacher = sum(x.size for x in jax.tree.leaves(b["state"]["teachers"]))
   return {"size": size, "batch": batch, "build_s": build_s, "lower_s": lower_s, "compile_s": compile_s,
           "memory": memory_stats(compiled), "xla_flops": cost_flops(compiled), "params": int(n_params),
           "teacher_params": int(n_teacher), "device": str(jax.devices()[0].device_kind),

@@ -77,11 +77,12 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
     graphdef, tgraph = ts.split_model(student, extras)[0], nnx.split(teacher)[0]
     def abstract_state():
       s, e, t = make()
-      return ts.init_state(s, tx, teacher=t, extras=e)[2]
+      return ts.init_state(s, tx, teachers={"teacher": t}, extras=e)[2]
     state = jax.eval_shape(abstract_state)
   else:
-    graphdef, tgraph, state = ts.init_state(student, tx, teacher=teacher, extras=extras)
-  step = ts.make_distill_step(graphdef, tgraph, tx, schedule, spec)
+    graphdef, tgraphs, state = ts.init_state(student, tx, teachers={"teacher": teacher}, extras=extras)
+    tgraph = tgraphs["teacher"]
+  step = ts.make_distill_step(graphdef, {"teacher": tgraph}, tx, schedule, spec)
 
   mesh = mesh if mesh is not None else sh.make_mesh(fsdp=1, devices=jax.devices()[:1])
   state_sharding = sh.tree_sharding(state, mesh)
@@ -139,7 +140,7 @@ def step_pieces(b: dict):
   spec = b["spec"]
 
   def teacher_fwd(state, batch):
-    teacher = nnx.merge(b["tgraph"], state["teacher"])
+    teacher = nnx.merge(b["tgraph"], state["teachers"]["teacher"])
     return teacher(batch["teacher"], depth=spec.teacher_block, capture=(spec.teacher_block,),
                    qkv_only=True)["blocks"][spec.teacher_block]
 

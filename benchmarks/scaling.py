@@ -131,7 +131,8 @@ def measure(size: str, meshes: list[tuple[int, int]], per_device_batch: int, tea
     nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
     res.append({"data": data, "fsdp": fsdp, "compile_s": secs, "memory": memory_stats(compiled),
                 "collectives": collectives(compiled.as_text(), n),
-                "state_bytes": {k: nbytes(state[k]) for k in ("params", "opt", "teacher")},
+                "state_bytes": {"params": nbytes(state["params"]), "opt": nbytes(state["opt"]),
+                                "teacher": nbytes(state["teachers"])},
                 "per_device_batch": per_device_batch})
     print(f"{size} {data}x{fsdp}: {secs:.1f} s", file=sys.stderr)
   return res

@@ -70,14 +70,21 @@ def get_config(arg=None):
   c.model.dtype = a.dtype
   c.model.attention = a.attention
 
-  teacher = a.teacher or ("large" if a.student == "base" else "base")
-  c.teacher.name, default_block = TEACHERS[teacher]
-  # MAE teachers: 224. Others: their variant's (518 for DINOv2); the teacher runs at the student's patch grid
-  # anyway (builders.teacher_img_size: 196 px for a patch-14 teacher), its pos_embed resampled on load.
-  c.teacher.img_size = 224 if teacher in ("base", "large") else None
-  c.teacher.source = ""                 # set on the command line: a .pth / .safetensors / workdir
-  c.teacher.dtype = "bfloat16"
-  c.teacher.attention = a.attention
+  # Several teachers: teacher=A+B+... -> sections teacher, teacher2, ... (config.teachers), each with its source.
+  keys = (a.teacher or ("large" if a.student == "base" else "base")).split("+")
+  c.teachers = tuple("teacher" if i == 0 else f"teacher{i + 1}" for i in range(len(keys)))
+  for i, (section, key) in enumerate(zip(c.teachers, keys)):
+    if key not in TEACHERS:
+      raise ValueError(f"teacher={key!r}: expected one of {sorted(TEACHERS)} (several joined by '+')")
+    name, block = TEACHERS[key]
+    # MAE teachers: 224. Others: their variant's (518 for DINOv2); a teacher runs at the student's patch grid
+    # anyway (builders.teacher_img_size: 196 px for a patch-14 teacher), its pos_embed resampled on load.
+    c[section] = config_base.teacher_config(
+        name, img_size=224 if key in ("base", "large") else None,
+        source="",                          # set on the command line: a .pth / .safetensors / workdir
+        dtype="bfloat16", attention=a.attention,
+        block=None if i == 0 else block)    # the first teacher's: distill.teacher_block
+  default_block = TEACHERS[keys[0]][1]
 
   c.distill.target = a.target
   c.distill.teacher_block = a.teacher_block or default_block

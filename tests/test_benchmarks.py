@@ -22,7 +22,7 @@ def reference():
 def test_reference_loss_equals_ours(reference):
   b = distill_step.build("s_from_b", 2, img=32)  # our models, built as the trainer builds them
   student = ts.merge_model(b["graphdef"], b["state"]["params"], b["state"]["consts"])
-  teacher = nnx.merge(b["tgraph"], b["state"]["teacher"])
+  teacher = nnx.merge(b["tgraph"], b["state"]["teachers"]["teacher"])
   convert.load_pytorch_weights(student, reference.student.state_dict())
   convert.load_pytorch_weights(teacher, reference.teacher.state_dict())
   with torch.no_grad():

@@ -14,6 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
 ARGS = {
     "tinymim_distill": ["student=tiny", "student=small", "student=base", "student=small,target=feature",
+                        "student=small,teacher=base+dinov2_reg_base",
                         "teacher=dinov2_base", "teacher=dinov2_reg_base", "teacher=clip_base",
                         "teacher=clip_quickgelu_base",
                         "student=tiny,target=cls,teacher_block=9,relation_heads=6,mask_ratio=0.5",
@@ -31,8 +32,8 @@ ARGS = {
 
 def load(name, arg):
   c = load_config_module(CONFIGS[name]).get_config(arg)
-  if c.objective == "distill" and not c.teacher.source:
-    c.teacher.source = "teacher.pth"
+  for name in c.teachers if c.objective == "distill" else ():
+    c[name].source = c[name].source or f"{name}.pth"
   if c.objective in ("eval", "linprobe") and not c.init:
     c.init = "model.safetensors"
   return config_base.finalize(c)
@@ -50,8 +51,9 @@ def test_config_builds_abstractly(name, arg):
   spec = None
   if c.objective == "distill":
     teacher = nnx.eval_shape(lambda: builders.make_teacher(c))
-    assert teacher.config.depth >= c.distill.teacher_block
-    assert (model.config.attention, teacher.config.attention) == (c.model.attention, c.teacher.attention)
+    assert teacher.config.depth == c.distill.teacher_block
+    for name, t in nnx.eval_shape(lambda: builders.make_teachers(c)).items():
+      assert t.config.depth == builders.teacher_block(c, name) and t.config.attention == c[name].attention
     assert model.config.dtype == jax.numpy.dtype(c.model.dtype)
     assert (model.config.param_dtype, teacher.config.param_dtype) == (jax.numpy.dtype(c.model.param_dtype),
                                                                       jax.numpy.dtype(c.teacher.param_dtype))
@@ -172,6 +174,7 @@ def _numeric_fields(c, prefix=""):
 def test_every_numeric_field_has_a_checked_range():
   c = config_base.base_config()
   ranges = set(config_base.RANGES) | {f"{s}.{k}" for s in ("model", "teacher") for k in config_base.VIT_RANGES}
+  ranges |= {f"teacher.{k}" for k in config_base.TEACHER_RANGES}
   assert set(_numeric_fields(c)) <= ranges, set(_numeric_fields(c)) - ranges
 
 
@@ -181,7 +184,7 @@ def test_every_numeric_field_has_a_checked_range():
     ("eval_every_steps", -5), ("optim.b2", 1.0), ("optim.eps", 0.0), ("optim.weight_decay", -0.1),
     ("optim.layer_decay", 1.5), ("optim.grad_clip_norm", 0.0), ("optim.grad_accum_steps", 0), ("mesh.fsdp", 0),
     ("eval.knn.k", 0), ("eval.knn.temperature", 0.0), ("mae.mask_ratio", 1.0), ("distill.student_mask_ratio", -0.1),
-    ("finetune.label_smoothing", 1.0), ("model.depth", 0), ("teacher.num_heads", 0), ("model.drop_path", 1.0),
+    ("finetune.label_smoothing", 1.0), ("model.depth", 0), ("teacher.num_heads", 0), ("teacher.block", 0), ("teacher.weight", -1.0), ("model.drop_path", 1.0),
     ("seed", -1), ("batch_size", 2.5), ("data.image_size", 0), ("data.max_image_pixels", 0),
     ("data.digits_split_seed", -1),
 ])

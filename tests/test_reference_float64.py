@@ -84,7 +84,7 @@ def ours(ref):
     batch = {"teacher": x_t, "student": x_s}
     rng = jax.random.PRNGKey(0)
     rec = exact.grad_recorder()
-    graphdef, tgraph, state = ts.init_state(student, rec, teacher=teacher)
+    graphdef, tgraph, state = ts.init_state(student, rec, teachers={"teacher": teacher})
     run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, rec, schedule, spec), state, devices=2)
     new, step_metrics = run(state, batch, rng)
     grads = torch_named(graphdef, new["opt"], state["consts"])
@@ -92,7 +92,7 @@ def ours(ref):
     # One step of the trainer's optimizer.
     params = state["params"]
     frozen = ts.distill_frozen_patterns(spec, params)
-    _, _, state = ts.init_state(student, tx, teacher=teacher)
+    _, _, state = ts.init_state(student, tx, teachers={"teacher": teacher})
     run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, tx, schedule, spec), state, devices=2)
     after, adamw_metrics = run(state, batch, rng)
     frozen_flags = jax.tree_util.tree_map_with_path(

@@ -49,7 +49,7 @@ def test_one_distill_step_moves_only_what_the_loss_sees(distill_batch):
   after = flat(state1)
   assert m["nonfinite"] == 0 and m["loss"] > 0
   # The teacher is bit-identical.
-  teacher = [k for k in before if k.startswith("teacher/")]
+  teacher = [k for k in before if k.startswith("teachers/teacher/")]
   assert teacher and all(np.array_equal(before[k], after[k]) for k in teacher)
   # Student: relation block 3 (index 2) only contributes norm1 + qkv; the final norm is unused.
   frozen = [k for k in before if k.startswith("params/") and (
@@ -199,7 +199,7 @@ def _float64_step(objective):
   student = create_model("vit_tiny_patch16", drop_path=0.1, drop_path_mode="constant", **F64)
   teacher = create_model("vit_tiny_patch16", seed=1, **{**F64, "embed_dim": 48, "num_heads": 4})
   extras = ts.TARGETS["feature"].extra_layers(student.config, teacher.config, nnx.Rngs(0))
-  graphdef, tgraph, state = ts.init_state(student, rec, teacher=teacher, extras=extras)
+  graphdef, tgraph, state = ts.init_state(student, rec, teachers={"teacher": teacher}, extras=extras)
   step = ts.make_distill_step(graphdef, tgraph, rec, schedule, ts.DistillSpec(target="feature", teacher_block=2,
                                                                                 student_block=2))
   return step, state, {"teacher": x, "student": x * 0.9}

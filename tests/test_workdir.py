@@ -138,6 +138,20 @@ def test_changes_to_the_model_or_checkpoint_meaning_are_an_error():
       workdir.check_config_change(old, new)
     assert field in str(e.value) and repr(value) in str(e.value) and "--config.allow_config_change=True" in str(e.value)
     assert workdir.check_config_change(old, new, allow=True) == workdir.config_changes(old, new)
+  # Every teacher section a distillation names is fixed, and so is the list.
+  def two(**fields):
+    c = _config()
+    c.teacher2 = config_base.teacher_config("vit_small_patch14_dinov2", source="dinov2.safetensors", block=9)
+    c.teachers = ("teacher", "teacher2")
+    for k, v in fields.items():
+      c.teacher2[k] = v
+    return c
+  old = json.loads(two().to_json_best_effort())
+  for field, value in [("block", 12), ("weight", 0.5), ("source", "other.safetensors")]:
+    with pytest.raises(workdir.ConfigChangeError, match=rf"teacher2.{field}: "):
+      workdir.check_config_change(old, two(**{field: value}))
+  with pytest.raises(workdir.ConfigChangeError, match="teachers: "):
+    workdir.check_config_change(old, _config())
   # The teacher and the distillation target belong to a distillation run only.
   mae = json.loads(_config(objective="mae_pretrain").to_json_best_effort())
   assert set(workdir.check_config_change(mae, _config(**{"objective": "mae_pretrain", "teacher.source": "x.pth",

@@ -27,8 +27,21 @@ def vit_kwargs(mc) -> dict:
   return {f.name: mc[f.name] for f in dataclasses.fields(ViTConfig) if f.name in mc and mc[f.name] is not None}
 
 
-def teacher_vit_config(config) -> ViTConfig:
-  return vit_config(config.teacher.name, **vit_kwargs(config.teacher))
+def teacher_vit_config(config, name: str = "teacher") -> ViTConfig:
+  """The full ViTConfig of the teacher in section config.<name> (before make_teacher truncates it)."""
+  return vit_config(config[name].name, **vit_kwargs(config[name]))
+
+
+def teacher_block(config, name: str = "teacher") -> int:
+  """The 1-based block of teacher `name` that the target reads: config.<name>.block, else distill.teacher_block.
+  Raises ValueError naming the field when the teacher has no such block."""
+  section = config[name]
+  block = config.distill.teacher_block if section.block is None else section.block
+  depth = teacher_vit_config(config, name).depth
+  if not 1 <= block <= depth:
+    field = "distill.teacher_block" if section.block is None else f"{name}.block"
+    raise ValueError(f"config.{field}={block}, but config.{name} ({section.name}) has blocks 1..{depth}")
+  return block
 
 
 def distill_spec(config) -> ts.DistillSpec:
@@ -48,57 +61,91 @@ def make_model(config, *, num_classes: int | None = None, seed: int | None = Non
     return create_model(MAE_PREFIX + config.model.name, seed=seed, decoder=dict(
         embed_dim=m.decoder_embed_dim, depth=m.decoder_depth, num_heads=m.decoder_num_heads), **kw)
   if config.objective == "distill":
-    d, t = config.distill, teacher_vit_config(config)
-    if not 1 <= d.teacher_block <= t.depth:
-      raise ValueError(f"config.distill.teacher_block={d.teacher_block}, but {config.teacher.name} has blocks "
-                       f"1..{t.depth}")
-    heads = d.relation_heads or t.block_heads(d.teacher_block)
-    # The relation block uses the teacher's head count and no drop path (docs/method.md sections 2, 3).
-    kw["head_overrides"] = {d.student_block: heads}
-    kw["drop_path_overrides"] = {d.student_block: 0.0}
+    # The relation block uses the teachers' head count and no drop path (docs/method.md sections 2, 3).
+    kw["head_overrides"] = {config.distill.student_block: relation_heads(config)}
+    kw["drop_path_overrides"] = {config.distill.student_block: 0.0}
     return create_model(config.model.name, seed=seed, **kw)
   if num_classes and not kw.get("num_classes"):
     kw["num_classes"] = num_classes
   return create_model(config.model.name, seed=seed, **kw)
 
 
+def relation_heads(config) -> int:
+  """The head count of the student's relation block: distill.relation_heads, else the teachers' at their blocks.
+  With a relation target, teachers whose heads differ there are a ValueError (their maps cannot be compared)."""
+  heads = {name: teacher_vit_config(config, name).block_heads(teacher_block(config, name))
+           for name in config.teachers}
+  if config.distill.target == "relation" and config.distill.relation_heads is None and len(set(heads.values())) > 1:
+    raise ValueError(f"the teachers' blocks have {heads} heads: relation maps per head need one count; set "
+                     f"--config.distill.relation_heads or pick blocks with equal head counts")
+  return config.distill.relation_heads or heads[config.teachers[0]]
+
+
 def make_trainable(config, *, num_classes: int | None = None) -> tuple[nnx.Module, dict[str, nnx.Module]]:
   """-> (the model a run trains, {name: extra layers trained beside it}): a distillation target's extra layers
-  (ts.TARGETS), e.g. the feature target's width projection; none for the other objectives."""
+  (ts.TARGETS), e.g. the feature target's width projection, one set per teacher (teacher_specs names them);
+  none for the other objectives."""
   model = make_model(config, num_classes=num_classes)
   if config.objective != "distill":
     return model, {}
-  extras = ts.TARGETS[config.distill.target].extra_layers(model.config, teacher_vit_config(config),
-                                                         nnx.Rngs(config.seed))
+  target, extras = ts.TARGETS[config.distill.target], {}
+  for i, name in enumerate(config.teachers):
+    own = target.extra_layers(model.config, teacher_vit_config(config, name), nnx.Rngs(config.seed + i))
+    extras.update({_extra_name(k, name, i): layer for k, layer in own.items()})
   return model, extras
 
 
-def make_teacher(config) -> nnx.Module:
-  """The frozen teacher: only what it runs, the embeddings and blocks 1..distill.teacher_block (eval mode, CLS
-  layout; its final norm is built but never run)."""
-  block, depth = config.distill.teacher_block, teacher_vit_config(config).depth
-  if not 1 <= block <= depth:
-    raise ValueError(f"config.distill.teacher_block={block}, but {config.teacher.name} has blocks 1..{depth}")
-  kw = vit_kwargs(config.teacher)
-  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=block, img_size=teacher_img_size(config))
-  return create_model(config.teacher.name, seed=0, **kw)
+def _extra_name(key: str, teacher: str, index: int) -> str:
+  """A target's extra layer `key` for the teacher at `index` of config.teachers: its own name for the first
+  (a single-teacher run's names), '<key>_<teacher>' for the others."""
+  return key if index == 0 else f"{key}_{teacher}"
 
 
-def teacher_img_size(config) -> int:
+def make_teachers(config) -> dict[str, nnx.Module]:
+  """{name: make_teacher(config, name)} over config.teachers (models only; load_teacher loads each)."""
+  return {name: make_teacher(config, name) for name in config.teachers}
+
+
+def make_teacher(config, name: str = "teacher") -> nnx.Module:
+  """The frozen teacher of section config.<name>: only what it runs, the embeddings and blocks 1..its block
+  (teacher_block; eval mode, CLS layout; its final norm is built but never run)."""
+  kw = vit_kwargs(config[name])
+  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=teacher_block(config, name),
+            img_size=teacher_img_size(config, name))
+  return create_model(config[name].name, seed=0, **kw)
+
+
+def teacher_img_size(config, name: str = "teacher") -> int:
   """The teacher's input resolution: the student's patch grid times the teacher's patch size, so that both see
   the same grid (196 px for a patch-14 teacher beside a 224 px patch-16 student)."""
-  student, teacher = vit_config(config.model.name, **vit_kwargs(config.model)), teacher_vit_config(config)
+  student, teacher = vit_config(config.model.name, **vit_kwargs(config.model)), teacher_vit_config(config, name)
   return (student.img_size // student.patch_size) * teacher.patch_size
 
 
-def teacher_input(config) -> ts.TeacherInput:
-  """How the teacher reads the data's teacher view: its resolution (teacher_img_size), its input statistics
-  (models.variants.INPUT_NORM by config.teacher.name; the view comes normalised with config.data.teacher_norm),
+def teacher_input(config, name: str = "teacher") -> ts.TeacherInput:
+  """How teacher `name` reads the data's teacher view: its resolution (teacher_img_size), its input statistics
+  (models.variants.INPUT_NORM by its variant name; the view comes normalised with config.data.teacher_norm),
   and the register tokens dropped from the relation maps."""
   from tinymim_jax.models.variants import INPUT_NORM, IMAGENET_NORM
-  t = teacher_vit_config(config)
-  return ts.TeacherInput(img_size=teacher_img_size(config), view_norm=tuple(map(tuple, config.data.teacher_norm)),
-                         norm=INPUT_NORM.get(config.teacher.name, IMAGENET_NORM), reg_tokens=t.reg_tokens)
+  t = teacher_vit_config(config, name)
+  return ts.TeacherInput(img_size=teacher_img_size(config, name),
+                         view_norm=tuple(map(tuple, config.data.teacher_norm)),
+                         norm=INPUT_NORM.get(config[name].name, IMAGENET_NORM), reg_tokens=t.reg_tokens)
+
+
+def teacher_specs(config) -> dict[str, ts.TeacherSpec]:
+  """{name: ts.TeacherSpec} over config.teachers: its block, weight, input, and (several teachers) the names
+  of its own extra layers among make_trainable's."""
+  student, target = vit_config(config.model.name, **vit_kwargs(config.model)), ts.TARGETS[config.distill.target]
+  specs = {}
+  for i, name in enumerate(config.teachers):
+    own = None
+    if len(config.teachers) > 1:
+      keys = nnx.eval_shape(lambda n=name: target.extra_layers(student, teacher_vit_config(config, n), nnx.Rngs(0)))
+      own = tuple((k, _extra_name(k, name, i)) for k in keys)
+    specs[name] = ts.TeacherSpec(block=teacher_block(config, name), weight=float(config[name].weight),
+                                 input=teacher_input(config, name), extras=own)
+  return specs
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -206,7 +253,9 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
 
 # How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
 INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix"}
-TEACHER_OPTIONS = {"skip": "teacher.skip", "ema": "teacher.ema", "prefix": "teacher.prefix"}
+
+def teacher_options(name: str = "teacher") -> dict[str, str]:
+  return {k: f"{name}.{k}" for k in ("skip", "ema", "prefix")}
 
 
 def load_init(model: nnx.Module, config) -> convert.LoadReport:
@@ -217,27 +266,28 @@ def load_init(model: nnx.Module, config) -> convert.LoadReport:
                       hint_context=INIT_OPTIONS)
 
 
-def load_teacher(teacher: nnx.Module, config) -> convert.LoadReport:
-  """config.teacher.source into make_teacher's model: exactly what the teacher runs (the embeddings and blocks
-  1..distill.teacher_block) is required and loaded; the rest of the file is reported as not run."""
-  t = config.teacher
-  return load_weights(teacher, t.source, skip=t.skip, ema=t.ema, prefix=t.prefix, depth=config.distill.teacher_block,
-                      hint_context=TEACHER_OPTIONS)
+def load_teacher(teacher: nnx.Module, config, name: str = "teacher") -> convert.LoadReport:
+  """config.<name>.source into make_teacher's model: exactly what the teacher runs (the embeddings and blocks
+  1..teacher_block) is required and loaded; the rest of the file is reported as not run."""
+  t = config[name]
+  return load_weights(teacher, t.source, skip=t.skip, ema=t.ema, prefix=t.prefix,
+                      depth=teacher_block(config, name), hint_context=teacher_options(name))
 
 
 def resolve_source_heads(config) -> list[str]:
   """Takes the head counts the sources record where the config leaves them to the variant; -> log lines.
 
-  A state dict does not store head counts. Where config.teacher.source / config.init records its model
-  (source_architecture) and teacher.num_heads / model.num_heads is None (the variant's), the recorded count is
-  written into the config, so the run is built, saved and restored with it. An explicit teacher.num_heads that
-  differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
+  A state dict does not store head counts. Where a teacher's source (each of config.teachers) / config.init
+  records its model (source_architecture) and that section's num_heads is None (the variant's), the recorded
+  count is written into the config, so the run is built, saved and restored with it. An explicit teacher
+  num_heads that differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
   model.num_heads that differs is kept and noted: fine-tuning regroups the same weights into the standard heads
   (docs/method.md 2.3). Per-block overrides (a distilled student's relation block) are not carried over: the
   builders set the relation block's heads from config.distill.
   """
   notes = []
-  sections = [("teacher", config.teacher.source)] if config.objective == "distill" and config.teacher.source else []
+  teachers = config.teachers if config.objective == "distill" else ()
+  sections = [(name, config[name].source) for name in teachers if config[name].source]
   sections += [("model", config.init)] if config.init else []
   for field, source in sections:
     found = source_architecture(source)
@@ -248,11 +298,11 @@ def resolve_source_heads(config) -> list[str]:
     if section.num_heads is None:
       section.num_heads = recorded
       notes.append(f"config.{field}.num_heads = {recorded}: the count {origin} records for {source}")
-    elif section.num_heads != recorded and field == "teacher":
+    elif section.num_heads != recorded and field != "model":
       raise convert.ConvertError(
-          f"config.teacher.num_heads={section.num_heads}, but {origin} records {recorded} heads per block for "
+          f"config.{field}.num_heads={section.num_heads}, but {origin} records {recorded} heads per block for "
           f"{source}; the teacher's relations depend on its head split. Leave the field unset to use the recorded "
-          f"count, or set --config.teacher.num_heads={recorded}")
+          f"count, or set --config.{field}.num_heads={recorded}")
     elif section.num_heads != recorded:
       notes.append(f"config.model.num_heads = {section.num_heads}, while {origin} records {recorded}: the same "
                    f"weights regrouped into {section.num_heads} heads (docs/method.md 2.3)")

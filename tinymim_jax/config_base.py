@@ -43,6 +43,24 @@ def model_config(name: str = "vit_base_patch16") -> ml_collections.ConfigDict:
   return c
 
 
+def teacher_config(name: str = "vit_base_patch16", **fields) -> ml_collections.ConfigDict:
+  """A teacher section: model_config(name) plus where its weights come from, how it runs and what it gives.
+
+  `fields` set any of them (e.g. source=..., block=9, weight=0.5).
+  """
+  c = model_config(name)
+  c.source = ""                       # .pth / .safetensors (official MAE / TinyMIM / timm) or a workdir
+  #                                     (num_heads None: the count the source records, else the variant's)
+  c.dtype = "bfloat16"                # a teacher only runs forward
+  c.skip = ()                         # regexes of source keys to skip (timm names)
+  c.ema = True                        # a training checkpoint's EMA copy where it has one (timm's way)
+  c.prefix = config_dict.placeholder(str)  # the wrapper prefix of the teacher in the file (None: found)
+  c.block = config_dict.placeholder(int)   # 1-based block the target reads; it runs only to it (None: distill's)
+  c.weight = 1.0                      # its loss's weight in the sum over teachers
+  c.update(fields)
+  return c
+
+
 def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.objective = "distill"
@@ -60,18 +78,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.init_ema = True                                # a training checkpoint's EMA copy where it has one (timm's way)
   c.init_prefix = config_dict.placeholder(str)     # the wrapper prefix of the model in the file (None: found)
 
-  # Distillation (objective 'distill').
-  c.teacher = model_config("vit_base_patch16")
-  c.teacher.source = ""               # .pth / .safetensors (official MAE / TinyMIM / timm) or a workdir
-  #                                     (teacher.num_heads None: the count the source records, else the variant's)
-  c.teacher.dtype = "bfloat16"        # the teacher only runs forward
-  c.teacher.skip = ()                 # regexes of source keys to skip (timm names)
-  c.teacher.ema = True                # a training checkpoint's EMA copy where it has one (timm's way)
-  c.teacher.prefix = config_dict.placeholder(str)  # the wrapper prefix of the teacher in the file (None: found)
+  # Distillation (objective 'distill'). `teachers` names the config sections that hold the teachers (big_vision's
+  # way: a list of names, one section each; a config file adds a section with teacher_config()); the loss is
+  # the sum of the target's loss per teacher, each times its section's `weight`.
+  c.teachers = ("teacher",)
+  c.teacher = teacher_config("vit_base_patch16")
   c.distill = ml_collections.ConfigDict(dict(
       target="relation",              # 'relation' | 'feature' | 'cls'
-      teacher_block=12, student_block=12,   # 1-based; the teacher runs only up to teacher_block
-      relation_heads=config_dict.placeholder(int),  # heads of the student's relation block; None = teacher's
+      teacher_block=12,               # 1-based; the block of each teacher whose section leaves `block` None
+      student_block=12,               # 1-based; one student block for all teachers
+      relation_heads=config_dict.placeholder(int),  # heads of the student's relation block; None = the teachers'
+
       w_qk=1.0, w_vv=1.0,
       feature_loss="smooth_l1", normalize_target=False,
       student_mask_ratio=0.0,
@@ -190,7 +207,7 @@ RANGES = {
     "linprobe.momentum": (float, "[0, 1)"),
     "linprobe.trust_coefficient": (float, "(0, inf)"),
 }
-# The numeric ViTConfig fields, for model.* and teacher.*.
+# The numeric ViTConfig fields, for model.* and each teacher section (config.teachers).
 VIT_RANGES = {
     "img_size": (int, "[1, inf)"),
     "patch_size": (int, "[1, inf)"),
@@ -222,11 +239,35 @@ def check_range(name: str, value, kind: type, interval: str) -> None:
                       f"{interval}")
 
 
-def _ranges() -> dict[str, tuple[type, str]]:
+# A teacher section's own numeric fields (teacher_config()).
+TEACHER_RANGES = {
+    "block": (int, "[1, inf)"),
+    "weight": (float, "[0, inf)"),
+}
+
+
+def _ranges(teachers) -> dict[str, tuple[type, str]]:
   out = dict(RANGES)
-  for section in ("model", "teacher"):
+  for section in ("model", *teachers):
     out.update({f"{section}.{k}": v for k, v in VIT_RANGES.items()})
+  for section in teachers:
+    out.update({f"{section}.{k}": v for k, v in TEACHER_RANGES.items()})
   return out
+
+
+def _check_teachers(c: ml_collections.ConfigDict) -> None:
+  """config.teachers names teacher sections (teacher_config()), each once, each with a source (distillation)."""
+  names = tuple(c.teachers)
+  if not names or len(set(names)) != len(names):
+    raise ConfigError(f"config.teachers={names!r}: expected one or more distinct names of teacher sections")
+  for name in names:
+    section = c.get(name)
+    if not isinstance(section, ml_collections.ConfigDict) or "source" not in section or "block" not in section:
+      raise ConfigError(f"config.teachers names {name!r}, but config.{name} is not a teacher section: add it in the "
+                        f"config file with config_base.teacher_config(...)")
+    if c.objective == "distill" and not section.source:
+      raise ConfigError(f"config.{name}.source is empty: name a .pth/.safetensors file or a tinymim-jax workdir")
+
 
 
 def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -237,12 +278,11 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   if c.objective not in OBJECTIVES:
     raise ConfigError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
-  if c.objective == "distill" and not c.teacher.source:
-    raise ConfigError("config.teacher.source is empty: name a .pth/.safetensors file or a tinymim-jax workdir")
+  _check_teachers(c)
   if c.objective in ("eval", "linprobe") and not c.init:
     raise ConfigError(f"config.init is empty: objective {c.objective!r} needs weights to evaluate (a .pth / "
                       f".safetensors file or a tinymim-jax workdir)")
-  for name, (kind, interval) in _ranges().items():
+  for name, (kind, interval) in _ranges(tuple(c.teachers)).items():
     node = c
     for part in name.split("."):
       node = node[part]

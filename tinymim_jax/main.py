@@ -220,13 +220,16 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
     vit = features.vit_of(model)
     feature_spec = features.resolve(config.eval.feature, depth=vit.config.depth, run_config=config)
   meta["feature"] = feature_spec.to_dict()  # what evals and exports of this run's model read
-  teacher = None
+  teachers = {}
   if objective == "distill":
-    teacher = builders.make_teacher(config)
-    report = builders.load_teacher(teacher, config)
-    logging.info("teacher from %s:\n%s", config.teacher.source, report)
-    meta["teacher"] = {"source": os.path.abspath(config.teacher.source), "sha256": builders.weights_hash(teacher),
-                       "name": config.teacher.name, "block": config.distill.teacher_block}
+    meta["teachers"] = {}
+    for name in config.teachers:
+      teachers[name] = builders.make_teacher(config, name)
+      report = builders.load_teacher(teachers[name], config, name)
+      logging.info("teacher %r from %s:\n%s", name, config[name].source, report)
+      meta["teachers"][name] = {"source": os.path.abspath(config[name].source), "name": config[name].name,
+                                "sha256": builders.weights_hash(teachers[name]),
+                                "block": builders.teacher_block(config, name), "weight": config[name].weight}
   if objective == "eval":
     return _final_evals(config, workdir, vit, mesh, meta, feature_spec, info)
 
@@ -244,14 +247,14 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
                        weight_decay=lp.weight_decay)
     modeldef, state = linprobe.init_state(vit, tx, dim=vit.config.embed_dim, num_classes=info.num_classes,
                                           seed=config.seed)
-    teacher_graphdef = None
+    teacher_graphdefs = {}
   else:
     tx, schedule, rules_table = builders.make_optimizer(config, ts.split_model(model, extras)[1], spec=distill_spec,
                                                         total_steps=total_steps, warmup_steps=warmup_steps)
     if is_main:
       logging.info("optimizer:\n%s", rules_table)
-    modeldef, teacher_graphdef, state = ts.init_state(model, tx, teacher=teacher, extras=extras)
-  del model, teacher, vit, extras
+    modeldef, teacher_graphdefs, state = ts.init_state(model, tx, teachers=teachers, extras=extras)
+  del model, teachers, vit, extras
 
   # ---------------------------------------------------------------------------------------------------
   # Checkpoint: resume from the latest one, onto this mesh.
@@ -261,9 +264,10 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   if ckpt.all_steps():  # the newest intact one; damaged ones are moved aside with a warning
     restored, saved_meta = ckpt.restore(checkpoint.abstract(ts.checkpointable(state),
                                                             ts.checkpointable(state_sharding)))
-    if saved_meta.get("teacher", {}).get("sha256") not in (None, meta.get("teacher", {}).get("sha256")):
-      logging.warning("the teacher's weights differ from the ones this run started with (%s)",
-                      saved_meta["teacher"]["source"])
+    for name, saved in saved_meta.get("teachers", {}).items():
+      if saved.get("sha256") != meta.get("teachers", {}).get(name, {}).get("sha256"):
+        logging.warning("teacher %r: its weights differ from the ones this run started with (%s)", name,
+                        saved["source"])
     state.update(restored)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     if is_main:
@@ -277,8 +281,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   # Steps.
   # ---------------------------------------------------------------------------------------------------
   if objective == "distill":
-    step_fn = ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, distill_spec,
-                                   builders.teacher_input(config))
+    step_fn = ts.make_distill_step(modeldef, teacher_graphdefs, tx, schedule, distill_spec,
+                                   builders.teacher_specs(config))
   elif objective == "mae_pretrain":
     step_fn = ts.make_mae_step(modeldef, tx, schedule, mask_ratio=config.mae.mask_ratio,
                                norm_pix=config.mae.norm_pix)

@@ -107,12 +107,13 @@ def spec_for(name: str, shape, mesh: Mesh, rules=DEFAULT_RULES) -> P:
 def tree_sharding(tree, mesh: Mesh, rules=DEFAULT_RULES):
   """NamedShardings for a pytree of arrays (or ShapeDtypeStructs), by rule over '/'-joined names.
 
-  `tree` is a train state ({'params', 'consts', 'opt', 'teacher', ...}) or a bare params tree. Rules see a
+  `tree` is a train state ({'params', 'consts', 'opt', 'teachers', ...}) or a bare params tree. Rules see a
   param's own name ('blocks/3/attn/qkv/kernel'): the state's prefixes are stripped, and so are the optimizer's
   (Adam moments are copies of the params under longer paths ending in the param's name), by cutting each name
   at its first component that is a top-level param / const name of the tree's models.
   """
-  parts = [tree[k] for k in ("params", "consts", "teacher") if isinstance(tree, dict) and k in tree] or [tree]
+  parts = ([tree[k] for k in ("params", "consts") if k in tree] + list(tree.get("teachers", {}).values())
+           if isinstance(tree, dict) else []) or [tree]
   roots = sorted({k for p in parts if isinstance(p, dict) for k in p})
   root = re.compile(rf"(?:^|/)((?:{'|'.join(map(re.escape, roots))})(?:/.*)?)$") if roots else None
 

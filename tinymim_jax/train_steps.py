@@ -8,9 +8,9 @@ merges them back inside the trace. A train state is a plain dict:
            distillation target trains with it (e.g. the feature target's width projection, 'distill_proj')
   consts   the model's non-trainable state (the fixed sin-cos table)
   opt      the optax state
-  teacher  (distillation only) the frozen teacher's full state. It rides in the state so that it is sharded
-           by the same rules and donated/aliased without copies; it is never differentiated, never in the
-           optimizer and never checkpointed (see `checkpointable`).
+  teachers (distillation only) {name: a frozen teacher's full state}, one per teacher (config.teachers). They
+           ride in the state so that they are sharded by the same rules and donated/aliased without copies; they
+           are never differentiated, never in the optimizer and never checkpointed (see `checkpointable`).
 
 A step whose loss or gradient is not finite returns the state it was given, unchanged, with
 metrics['nonfinite'] = 1: the trainer stops on it and no NaN can reach a checkpoint.
@@ -68,16 +68,18 @@ def merge_extras(modeldef: ModelDef, params) -> dict[str, nnx.Module]:
   return {name: nnx.merge(graphdef, params[name]) for name, graphdef in modeldef.extras}
 
 
-def init_state(model: nnx.Module, tx: optax.GradientTransformation, *, teacher: nnx.Module | None = None,
-               extras: Mapping[str, nnx.Module] | None = None):
-  """-> (ModelDef, teacher_graphdef or None, state)."""
+def init_state(model: nnx.Module, tx: optax.GradientTransformation, *,
+               teachers: Mapping[str, nnx.Module] | None = None, extras: Mapping[str, nnx.Module] | None = None):
+  """-> (ModelDef, {teacher name: teacher graphdef}, state); `teachers` {name: frozen model} (distillation)."""
   modeldef, params, consts = split_model(model, extras)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "consts": consts, "opt": tx.init(params)}
-  teacher_graphdef = None
-  if teacher is not None:
-    teacher_graphdef, teacher_state = nnx.split(teacher)
-    state["teacher"] = _teacher_in_compute_dtype(teacher, nnx.to_pure_dict(teacher_state))
-  return modeldef, teacher_graphdef, state
+  teacher_graphdefs = {}
+  if teachers:
+    state["teachers"] = {}
+    for name, teacher in teachers.items():
+      teacher_graphdefs[name], teacher_state = nnx.split(teacher)
+      state["teachers"][name] = _teacher_in_compute_dtype(teacher, nnx.to_pure_dict(teacher_state))
+  return modeldef, teacher_graphdefs, state
 
 
 def _teacher_in_compute_dtype(teacher: nnx.Module, pure: dict) -> dict:
@@ -102,7 +104,7 @@ def _teacher_in_compute_dtype(teacher: nnx.Module, pure: dict) -> dict:
 
 def checkpointable(state: dict) -> dict:
   """What a checkpoint holds: everything but the frozen models (a teacher, a linear probe's encoder)."""
-  return {k: v for k, v in state.items() if k not in ("teacher", "encoder")}
+  return {k: v for k, v in state.items() if k not in ("teachers", "encoder")}
 
 
 def _finish(state, grads, loss, aux, tx, schedule):
@@ -277,35 +279,72 @@ def drop_registers(block: dict, reg_tokens: int) -> dict:
   return {k: keep(v, 2 if v.ndim == 4 else 1) for k, v in block.items()}
 
 
-def make_distill_step(modeldef: ModelDef, teacher_graphdef, tx, schedule, spec: DistillSpec,
-                      teacher_input: TeacherInput | None = None) -> Callable:
-  target = TARGETS[spec.target]
-  teacher_input = teacher_input or TeacherInput()
+@dataclasses.dataclass(frozen=True)
+class TeacherSpec:
+  """One teacher of a distillation (an entry of config.teachers; builders.teacher_specs sets it from the config).
 
-  def teacher_forward(teacher_state, images):
-    teacher = nnx.merge(teacher_graphdef, teacher_state)
-    out = teacher(teacher_input(images), depth=spec.teacher_block, capture=(spec.teacher_block,),
-                  qkv_only=target.qkv_only)
-    return jax.lax.stop_gradient(drop_registers(out["blocks"][spec.teacher_block], teacher_input.reg_tokens))
+  block: the teacher block its target reads (1-based); the teacher runs only up to it.
+  weight: its loss's weight in the sum over teachers (docs/method.md section 9).
+  input: how it reads the data's teacher view (resolution, statistics, register tokens).
+  extras: ((the target's name for an extra layer, its name in the params), ...): the width projection of a
+    feature target is one per teacher; None = every extra layer under its own name (a single teacher).
+  """
+  block: int
+  weight: float = 1.0
+  input: TeacherInput = TeacherInput()
+  extras: tuple[tuple[str, str], ...] | None = None
+
+
+def make_distill_step(modeldef: ModelDef, teacher_graphdefs: Mapping[str, Any], tx, schedule, spec: DistillSpec,
+                      teachers: Mapping[str, TeacherSpec] | None = None) -> Callable:
+  """The distillation step: each teacher (init_state's graphdefs, keyed like state['teachers']) runs to its
+  block; the student runs once, to spec.student_block; the loss is the weighted sum of the target's loss per
+  teacher. `teachers` None: one TeacherSpec(block=spec.teacher_block) per graphdef. Metrics: 'loss' (the sum)
+  and the target's aux metrics, suffixed '_<name>' (with 'loss_<name>' per teacher) when there are several."""
+  target = TARGETS[spec.target]
+  teachers = dict(teachers or {name: TeacherSpec(block=spec.teacher_block) for name in teacher_graphdefs})
+  if set(teachers) != set(teacher_graphdefs) or not teachers:
+    raise ValueError(f"teacher specs {sorted(teachers)} do not match the teachers {sorted(teacher_graphdefs)}")
+  several = len(teachers) > 1
+
+  def teacher_forward(name, teacher_state, images):
+    t = teachers[name]
+    teacher = nnx.merge(teacher_graphdefs[name], teacher_state)
+    out = teacher(t.input(images), depth=t.block, capture=(t.block,), qkv_only=target.qkv_only)
+    return jax.lax.stop_gradient(drop_registers(out["blocks"][t.block], t.input.reg_tokens))
+
+  def teacher_extras(name, extras):
+    pairs = teachers[name].extras
+    return dict(extras) if pairs is None else {own: extras[stored] for own, stored in pairs}
 
   def step(state, batch, rng):
     dp_rng, mask_rng = _step_rngs(rng, state["step"], 2)
-    t = teacher_forward(state["teacher"], batch["teacher"])
+    ts_ = {name: teacher_forward(name, state["teachers"][name], batch["teacher"]) for name in teachers}
     keep_ids = None
     if spec.student_mask_ratio > 0:
       b = batch["student"].shape[0]
-      length = next(iter(t.values())).shape[-2] - 1
+      length = next(iter(next(iter(ts_.values())).values())).shape[-2] - 1
       keep_ids, _, _ = mae_lib.random_masking(mask_rng, b, length, spec.student_mask_ratio)
-      # The teacher saw the whole image; compare on the CLS + the patches the student saw.
+      # The teachers saw the whole image; compare on the CLS + the patches the student saw.
       rows = jnp.concatenate([jnp.zeros((b, 1), keep_ids.dtype), keep_ids + 1], axis=1)
-      t = {k: (jnp.take_along_axis(v, rows[:, None, :, None], axis=2) if v.ndim == 4
-               else jnp.take_along_axis(v, rows[:, :, None], axis=1)) for k, v in t.items()}
+      ts_ = {name: {k: (jnp.take_along_axis(v, rows[:, None, :, None], axis=2) if v.ndim == 4
+                        else jnp.take_along_axis(v, rows[:, :, None], axis=1)) for k, v in t.items()}
+             for name, t in ts_.items()}
 
     def loss_fn(params):
       student = merge_model(modeldef, params, state["consts"])
       out = student(batch["student"], rng=dp_rng, depth=spec.student_block, capture=(spec.student_block,),
                     qkv_only=target.qkv_only, keep_ids=keep_ids)
-      return target.loss(t, out["blocks"][spec.student_block], merge_extras(modeldef, params), spec)
+      s, extras = out["blocks"][spec.student_block], merge_extras(modeldef, params)
+      total, aux = 0.0, {}
+      for name, t in ts_.items():
+        loss, metrics = target.loss(t, s, teacher_extras(name, extras), spec)
+        total = total + teachers[name].weight * loss
+        if several:
+          aux.update({f"loss_{name}": loss, **{f"{k}_{name}": v for k, v in metrics.items()}})
+        else:
+          aux.update(metrics)
+      return total, aux
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     return _finish(state, grads, loss, aux, tx, schedule)

@@ -44,7 +44,8 @@ STALE_AFTER_S = 300.0
 # weights; for distillation also the teacher (incl. its source and block) and the target; for MAE pretraining the
 # decoder. fnmatch patterns over dotted field names.
 FIXED = ("objective", "model.*", "init", "init_skip")
-FIXED_FOR = {"distill": ("teacher.*", "distill.*"), "mae_pretrain": ("mae.decoder_*",)}
+# (A distillation's other teacher sections, named in its config.teachers, are fixed as well.)
+FIXED_FOR = {"distill": ("teachers", "teacher.*", "distill.*"), "mae_pretrain": ("mae.decoder_*",)}
 # Not part of the identity at all.
 IGNORED = ("allow_config_change",)
 
@@ -325,7 +326,7 @@ def _variant_values_filled_in(tree: dict) -> dict:
   a schema that turns a field into a placeholder (or back) is not a change of the model."""
   from tinymim_jax.models import vit as vit_lib  # pylint: disable=g-import-not-at-top
   tree = dict(tree)
-  for section in ("model", "teacher"):
+  for section in ("model", *tree.get("teachers", ("teacher",))):
     s = tree.get(section)
     if isinstance(s, dict) and s.get("name") in vit_lib.VARIANTS:
       resolved = dataclasses.asdict(vit_lib.vit_config(s["name"]))
@@ -353,15 +354,19 @@ def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
   return changes
 
 
-def is_fixed(field: str, objective: str) -> bool:
-  return any(fnmatch.fnmatchcase(field, p) for p in FIXED + FIXED_FOR.get(objective, ()))
+def is_fixed(field: str, objective: str, teachers=()) -> bool:
+  """Whether a change of `field` changes the model or the checkpoint's meaning for a run of `objective` (with
+  the teacher sections `teachers`, its config.teachers)."""
+  sections = tuple(f"{t}.*" for t in teachers) if objective == "distill" else ()
+  return any(fnmatch.fnmatchcase(field, p) for p in FIXED + FIXED_FOR.get(objective, ()) + sections)
 
 
 def check_config_change(old: dict, new, *, allow: bool = False) -> dict[str, tuple[Any, Any]]:
   """The changes from the workdir's config `old` to `new`; raises ConfigChangeError listing the FIXED ones
   (with old and new values) unless `allow`."""
   changes = config_changes(old, new)
-  fixed = {k: v for k, v in changes.items() if is_fixed(k, old.get("objective"))}
+  fixed = {k: v for k, v in changes.items()
+           if is_fixed(k, old.get("objective"), (*old.get("teachers", ()), *_as_json(new).get("teachers", ())))}
   if fixed and not allow:
     lines = "\n".join(f"  {k}: {o!r} -> {n!r}" for k, (o, n) in fixed.items())
     raise ConfigChangeError(
@@ -375,7 +380,7 @@ def record_config_change(workdir: str, config, changes: dict[str, tuple[Any, Any
   """Logs `changes`, appends them to config_history.jsonl and rewrites config.json / config.txt (process 0)."""
   if not changes:
     return
-  forced = [k for k in changes if is_fixed(k, config.objective)]
+  forced = [k for k in changes if is_fixed(k, config.objective, tuple(config.teachers))]
   logging.warning("resuming at step %d with a changed config:\n%s", step,
                   "\n".join(f"  {k}: {o!r} -> {n!r}{'  (forced)' if k in forced else ''}"
                             for k, (o, n) in changes.items()))

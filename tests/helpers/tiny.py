@@ -33,8 +33,8 @@ def distill_setup(*, warmup=2, **config_kw):
   spec = builders.distill_spec(c)
   tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student, extras)[1], total_steps=200,
                                             warmup_steps=warmup, spec=spec)
-  modeldef, teacher_graphdef, state = ts.init_state(student, tx, teacher=builders.make_teacher(c), extras=extras)
-  return ts.make_distill_step(modeldef, teacher_graphdef, tx, schedule, spec), state, tx
+  modeldef, teacher_graphdefs, state = ts.init_state(student, tx, teachers=builders.make_teachers(c), extras=extras)
+  return ts.make_distill_step(modeldef, teacher_graphdefs, tx, schedule, spec, builders.teacher_specs(c)), state, tx
 
 
 def images(n=16, seed=0):
