@@ -35,8 +35,11 @@ HERE = os.path.abspath(__file__)
 # Our step (imported by scaling.py and compile_time.py too).
 # --------------------------------------------------------------------------------------------------------
 def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float32", student_dtype: str = "float32",
-          attention: str = "default", abstract: bool = False, mesh=None, seed: int = 0):
+          attention: str = "default", abstract: bool = False, mesh=None, seed: int = 0, teachers: str = ""):
   """-> dict(step=jitted step, state, batch, rng, pair, jit=...) for the named size.
+
+  `teachers`: configs/tinymim_distill.py's `teacher` argument (e.g. 'dinov2_reg_base', 'base+clip_base'), each
+  at its default block; '' = the size's MAE teacher at the size's block.
 
   The student / teacher / optimizer come from configs/tinymim_distill.py through the builders, exactly as the
   trainer builds them (relation-block overrides, frozen params, the recipe's AdamW and schedule at batch 4096),
@@ -54,19 +57,21 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
   pair = common.SIZES[size]
   short = lambda name: name.split("_")[1]  # vit_small_patch16 -> small
   c = load_config_module(os.path.join(common.ROOT, "configs", "tinymim_distill.py")).get_config(
-      f"student={short(pair.student)},teacher={short(pair.teacher)},teacher_block={pair.teacher_block},"
-      f"dtype={student_dtype},attention={attention}")
+      f"student={short(pair.student)},teacher={teachers or short(pair.teacher)},"
+      f"teacher_block={0 if teachers else pair.teacher_block},dtype={student_dtype},attention={attention}")
   c.seed = seed
-  c.model.img_size = c.teacher.img_size = img
-  c.teacher.dtype = teacher_dtype
+  c.model.img_size = img
+  for name in c.teachers:
+    c[name].img_size = img if c[name].img_size else None  # MAE teachers; the others keep their variant's
+    c[name].dtype = teacher_dtype
   spec = builders.distill_spec(c)
   steps_per_epoch = 1_281_167 // c.batch_size  # ImageNet-1K train images
 
   def make():
     student, extras = builders.make_trainable(c)
-    return student, extras, builders.make_teacher(c)
+    return student, extras, builders.make_teachers(c)
 
-  student, extras, teacher = nnx.eval_shape(make) if abstract else make()
+  student, extras, teachers = nnx.eval_shape(make) if abstract else make()
   # The PyTorch reference (torch_reference.py) builds its layout from the Pair: the two must agree.
   assert [student.config.block_heads(i) for i in (1, pair.student_block)] == [pair.student_heads,
                                                                               pair.relation_heads], pair
@@ -74,15 +79,14 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
                                             total_steps=int(c.total_epochs * steps_per_epoch),
                                             warmup_steps=int(c.warmup_epochs * steps_per_epoch))
   if abstract:
-    graphdef, tgraph = ts.split_model(student, extras)[0], nnx.split(teacher)[0]
+    graphdef, tgraphs = ts.split_model(student, extras)[0], {n: nnx.split(t)[0] for n, t in teachers.items()}
     def abstract_state():
       s, e, t = make()
-      return ts.init_state(s, tx, teachers={"teacher": t}, extras=e)[2]
+      return ts.init_state(s, tx, teachers=t, extras=e)[2]
     state = jax.eval_shape(abstract_state)
   else:
-    graphdef, tgraphs, state = ts.init_state(student, tx, teachers={"teacher": teacher}, extras=extras)
-    tgraph = tgraphs["teacher"]
-  step = ts.make_distill_step(graphdef, {"teacher": tgraph}, tx, schedule, spec)
+    graphdef, tgraphs, state = ts.init_state(student, tx, teachers=teachers, extras=extras)
+  step = ts.make_distill_step(graphdef, tgraphs, tx, schedule, spec, builders.teacher_specs(c))
 
   mesh = mesh if mesh is not None else sh.make_mesh(fsdp=1, devices=jax.devices()[:1])
   state_sharding = sh.tree_sharding(state, mesh)
@@ -99,7 +103,7 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
                                   sh.batch_sharding(mesh))
     rng = jax.random.PRNGKey(seed)
   return dict(step=ts.jit_step(step, state_sharding, mesh), raw_step=step, state=state, batch=batch_arrays,
-              rng=rng, pair=pair, spec=spec, graphdef=graphdef, tgraph=tgraph, mesh=mesh)
+              rng=rng, pair=pair, spec=spec, graphdef=graphdef, tgraph=tgraphs["teacher"], mesh=mesh, config=c)
 
 
 def build_and_compile(size: str, batch: int, **build_kw):

@@ -29,6 +29,15 @@ Ablation axes, as config arguments (comma-separated key=value after the ':'):
                                 The teacher reads 196 px (14 x 14 patches of 14, the student's grid) resized from
                                 the student's crop, normalised with its own mean / std (CLIP: OpenAI's), and its
                                 register tokens take no part in the relations (train_steps.drop_registers).
+  teacher=A+B                   several teachers at once: sections teacher, teacher2, ... (config.teachers), each
+                                with its own source, block (the first's: teacher_block) and weight; the loss is
+                                the weighted sum (docs/method.md section 9), e.g. MAE and DINOv2-register relations:
+  python -m tinymim_jax.main --config configs/tinymim_distill.py:student=small,teacher=base+dinov2_reg_base \
+      --config.teacher.source=mae_pretrain_vit_base.pth --config.teacher2.source=dinov2_reg_base.safetensors \
+      --config.teacher2.weight=0.5 --config.data.data_dir=$TFDS --workdir wd/s_mae_dinov2
+                                Cost per step against the MAE ViT-B teacher (ViT-S student, CPU, BENCHMARKS.md
+                                "Distillation step per teacher kind"): DINOv2 1.00x,
+                                DINOv2 + registers 1.01x, CLIP 1.02x (QuickGELU 1.01x), MAE + DINOv2-reg 1.56x.
 e.g. `configs/tinymim_distill.py:student=small,target=feature,teacher_block=9`.
 
 Speed on GPUs (H100 / H200), without changing the recipe:

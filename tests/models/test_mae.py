@@ -197,3 +197,9 @@ def test_float64_params_and_compute():
     np.testing.assert_array_equal(np.asarray(out["mask"]), np.asarray(ref["mask"]))
     assert_close(out["pred"], ref["pred"])
   assert not jax.config.jax_enable_x64
+
+
+def test_mae_with_register_tokens_is_refused():
+  with pytest.raises(ValueError, match="register tokens"):
+    create_model("mae_vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2,
+                 reg_tokens=2, decoder=dict(embed_dim=32, depth=1, num_heads=2))

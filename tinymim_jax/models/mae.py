@@ -45,6 +45,9 @@ class MAE(nnx.Module):
   def __init__(self, encoder: vit_lib.ViTConfig, decoder: DecoderConfig, *, rngs: nnx.Rngs):
     if encoder.pooling != "cls" or encoder.num_classes:
       raise ValueError("the MAE encoder uses the pretraining layout: pooling='cls', num_classes=0")
+    if encoder.reg_tokens:  # the decoder takes token 0 as the only prefix token (MAE has no registers)
+      raise ValueError(f"MAE pretraining with register tokens (reg_tokens={encoder.reg_tokens}) is not supported: "
+                       "MAE's encoder has the CLS token only; register tokens belong to distillation teachers")
     self.config = (encoder, decoder)
     self.encoder = vit_lib.ViT(encoder, rngs=rngs)
     # The decoder computes in the encoder's dtype and keeps its parameters in the encoder's param_dtype.
