@@ -185,6 +185,9 @@ def test_digits_distillation_from_two_teachers(tmp_path):
   res = trainer.train_and_evaluate(config_base.finalize(c), str(tmp_path / "run"))
   assert res["step"] == 6 and not res.get("nonfinite"), res
   assert np.isfinite(res["eval/knn_top1"]), res
+  # The teachers are never checkpointed: the saved trees hold the student's params and no teacher array.
+  saved = "".join(p.read_text() for p in (tmp_path / "run" / "checkpoints").rglob("_METADATA"))
+  assert "'params', 'blocks'" in saved and "teacher" not in saved
   with open(tmp_path / "run" / "metrics.jsonl") as f:
     logged = [json.loads(line) for line in f]
   train = [m for m in logged if "train/loss_dinov2" in m]
