@@ -106,6 +106,45 @@ def test_metric_writer_on_gcs_uploads_whole_files_and_resumes(gcs):
   assert [e.step for e in events if e.HasField("session_log")] == [3]
 
 
+def _tiny_state(k):
+  return {"params": {"w": np.full((64, 32), k, np.float32)}, "consts": {}, "opt": {"m": np.arange(5, dtype=np.int32)}}
+
+
+def test_checkpoints_on_gcs_unfinished_and_damaged_steps(gcs, caplog):
+  from tinymim_jax import checkpoint
+  wd = f"{gcs}/ckpt"
+  ckpt = checkpoint.Checkpointer(wd, keep=3)
+  for step in (1, 2, 3):
+    ckpt.save(step, _tiny_state(step), {"step": step})
+  ckpt.close()
+  d = f"{wd}/{checkpoint.CKPT_DIR}"
+  assert sorted(paths.listdir(d)) == ["1", "2", "3"] and checkpoint.has_checkpoint(wd)
+  # A step without Orbax's commit file (a save cut short) is not a checkpoint, and goes when a run opens the dir.
+  paths.write_atomic(f"{d}/4/model/_METADATA", "{}")
+  assert checkpoint.Checkpointer(wd, read_only=True).all_steps() == [1, 2, 3]
+  # Bit rot in step 3: moved aside whole (with its commit file), the restore falls back to step 2.
+  data = [f"{root}/{f}" for root, _, files in paths.walk(f"{d}/3/model") for f in files if "/d" in root]
+  target = max(data, key=paths.getsize)
+  blob = bytearray(paths.read_bytes(target))
+  blob[len(blob) // 2] ^= 0x10
+  paths.write_atomic(target, bytes(blob))
+  ckpt = checkpoint.Checkpointer(wd, keep=3)  # (Orbax removes unfinished steps in the background)
+  abstract = checkpoint.abstract({"params": _tiny_state(0)["params"], "consts": {}, "opt": _tiny_state(0)["opt"]})
+  with caplog.at_level(logging.WARNING):
+    state, meta = ckpt.restore(abstract)
+  ckpt.close()
+  assert not paths.exists(f"{d}/4")  # removed as unfinished
+  assert meta["step"] == 2 and float(state["params"]["w"][0, 0]) == 2.0
+  assert "checkpoint step 3 in" in caplog.text and "is damaged (" in caplog.text, caplog.text
+  (aside,) = [n for n in paths.listdir(d) if n.startswith("3.damaged-")]
+  assert paths.isfile(f"{d}/{aside}/commit_success.txt") and not paths.exists(f"{d}/3")
+  # The copy survives the next opening (a directory without the commit file would be deleted as unfinished).
+  ckpt = checkpoint.Checkpointer(wd, keep=3)
+  assert ckpt.all_steps() == [1, 2]
+  ckpt.close()
+  assert aside in paths.listdir(d)
+
+
 def _lock_object(uri):
   b = _blob(uri)
   if b is None:
