@@ -288,7 +288,11 @@ class GcsLock:
 
   def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S,
                client=None):
-    from google.cloud import storage  # lazy: only gs:// workdirs need it
+    try:
+      from google.cloud import storage  # lazy: only gs:// workdirs need it
+    except ImportError:
+      raise WorkdirError(f"workdir {workdir!r}: a gs:// workdir needs the GCS client: pip install "
+                         "'tinymim-jax[gcs]'") from None
     if not workdir.startswith("gs://") or not workdir[5:].strip("/"):
       raise WorkdirError(f"workdir {workdir!r}: expected gs://BUCKET/PATH")
     bucket, _, prefix = workdir[5:].partition("/")
