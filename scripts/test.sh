@@ -4,4 +4,4 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --durations=15 "$@" tests
+exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@" tests

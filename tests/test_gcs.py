@@ -27,9 +27,6 @@ from tinymim_jax import builders, convert, main as trainer, paths, workdir, writ
 from test_main import ROOT, run_cli, tiny_args, tiny_config
 from test_workdir import _dead_pid
 
-pytestmark = pytest.mark.xdist_group("gcs")  # one emulator, one set of runs (scripts/test.sh: --dist loadgroup)
-
-
 def _blob(uri):
   """The object at gs://bucket/name through the google-cloud-storage client (no listing cache), or None."""
   from google.cloud import storage
@@ -238,26 +235,21 @@ def test_gcs_lock_takeover_of_stale_locks_and_a_lost_lock(gcs, caplog):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The main job on GCS.
+# The main job on GCS. Two self-contained tests (each worker of the xdist run has its own server).
 # -----------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def gcs_teacher(gcs, teacher_root):
-  """teacher_root's tiny MAE teacher run (the same config, in-process) with its workdir on GCS: -> the workdir."""
+def test_run_to_the_end_on_gcs_equals_the_local_run_and_teaches_from_gcs_files(gcs, teacher_root):
+  """teacher_root's tiny MAE teacher run again (the same config, in-process) with its workdir on GCS; then its
+  weights as a teacher from the gs:// workdir, a gs:// .safetensors (head count from the gs:// sidecar) and .pth."""
   wd = f"{gcs}/r/teacher_mae"
   res = trainer.train_and_evaluate(tiny_config("teacher_mae", f"{gcs}/r", total_steps=12, ckpt_every_steps=4), wd)
   assert res["step"] == 12
-  return wd
-
-
-def test_run_to_the_end_on_gcs_equals_the_local_run(gcs_teacher, teacher_root):
-  wd = gcs_teacher
   for name in ("config.json", "config.txt", "metrics.jsonl", "curves.png", "model.safetensors", "model.config.json",
                "run.json", "done.json"):
     assert paths.isfile(f"{wd}/{name}"), name
   assert _blob(f"{wd}/{workdir.LOCK_FILE}") is None  # released at the end
   assert paths.glob(f"{wd}/tensorboard/events.out.tfevents.*")
   assert sorted(paths.listdir(f"{wd}/checkpoints")) == ["12", "4", "8"]
-  for step in (4, 8, 12):  # Orbax's mark of a complete step on an object store
+  for step in (4, 8, 12):  # Orbax's mark of a complete step
     assert paths.isfile(f"{wd}/checkpoints/{step}/commit_success.txt")
   local = os.path.join(teacher_root, "teacher_mae")
   ours, theirs = writers.read_metrics(wd), writers.read_metrics(local)
@@ -268,8 +260,24 @@ def test_run_to_the_end_on_gcs_equals_the_local_run(gcs_teacher, teacher_root):
   assert done["export"] == f"{wd}/model.safetensors" and done["step"] == 12
   # A rerun of a finished run does nothing.
   t = time.time()
-  again = trainer.train_and_evaluate(tiny_config("teacher_mae", f"{os.path.dirname(wd)}", total_steps=12), wd)
+  again = trainer.train_and_evaluate(tiny_config("teacher_mae", f"{gcs}/r", total_steps=12), wd)
   assert again["step"] == 12 and time.time() - t < 5
+
+  # The teacher from GCS: its workdir, and its weights as files there.
+  files = f"{gcs}/files"
+  paths.write_atomic(f"{files}/teacher.safetensors", paths.read_bytes(f"{wd}/model.safetensors"))
+  paths.write_atomic(f"{files}/teacher.config.json", paths.read_bytes(f"{wd}/model.config.json"))
+  convert.save_pytorch_weights(_weights(f"{wd}/model.safetensors"), f"{files}/teacher.pth")
+  hashes = {}
+  for source in (wd, f"{files}/teacher.safetensors", f"{files}/teacher.pth", local):
+    c = tiny_config("student_distill", f"{gcs}/r", **{"teacher.source": source, "teacher.num_heads": None})
+    notes = builders.resolve_source_heads(c)
+    if source.endswith(".safetensors"):  # recorded beside the file, on GCS
+      assert c.teacher.num_heads == 4 and "teacher.config.json" in notes[0], notes
+    teacher = builders.make_teacher(c)
+    builders.load_teacher(teacher, c)
+    hashes[source] = builders.weights_hash(teacher)
+  assert len(set(hashes.values())) == 1, hashes
 
 
 def _wait_for_blob(uri, proc, timeout=300):
@@ -283,13 +291,21 @@ def _wait_for_blob(uri, proc, timeout=300):
   raise AssertionError(f"timeout waiting for {uri}")
 
 
-@pytest.fixture(scope="module")
-def gcs_student(gcs, gcs_teacher, tmp_path_factory):
-  """The student distilled from the gs:// teacher workdir by the command line twice: on local disk to the end, and
-  on GCS SIGKILLed after its checkpoint at step 10, then rerun. -> (local workdir, GCS workdir, rerun's output)."""
-  ref = str(tmp_path_factory.mktemp("gcs_ref") / "student_distill")
-  cut = f"{gcs}/cut/student_distill"
-  args = tiny_args("student_distill", os.path.dirname(gcs_teacher), steps=40, ckpt=5)
+def _upload(local_dir, uri):
+  for root, _, files in os.walk(local_dir):
+    for f in files:
+      path = os.path.join(root, f)
+      paths.write_atomic(f"{uri}/{os.path.relpath(path, local_dir)}", open(path, "rb").read())
+
+
+def test_sigkill_resume_export_and_eval_on_gcs(gcs, teacher_root, tmp_path):
+  """The student distilled by the command line twice from a teacher workdir copied to GCS: on local disk to the
+  end, and on GCS SIGKILLed after its checkpoint at step 10, then rerun: the same weights. Then `convert export`
+  from and to gs://, and the eval objective on the GCS workdir."""
+  root = f"{gcs}/s"
+  _upload(os.path.join(teacher_root, "teacher_mae"), f"{root}/teacher_mae")  # a local workdir copied to GCS
+  ref, cut = str(tmp_path / "student_distill"), f"{root}/student_distill"
+  args = tiny_args("student_distill", root, steps=40, ckpt=5)
   ref_proc, cut_proc = run_cli(args, ref), run_cli(args, cut)
   _wait_for_blob(f"{cut}/checkpoints/10/commit_success.txt", cut_proc)
   cut_proc.send_signal(signal.SIGKILL)
@@ -299,42 +315,16 @@ def gcs_student(gcs, gcs_teacher, tmp_path_factory):
   out = resumed.communicate(timeout=600)[0]
   assert resumed.returncode == 0, out[-3000:]
   assert ref_proc.wait(timeout=600) == 0, ref_proc.stdout.read()[-3000:]
-  return ref, cut, out
-
-
-def test_sigkill_then_resume_from_gcs_equals_the_uninterrupted_local_run(gcs_student, gcs_teacher):
-  ref, cut, out = gcs_student
   assert "resumed from" in out
   assert "taking over the lock" in out and "is gone" in out  # the SIGKILLed run's lock is not stuck
   _assert_same_weights(_weights(f"{cut}/model.safetensors"), _weights(os.path.join(ref, "model.safetensors")))
   # Every record up to the resumed checkpoint reached GCS before the kill (a flush at each save), none twice.
   steps = [r["step"] for r in writers.read_metrics(cut) if "train/loss" in r]
   assert steps == list(range(2, 41, 2)), steps
-  assert json.loads(paths.read_text(f"{cut}/run.json"))["teacher"]["source"] == gcs_teacher
+  assert json.loads(paths.read_text(f"{cut}/run.json"))["teacher"]["source"] == f"{root}/teacher_mae"
   assert _blob(f"{cut}/{workdir.LOCK_FILE}") is None
 
-
-def test_teacher_from_gcs_weight_files(gcs, gcs_teacher):
-  """teacher.source a gs:// .safetensors (its head count from the gs:// sidecar) or .pth: the workdir's weights."""
-  files = f"{gcs}/files"
-  paths.write_atomic(f"{files}/teacher.safetensors", paths.read_bytes(f"{gcs_teacher}/model.safetensors"))
-  paths.write_atomic(f"{files}/teacher.config.json", paths.read_bytes(f"{gcs_teacher}/model.config.json"))
-  convert.save_pytorch_weights(_weights(f"{gcs_teacher}/model.safetensors"), f"{files}/teacher.pth")
-  root = os.path.dirname(gcs_teacher)
-  hashes = {}
-  for source in (gcs_teacher, f"{files}/teacher.safetensors", f"{files}/teacher.pth"):
-    c = tiny_config("student_distill", root, **{"teacher.source": source, "teacher.num_heads": None})
-    notes = builders.resolve_source_heads(c)
-    if source.endswith(".safetensors"):  # recorded beside the file, on GCS
-      assert c.teacher.num_heads == 4 and "teacher.config.json" in notes[0], notes
-    teacher = builders.make_teacher(c)
-    builders.load_teacher(teacher, c)
-    hashes[source] = builders.weights_hash(teacher)
-  assert len(set(hashes.values())) == 1, hashes
-
-
-def test_convert_export_from_and_to_gcs(gcs, gcs_student):
-  _, cut, _ = gcs_student
+  # convert export, from a gs:// workdir to gs://.
   out = f"{gcs}/export/student.safetensors"
   proc = subprocess.run([sys.executable, "-m", "tinymim_jax.convert", "export", "--workdir", cut, "--out", out],
                         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT},
@@ -344,10 +334,7 @@ def test_convert_export_from_and_to_gcs(gcs, gcs_student):
   assert (json.loads(paths.read_text(f"{gcs}/export/student.config.json"))
           == json.loads(paths.read_text(f"{cut}/model.config.json")))
 
-
-def test_eval_objective_on_a_gcs_workdir(gcs_student):
-  _, cut, _ = gcs_student
-  root = os.path.dirname(cut)
+  # The eval objective on the GCS workdir (config.init gs://...), into a GCS workdir.
   ev = trainer.train_and_evaluate(
       tiny_config("student_eval", root, **{"eval.cached_probe": False, "eval.fewshot.enabled": False}),
       f"{root}/eval")
