@@ -1,5 +1,5 @@
 """gs:// end to end against a real GCS JSON-API server on localhost (the `gcs` fixture of tests/conftest.py):
-the path layer, the writers and the workdir lock on an object store; the main job run to the end with its workdir
+the path layer, the writers, checkpoints and the workdir lock on an object store; the main job run to the end with its workdir
 on GCS (the same weights as on local disk), SIGKILLed and resumed from GCS, a teacher from a gs:// workdir and from
 gs:// weight files, `convert export` from and to gs://, and the eval objective on a GCS workdir.
 
@@ -26,6 +26,7 @@ from tinymim_jax import builders, convert, main as trainer, paths, workdir, writ
 
 from test_main import ROOT, run_cli, tiny_args, tiny_config
 from test_workdir import _dead_pid
+
 
 def _blob(uri):
   """The object at gs://bucket/name through the google-cloud-storage client (no listing cache), or None."""
