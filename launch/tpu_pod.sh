@@ -22,8 +22,9 @@
 # A run only starts when all workers have joined, and a process left over from an earlier run holds the
 # chips ("TPU in use"): use `stop` first.
 #
-# DIR must be the same path on every worker and point at storage that all of them share for checkpoints
-# (e.g. a mounted filesystem; tinymim_jax.writers needs a local or mounted path for metrics.jsonl).
+# DIR must be the same path on every worker and point at storage that all of them share: a gs:// URI (e.g.
+# --workdir gs://my-bucket/wd/run, and teachers / TFDS data there too; credentials: the TPU VM's service account)
+# or a mounted filesystem. README.md, "Cloud storage (gs://)", says what differs on an object store.
 set -euo pipefail
 
 : "${TPU:?set TPU to the TPU VM name}"
@@ -64,7 +65,7 @@ case "${cmd}" in
       else git clone -q -b $(quote "${branch}") $(quote "${repo}") ${REMOTE_DIR} && cd ${REMOTE_DIR}; fi
       python3 -m venv .venv
       .venv/bin/pip install -q -U pip
-      .venv/bin/pip install -q -e .
+      .venv/bin/pip install -q -e '.[gcs]'
       .venv/bin/pip install -q -U 'jax[tpu]'
       .venv/bin/python -c 'import jax; print(jax.process_index(), jax.local_device_count(), jax.device_count())'"
     ;;

@@ -38,3 +38,24 @@ def teacher_root(tmp_path_factory):
                                        str(root / "teacher_mae"))
       assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
   return str(root)
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS JSON-API server on a free loopback port (tests/helpers/gcs_emulator.py: gcp-storage-emulator in memory,
+  with GCS's request preconditions) holding the bucket 'tinymim', started once and stopped at the end of the
+  session. This process's clients, and the subprocesses it starts (through os.environ), point at it without
+  credentials; nothing leaves the machine. -> 'gs://tinymim'."""
+  import fsspec
+  from tests.helpers import gcs_emulator
+  proc, env = gcs_emulator.start("tinymim", str(tmp_path_factory.mktemp("gcs") / "emulator.log"))
+  mp = pytest.MonkeyPatch()
+  try:
+    for k, v in env.items():
+      mp.setenv(k, v)
+    # fsspec read its FSSPEC_* variables when imported (before this fixture): gcsfs's anonymous token set here.
+    mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+    yield "gs://tinymim"
+  finally:
+    mp.undo()
+    gcs_emulator.stop(proc)

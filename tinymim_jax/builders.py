@@ -17,7 +17,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tinymim_jax import checkpoint, convert, features, optim
+from tinymim_jax import checkpoint, convert, features, optim, paths
 from tinymim_jax import train_steps as ts
 from tinymim_jax.models import MAE_PREFIX, ViTConfig, create_model, vit_config
 
@@ -174,7 +174,7 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec:
 # --------------------------------------------------------------------------------------------------------
 def _open_run(workdir: str) -> checkpoint.Checkpointer:
   """A finished or running run's checkpoints, read-only: nothing is created in a directory that is not one."""
-  if not os.path.isdir(os.path.join(workdir, checkpoint.CKPT_DIR)):
+  if not paths.isdir(os.path.join(workdir, checkpoint.CKPT_DIR)):
     raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {checkpoint.CKPT_DIR}/ "
                                      f"directory")
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
@@ -221,14 +221,14 @@ def _restore(workdir: str) -> tuple[nnx.Module, dict]:
 def source_architecture(source: str) -> tuple[dict, str] | None:
   """-> (convert.architecture of the model `source` holds, where it was read) or None when nothing records it:
   a workdir's saved config, or the `<name>.config.json` beside a weight file."""
-  if os.path.isdir(source):
+  if paths.isdir(source):
     ckpt = _open_run(source)
     try:
       model, _ = _saved_trainable(ckpt.restore_meta())
     finally:
       ckpt.close()
     return convert.architecture(model), f"the config saved in {source}"
-  if os.path.isfile(source):
+  if paths.isfile(source):
     side = convert.read_sidecar(source)
     return (side, os.path.basename(convert.sidecar_path(source))) if side is not None else None
   return None
@@ -239,11 +239,11 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
                  hint_context: convert.HintContext = "api") -> convert.LoadReport:
   """Loads a .pth / .safetensors file or a tinymim-jax workdir into `model` (strict, via timm names); the
   arguments are convert.load_pytorch_weights'. Raises convert.MissingSourceError for a source that is neither."""
-  if os.path.isdir(source):
+  if paths.isdir(source):
     restored = restore_model(source)
     src = convert.Checkpoint(weights=convert.export_pytorch_weights(restored), extras={}, label=source,
                              sidecar=convert.architecture(restored), sidecar_label=f"the config saved in {source}")
-  elif os.path.exists(source):
+  elif paths.exists(source):
     src = source
   else:
     raise convert.MissingSourceError(f"weights source {source!r} is neither a file nor a tinymim-jax workdir")
@@ -319,9 +319,9 @@ def frozen_model(config) -> tuple[nnx.Module, dict]:
   export recorded in its .safetensors header, else {}.
   """
   source = config.init
-  if os.path.isdir(source):
+  if paths.isdir(source):
     return _restore(source)
-  if not os.path.exists(source):
+  if not paths.exists(source):
     raise FileNotFoundError(f"config.init={source!r} is neither a file nor a tinymim-jax workdir")
   weights, extras, label = convert.read_pytorch_weights(source, ema=config.init_ema, prefix=config.init_prefix,
                                                         hint_context=INIT_OPTIONS)
@@ -339,9 +339,7 @@ def _exported_meta(path: str) -> dict:
   """{'feature': spec} from the header of a .safetensors that tinymim-jax exported, else {}."""
   if not path.endswith(".safetensors"):
     return {}
-  from safetensors import safe_open
-  with safe_open(path, "np") as f:
-    header = f.metadata() or {}
+  header = convert.read_safetensors_metadata(path)
   return {"feature": json.loads(header[features.METADATA_KEY])} if features.METADATA_KEY in header else {}
 
 

@@ -6,7 +6,10 @@ A checkpoint at step s holds three items:
   meta   JSON: the resolved config, the step (the data position is derived from it), the seed, the
          teacher's source and weight hash, and a checksum of every saved array ('checksums')
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash or a
-SIGKILL mid-save never replaces a good checkpoint with a half-written one. Retention is Orbax's: the newest
+SIGKILL mid-save never replaces a good checkpoint with a half-written one. On an object store (a gs:// workdir: no
+atomic rename) Orbax writes the step directory in place and marks it complete with a commit file
+(commit_success.txt) written last; a step without it is unfinished, ignored and cleaned up like a temporary
+directory. Retention is Orbax's: the newest
 `keep` checkpoints (keep >= 1, so the latest is never deleted) plus every step divisible by `keep_every`;
 Orbax deletes old ones only after a new one is complete.
 
@@ -44,10 +47,20 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from tinymim_jax import optim
+from tinymim_jax import optim, paths
 
 CKPT_DIR = "checkpoints"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
+_COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a complete step on an object store (a directory without it
+                                     # in checkpoints/ is deleted as unfinished when the next run starts)
+
+
+def _finalized(step_dir: str) -> bool:
+  """Whether a step directory holds a complete checkpoint: locally, that it exists (Orbax renames a finished
+  temporary directory to it); on an object store, that Orbax's commit file is in it."""
+  if not paths.is_remote(step_dir):
+    return os.path.isdir(step_dir)
+  return ocp.step.is_path_finalized(step_dir)
 
 
 class CheckpointError(RuntimeError):
@@ -235,7 +248,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
                                              enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True)
-    self.directory = os.path.join(os.path.abspath(workdir), CKPT_DIR)
+    self.directory = os.path.join(paths.abspath(workdir), CKPT_DIR)
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -277,7 +290,7 @@ class Checkpointer:
       if step is None:  # a failure that was raised already
         return
       self._failed(step, e)
-    if step is not None and not os.path.isdir(os.path.join(self.directory, str(step))):
+    if step is not None and not _finalized(os.path.join(self.directory, str(step))):
       self._failed(step, None)
 
   def _failed(self, step: int | None, e: BaseException | None):
@@ -290,16 +303,29 @@ class Checkpointer:
         f"Stopped; the earlier checkpoints are intact (steps {intact or 'none'}): free the space / fix the "
         f"problem and rerun the same command to resume.") from None
 
+  def _tmp_dirs(self) -> list[str]:
+    """Orbax's unfinished step directories: '<step>.orbax-checkpoint-tmp-*' locally; on an object store the
+    step directories without a commit file."""
+    if not paths.is_remote(self.directory):
+      return glob.glob(os.path.join(self.directory, _TMP_GLOB))
+    if not paths.isdir(self.directory):
+      return []
+    steps = [os.path.join(self.directory, n) for n in paths.listdir(self.directory) if n.isdigit()]
+    return [d for d in steps if not _finalized(d)]
+
   def _remove_tmp_dirs(self, settle_s: float = 1.0, timeout_s: float = 30.0) -> None:
     """Removes Orbax's temporary step directories once the failed save's other writes, still in flight when the
     first error surfaced, have stopped (no file changed for settle_s), so that none of them fails on the
     removal and reports it."""
     def snapshot():
       out = []
-      for tmp in glob.glob(os.path.join(self.directory, _TMP_GLOB)):
-        for root, _, files in os.walk(tmp):
+      for tmp in self._tmp_dirs():
+        for root, _, files in paths.walk(tmp):
           for f in files:
             try:
+              if paths.is_remote(root):  # an object appears whole: its name is enough
+                out.append((root, f))
+                continue
               st = os.stat(os.path.join(root, f))
             except OSError:
               continue
@@ -316,16 +342,23 @@ class Checkpointer:
         break
       time.sleep(0.1)
     for _ in range(3):
-      for tmp in glob.glob(os.path.join(self.directory, _TMP_GLOB)):
-        shutil.rmtree(tmp, ignore_errors=True)
-      if not glob.glob(os.path.join(self.directory, _TMP_GLOB)):
+      for tmp in self._tmp_dirs():
+        if paths.is_remote(tmp):
+          try:
+            paths.rmtree(tmp)
+          except OSError:
+            pass
+        else:
+          shutil.rmtree(tmp, ignore_errors=True)
+      if not self._tmp_dirs():
         return
       time.sleep(0.5)
 
   def _steps_on_disk(self) -> list[int]:
-    if not os.path.isdir(self.directory):
+    if not paths.isdir(self.directory):
       return []
-    return sorted(int(d) for d in os.listdir(self.directory) if d.isdigit())
+    return sorted(int(d) for d in paths.listdir(self.directory)
+                  if d.isdigit() and _finalized(os.path.join(self.directory, d)))
 
   # -- restoring -------------------------------------------------------------------------------------
   def restore(self, abstract_state: dict, *, move_aside: bool = True) -> tuple[dict, dict]:
@@ -367,7 +400,7 @@ class Checkpointer:
         return step, restored, meta
       found.append((step, problem or "damaged as seen by another process"))
     listing = "\n".join(f"  step {s}: {p}" for s, p in found) or "  (none)"
-    aside = sorted(d for d in os.listdir(self.directory) if ".damaged-" in d) if os.path.isdir(self.directory) else []
+    aside = sorted(d for d in paths.listdir(self.directory) if ".damaged-" in d) if paths.isdir(self.directory) else []
     raise NoIntactCheckpointError(
         f"no intact checkpoint in {self.directory}. Found:\n{listing}"
         + (f"\nMoved aside earlier: {', '.join(aside)}" if aside else "")
@@ -418,7 +451,7 @@ class Checkpointer:
     dst = f"{src}.damaged-{stamp}"
     if jax.process_index() == 0:
       try:
-        os.rename(src, dst)
+        paths.rename(src, dst, marker=_COMMIT_FILE)  # an object store: copied, then deleted (not atomic)
       except OSError as e:
         logging.warning("could not move the damaged checkpoint %s aside: %s", src, e)
         dst = src
@@ -439,7 +472,7 @@ class Checkpointer:
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a finalised checkpoint (without opening Orbax)."""
   d = os.path.join(workdir, CKPT_DIR)
-  return os.path.isdir(d) and any(name.isdigit() for name in os.listdir(d))
+  return paths.isdir(d) and any(name.isdigit() and _finalized(os.path.join(d, name)) for name in paths.listdir(d))
 
 
 def abstract(tree: Any, shardings: Any = None) -> Any:

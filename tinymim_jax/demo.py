@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import io
 import json
 import logging
 import os
 import time
+
+from tinymim_jax import paths
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_demo.py")
 
@@ -47,9 +50,10 @@ def summary_plot(path: str, rows: list[tuple[str, dict[str, float]]]) -> None:
   ax.legend(loc="lower right", fontsize=8)
   ax.set_title("digits: students of the same size and budget")
   fig.tight_layout()
-  fig.savefig(path + ".tmp.png", dpi=100)
+  buf = io.BytesIO()
+  fig.savefig(buf, format="png", dpi=100)
   plt.close(fig)
-  os.replace(path + ".tmp.png", path)
+  paths.write_atomic(path, buf.getvalue())  # a local path or gs://
 
 
 COLUMNS = (("k-NN", "eval/knn_top1"), ("1-shot", "eval/fewshot_1shot_top1"), ("5-shot", "eval/fewshot_5shot_top1"),
@@ -110,8 +114,7 @@ def main(argv=None) -> dict:
         f"MAE student; few-shot: mean of 3 draws.)")
   print(f"\ntotal {time.time() - t0:.0f}s; plots: {args.workdir}/*/curves.png and {args.workdir}/summary.png")
   summary_plot(os.path.join(args.workdir, "summary.png"), rows)
-  with open(os.path.join(args.workdir, "summary.json"), "w") as f:
-    json.dump(results, f, indent=2)
+  paths.write_atomic(os.path.join(args.workdir, "summary.json"), json.dumps(results, indent=2))
   return results
 
 

@@ -33,6 +33,7 @@ import ml_collections
 import numpy as np
 
 from tinymim_jax import builders, checkpoint, config_base, convert, data, features, fewshot, knn, linprobe, optim
+from tinymim_jax import paths
 from tinymim_jax import workdir as workdir_lib
 from tinymim_jax import writers
 from tinymim_jax import sharding as sh
@@ -98,11 +99,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   'step'} after a SIGTERM. Raises workdir.WorkdirLockedError (another run holds the workdir),
   workdir.ConfigChangeError, checkpoint.CheckpointError (no intact checkpoint, a checkpoint that does not fit, a
   failed save), config_base.ConfigError (data that cannot work) or NonFiniteLossError."""
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   done_path = os.path.join(workdir, DONE)
-  if os.path.exists(done_path):
-    with open(done_path) as f:
-      done = json.load(f)
+  if paths.exists(done_path):
+    done = json.loads(paths.read_text(done_path))
     logging.info("%s: finished earlier (step %s); nothing to do", workdir, done.get("step"))
     return done
   preemption = _Preemption()  # first: a SIGTERM during set-up is honoured after the first step
@@ -210,13 +210,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
     feature_spec = features.resolve(config.eval.feature, depth=vit.config.depth, recorded=trained.get("feature"),
                                     run_config=trained.get("config"))
     config = _at_resolution(config, vit.config.img_size)
-    meta["init"] = os.path.abspath(config.init)
+    meta["init"] = paths.abspath(config.init)
   else:
     model, extras = builders.make_trainable(config, num_classes=info.num_classes)
     if config.init:
       report = builders.load_init(model, config)
       logging.info("init from %s:\n%s", config.init, report)
-      meta["init"] = os.path.abspath(config.init)
+      meta["init"] = paths.abspath(config.init)
     vit = features.vit_of(model)
     feature_spec = features.resolve(config.eval.feature, depth=vit.config.depth, run_config=config)
   meta["feature"] = feature_spec.to_dict()  # what evals and exports of this run's model read
@@ -227,7 +227,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
       teachers[name] = builders.make_teacher(config, name)
       report = builders.load_teacher(teachers[name], config, name)
       logging.info("teacher %r from %s:\n%s", name, config[name].source, report)
-      meta["teachers"][name] = {"source": os.path.abspath(config[name].source), "name": config[name].name,
+      meta["teachers"][name] = {"source": paths.abspath(config[name].source), "name": config[name].name,
                                 "sha256": builders.weights_hash(teachers[name]),
                                 "block": builders.teacher_block(config, name), "weight": config[name].weight}
   if objective == "eval":
@@ -301,8 +301,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   if is_main and start_step == 0:
     writer.write_config(config)
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump({k: v for k, v in meta.items() if k != "config"}, f, indent=2)
+    paths.write_atomic(os.path.join(workdir, "run.json"),
+                       json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
   if objective == "linprobe":
     evaluator = _Evaluator(config, linprobe.make_predict_fn(modeldef, feature_spec), state_sharding,
                            ("params", "consts", "encoder"), mesh, info, head="linprobe")
@@ -351,6 +351,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         if pending is not None:  # the NaN guard sees every step before it is saved
           buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
           pending = None
+        writer.flush()  # an object store's metrics.jsonl holds every record up to the checkpoint
         ckpt.save(step, ts.checkpointable(state), {**meta, "step": step})
         last_saved = step
       if preempted:
@@ -509,8 +510,7 @@ def _final_evals(config, workdir, vit, mesh, meta, feature_spec, info):
                          info)
   res = evaluator(state, cached_probe=config.eval.cached_probe)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "run.json"), "w") as f:
-      json.dump(meta, f, indent=2)
+    paths.write_atomic(os.path.join(workdir, "run.json"), json.dumps(meta, indent=2))
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
     w.write_config(config)
     w.write(0, res)
@@ -525,10 +525,7 @@ def _finish_run(config, workdir, model, final: dict) -> dict:
       # architecture (heads, pooling, ...) goes beside it, in model.config.json.
       convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
       final["export"] = path
-    tmp = os.path.join(workdir, DONE + ".tmp")
-    with open(tmp, "w") as f:
-      json.dump(final, f, indent=2)
-    os.replace(tmp, os.path.join(workdir, DONE))
+    paths.write_atomic(os.path.join(workdir, DONE), json.dumps(final, indent=2))  # last: the run is complete
   return final
 
 

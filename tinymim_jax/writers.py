@@ -7,7 +7,11 @@ Everything lands in the workdir:
   config.json / config.txt   the resolved config (write_config()).
 
 Only process 0 writes: the others build the writer with enabled=False and every call is a no-op.
-Paths are local (or a mounted shared filesystem): the JSONL is appended to, which object stores can't do.
+The workdir is a local path (or a mounted shared filesystem: the JSONL is appended to and flushed at every write,
+events likewise) or an object-store URI (gs://, through tinymim_jax.paths): there, with no append, metrics.jsonl and
+the run's event file are kept in memory and uploaded whole (one object each, readers see a complete file) at most
+every flush_every_s, at every flush() (the trainer calls it before each checkpoint save, so the file holds every
+record up to the newest checkpoint) and at close().
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import os
 import re
 import socket
 import sys
-import tempfile
 import time
 from typing import Any, Mapping
+
+from tinymim_jax import paths
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "curves.png"
@@ -31,19 +36,8 @@ TB_DIR = "tensorboard"
 
 
 def _atomic_write(path: str, data: str | bytes) -> None:
-  """Writes via a temp file in the same directory + os.replace, so readers see the old or new file whole."""
-  d = os.path.dirname(os.path.abspath(path))
-  os.makedirs(d, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(data.encode() if isinstance(data, str) else data)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for everyone who can read the workdir
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  """Readers see the old or new file whole (paths.write_atomic: temp file + os.replace, or one upload)."""
+  paths.write_atomic(path, data)
 
 
 def write_config(workdir: str, config: Any) -> None:
@@ -59,10 +53,10 @@ def write_config(workdir: str, config: Any) -> None:
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of workdir/metrics.jsonl, in file order. A torn last line (crash mid-write) is skipped."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
   out = []
-  with open(path) as f:
+  with paths.open(path) as f:
     for line in f:
       line = line.strip()
       if not line:
@@ -81,27 +75,37 @@ class _EventFile:
 
   Not tensorboard's EventFileWriter: that one opens files through tensorboard.compat.tf, which imports
   TensorFlow whenever it is installed (it is, for the data pipeline), and flushes from a background thread.
-  The record framing and protos come from tensorboard itself, without TF.
+  The record framing and protos come from tensorboard itself, without TF. On an object store (no append) the
+  records go to memory and flush() uploads the whole file (one object, this run's own).
   """
 
   def __init__(self, logdir: str):
     from tensorboard.compat.proto import event_pb2
     from tensorboard.summary.writer.record_writer import RecordWriter
-    os.makedirs(logdir, exist_ok=True)
+    paths.makedirs(logdir)
     # TensorBoard reads *tfevents* files in name order, and the resume purge (SessionLog.START) only works if
     # the new file comes after the old ones: the timestamp field is made larger than any existing one, even
     # for a restart within the same second.
-    stamps = [int(m.group(1)) for f in os.listdir(logdir) if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f))]
+    names = paths.listdir(logdir) if paths.isdir(logdir) else []
+    stamps = [int(m.group(1)) for f in names if (m := re.match(r"events\.out\.tfevents\.(\d+)\.", f))]
     stamp = max([int(time.time())] + [t + 1 for t in stamps])
     name = f"events.out.tfevents.{stamp:010d}.{socket.gethostname()}.{os.getpid()}.v2"
-    self._writer = RecordWriter(open(os.path.join(logdir, name), "wb"))
+    self.path = os.path.join(logdir, name)
+    self._buffer = io.BytesIO() if paths.is_remote(logdir) else None
+    self._writer = RecordWriter(self._buffer if self._buffer is not None else open(self.path, "wb"))
     self.add(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
 
   def add(self, event) -> None:
     self._writer.write(event.SerializeToString())
     self._writer.flush()
 
+  def flush(self) -> None:
+    """Object store: uploads the file so far (local files are flushed at every add)."""
+    if self._buffer is not None:
+      paths.write_atomic(self.path, self._buffer.getvalue())
+
   def close(self) -> None:
+    self.flush()
     self._writer.close()
 
 
@@ -119,13 +123,19 @@ class MetricWriter:
   resume_step: when restarting from a checkpoint at this step, records with a larger step (logged after
   that checkpoint, before a crash) are dropped from metrics.jsonl, and TensorBoard is told to purge them
   too, so the curves have no duplicated stretch.
+  flush_every_s: on an object store, the longest time between two uploads of metrics.jsonl and the event file
+  (each rewritten whole); a local workdir's files are flushed at every write.
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, plot_every_s: float | None = 30,
-               resume_step: int | None = None):
+               resume_step: int | None = None, flush_every_s: float = 30):
     self.workdir = workdir
     self.enabled = enabled
     self.plot_every_s = plot_every_s
+    self.flush_every_s = flush_every_s
+    self._remote = paths.is_remote(workdir)
+    self._lines: list[str] = []  # object store: every line of metrics.jsonl, uploaded whole by flush()
+    self._last_flush = time.monotonic()
     self._file = None
     self._tb = None
     self._closed = False
@@ -135,14 +145,12 @@ class MetricWriter:
     self._dirty = False
     if not enabled:
       return
-    if "://" in workdir:
-      raise ValueError(f"MetricWriter needs a local (or mounted) workdir, got {workdir!r}: "
-                       "metrics.jsonl is appended to, which object stores do not support")
-    os.makedirs(workdir, exist_ok=True)
+    paths.makedirs(workdir)
     path = os.path.join(workdir, METRICS_FILE)
-    if os.path.exists(path):
+    if paths.exists(path):
       self._resume(path, resume_step)
-    self._file = open(path, "a")
+    if not self._remote:
+      self._file = open(path, "a")
     self._tb = _EventFile(os.path.join(workdir, TB_DIR))
     if resume_step is not None:
       # A SessionLog.START at step s makes TensorBoard drop the events with step >= s that it read from the
@@ -152,11 +160,15 @@ class MetricWriter:
                                    session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
   def _resume(self, path: str, resume_step: int | None) -> None:
-    with open(path) as f:
-      raw = f.read()
+    raw = paths.read_text(path)
     records = read_metrics(self.workdir)
     kept = [r for r in records if resume_step is None or r["step"] <= resume_step]
     n_lines = sum(1 for line in raw.splitlines() if line.strip())
+    if self._remote:  # the next upload rewrites the file with these
+      self._lines = [json.dumps(r) + "\n" for r in kept]
+      for r in kept:
+        self._add_to_series(r["step"], r)
+      return
     # Rewrite once (atomically) if anything goes: later steps, or a line torn by a crash. Otherwise leave the
     # file alone, only making sure the next append starts on a new line.
     if len(kept) != n_lines:
@@ -182,8 +194,12 @@ class MetricWriter:
     step = int(step)
     metrics = {k: float(v) for k, v in metrics.items()}
     # JSON has no NaN/inf, but Python's json reads and writes them; a NaN loss is worth keeping visible.
-    self._file.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-    self._file.flush()
+    line = json.dumps({"step": step, "time": time.time(), **metrics}) + "\n"
+    if self._remote:
+      self._lines.append(line)
+    else:
+      self._file.write(line)
+      self._file.flush()
 
     from tensorboard.compat.proto import event_pb2, summary_pb2
     summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
@@ -193,6 +209,17 @@ class MetricWriter:
     self._add_to_series(step, metrics)
     if self.plot_every_s is not None and time.monotonic() - self._last_plot >= self.plot_every_s:
       self.plot()
+    if self._remote and time.monotonic() - self._last_flush >= self.flush_every_s:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes every record written so far durable: a no-op for a local workdir (each write is flushed); on an
+    object store, uploads metrics.jsonl and the event file whole."""
+    if not self.enabled or not self._remote or self._closed:
+      return
+    self._last_flush = time.monotonic()
+    paths.write_atomic(os.path.join(self.workdir, METRICS_FILE), "".join(self._lines))
+    self._tb.flush()
 
   def write_config(self, config: Any) -> None:
     """Saves the resolved config as config.json and config.txt (a ConfigDict or a plain dict)."""
@@ -212,10 +239,12 @@ class MetricWriter:
   def close(self) -> None:
     if not self.enabled or self._closed:
       return
-    self._closed = True
     self._dirty = self._dirty or bool(self._series)
     self.plot()
-    self._file.close()
+    self.flush()
+    self._closed = True
+    if self._file is not None:
+      self._file.close()
     self._tb.close()
 
   def __enter__(self):

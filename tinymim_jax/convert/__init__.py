@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
+import io
 import json
 import math
 import os
@@ -43,6 +44,8 @@ import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from tinymim_jax import paths
 
 # Globals a weights-only torch.load may build besides tensors and plain containers. Released and
 # training checkpoints of MAE and TinyMIM (misc.save_model) hold {'model', 'optimizer', 'epoch', 'scaler',
@@ -204,8 +207,13 @@ def _torch_load(path: str):
   import torch  # lazy: only .pth files need torch
 
   _check_torch_version(torch)
-  with open(path, "rb") as f:
-    head = f.read(4)
+  data = paths.read_bytes(path) if paths.is_remote(path) else None  # torch reads a file object as well as a path
+  source = lambda: io.BytesIO(data) if data is not None else path  # pylint: disable=unnecessary-lambda-assignment
+  if data is not None:
+    head = data[:4]
+  else:
+    with open(path, "rb") as f:
+      head = f.read(4)
   # torch.save writes a zip archive (torch >= 1.6) or, legacy, a pickle (protocol byte 0x80).
   if not head:
     raise UnreadableFileError(f"cannot read {path}: the file is empty (0 bytes)")
@@ -214,11 +222,11 @@ def _torch_load(path: str):
                               f"pickle; it starts with {head!r})")
   try:
     with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-      return torch.load(path, map_location="cpu", weights_only=True)
+      return torch.load(source(), map_location="cpu", weights_only=True)
   except pickle.UnpicklingError as e:
     allowed = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
     try:
-      refused = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(path) if g not in allowed]
+      refused = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(source()) if g not in allowed]
     except Exception:  # not a zip checkpoint: fall back to what torch's message names
       refused = []
     refused = refused or re.findall(r"GLOBAL ([\w.]+)", str(e))
@@ -243,14 +251,14 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   """safetensors.numpy.load_file after checking the header against the file size (nothing is allocated from the
   file's own length field before that). Layout: u64 little-endian header length N, N bytes of UTF-8 JSON
   {name: {dtype, shape, data_offsets: [begin, end]}, '__metadata__': {...}}, then the data."""
-  size = os.path.getsize(path)
+  size = paths.getsize(path)
 
   def bad(what):
     return UnreadableFileError(f"cannot read {path}: not a valid .safetensors file ({what})")
 
   if size < 8:
     raise bad(f"{size} bytes, shorter than the 8-byte header length")
-  with open(path, "rb") as f:
+  with paths.open(path, "rb") as f:
     n = int.from_bytes(f.read(8), "little")
     if n > size - 8:
       raise bad(f"header length {n} runs past the end of the file ({size} bytes)")
@@ -272,9 +280,9 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
         or not 0 <= offsets[0] <= offsets[1] <= data):
       raise bad(f"tensor {name!r}: data_offsets {offsets} outside the {data} data bytes")
   from safetensors import SafetensorError
-  from safetensors.numpy import load_file  # no torch needed
+  from safetensors.numpy import load, load_file  # no torch needed
   try:
-    return load_file(path)
+    return load(paths.read_bytes(path)) if paths.is_remote(path) else load_file(path)
   except SafetensorError as e:
     raise bad(str(e)) from None
 
@@ -374,7 +382,7 @@ def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     label = os.path.basename(path)
-    if not os.path.isfile(path):
+    if not paths.isfile(path):
       raise MissingSourceError(f"no such checkpoint file: {path}")
     obj = _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
     sidecar = read_sidecar(path)
@@ -519,11 +527,10 @@ def architecture(model) -> dict:
 def read_sidecar(weights_path) -> dict | None:
   """The architecture saved beside `weights_path` (sidecar_path), or None when there is none."""
   path = sidecar_path(weights_path)
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     return None
   try:
-    with open(path, encoding="utf-8") as f:
-      side = json.load(f)
+    side = json.loads(paths.read_bytes(path).decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise UnreadableFileError(f"cannot read {path}: not a JSON file ({e})") from None
   if not isinstance(side, dict) or not isinstance(side.get("model_args"), dict):
@@ -1017,15 +1024,30 @@ def save_pytorch_weights(model_or_dict, path, *, dtype=None, sidecar: dict | boo
   if sidecar is None:
     sidecar = architecture(model_or_dict) if is_model else False
   path = os.fspath(path)
+  remote = paths.is_remote(path)  # an object store: each file is one upload (it appears whole, or not at all)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save_file
-    save_file(weights, path, metadata={**(metadata or {}), "format": "pt"})  # 'pt': timm / HF read it as torch
+    from safetensors.numpy import save, save_file
+    header = {**(metadata or {}), "format": "pt"}  # 'pt': timm / HF read it as torch
+    if remote:
+      paths.write_atomic(path, save(weights, metadata=header))
+    else:
+      save_file(weights, path, metadata=header)
   elif path.endswith((".pth", ".pt")):
     import torch
-    torch.save({"model": {k: _as_torch(v) for k, v in weights.items()}}, path)
+    buffer = io.BytesIO() if remote else path
+    torch.save({"model": {k: _as_torch(v) for k, v in weights.items()}}, buffer)
+    if remote:
+      paths.write_atomic(path, buffer.getvalue())
   else:
     raise ConvertError(f"unknown weight file type {path!r}: use .safetensors or .pth")
   if sidecar:
-    with open(sidecar_path(path), "w") as f:
+    with paths.open(sidecar_path(path), "w") as f:
       json.dump(sidecar, f, indent=2)
   return weights
+
+
+def read_safetensors_metadata(path) -> dict[str, str]:
+  """The '__metadata__' of a .safetensors file's header (a local path or gs://), {} when it has none."""
+  with paths.open(os.fspath(path), "rb") as f:
+    header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+  return header.get("__metadata__") or {}
