@@ -55,7 +55,16 @@ def gcs(tmp_path_factory):
       mp.setenv(k, v)
     # fsspec read its FSSPEC_* variables when imported (before this fixture): gcsfs's anonymous token set here.
     mp.setitem(fsspec.config.conf, "gcs", {**fsspec.config.conf.get("gcs", {}), "token": "anon"})
+    _epath_backend_changed()  # epath caches its choice (tf.io.gfile) at its first path, maybe earlier in the session
     yield "gs://tinymim"
   finally:
     mp.undo()
+    _epath_backend_changed()
     gcs_emulator.stop(proc)
+
+
+def _epath_backend_changed():
+  """Makes etils epath read EPATH_USE_TF again: it caches whether to route gs:// to tf.io.gfile (which ignores the
+  emulator) on first use. A private cache of etils; a test of the route (tests/test_gcs.py) fails if it moves."""
+  from etils.epath import gpath
+  gpath._is_tf_installed.cache_clear()  # pylint: disable=protected-access
