@@ -139,16 +139,45 @@ def _stale_reason(me: dict, h: dict, age: float, stale_after_s: float) -> str | 
   return None
 
 
-class LocalFileLock:
-  """`Lock` on a local or mounted shared filesystem (see the module docstring)."""
+class _HeartbeatLock:
+  """What both locks share: the holder's identity and a daemon thread calling heartbeat() every heartbeat_s."""
 
-  def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
-    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
+  def __init__(self, heartbeat_s: float, stale_after_s: float):
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.info = _holder_info()
     self._held = False
     self._stop = threading.Event()
     self._thread = None
+
+  def heartbeat(self) -> None:
+    raise NotImplementedError
+
+  def _start_heartbeat(self) -> None:
+    self._held = True
+    self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
+    self._thread.start()
+
+  def _beat(self) -> None:
+    while not self._stop.wait(self.heartbeat_s):
+      self.heartbeat()
+
+  def _stop_heartbeat(self) -> bool:
+    """Stops the heartbeat; -> whether the lock was held."""
+    if not self._held:
+      return False
+    self._held = False
+    self._stop.set()
+    if self._thread is not None and self._thread is not threading.current_thread():
+      self._thread.join()
+    return True
+
+
+class LocalFileLock(_HeartbeatLock):
+  """`Lock` on a local or mounted shared filesystem (see the module docstring)."""
+
+  def __init__(self, workdir: str, *, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+    super().__init__(heartbeat_s, stale_after_s)
+    self.path = os.path.join(os.path.abspath(workdir), LOCK_FILE)
 
   # -- acquire -------------------------------------------------------------------------------------------
   def acquire(self) -> None:
@@ -173,9 +202,7 @@ class LocalFileLock:
       self._take_over(holder, why)
     else:
       raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep creating it")
-    self._held = True
-    self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
-    self._thread.start()
+    self._start_heartbeat()
 
   def _create(self) -> bool:
     try:
@@ -264,15 +291,9 @@ class LocalFileLock:
       except OSError as e:  # e.g. a full disk: the next beat tries again
         logging.warning("could not refresh the workdir lock %s: %s", self.path, e)
 
-  def _beat(self) -> None:
-    while not self._stop.wait(self.heartbeat_s):
-      self.heartbeat()
-
   def release(self) -> None:
-    if not self._held:
+    if not self._stop_heartbeat():
       return
-    self._held = False
-    self._stop.set()
     if self._owns():
       try:
         os.remove(self.path)
@@ -280,7 +301,7 @@ class LocalFileLock:
         pass
 
 
-class GcsLock:
+class GcsLock(_HeartbeatLock):
   """`Lock` of a gs:// workdir: an object with generation preconditions (see the module docstring).
 
   Uses the google-cloud-storage client (credentials: Application Default Credentials, e.g. a TPU VM's service
@@ -301,12 +322,8 @@ class GcsLock:
     self.client = client or storage.Client(project=None)  # objects need no project
     self.bucket = self.client.bucket(bucket)
     self.name = self.path[len(f"gs://{bucket}/"):]
-    self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
-    self.info = _holder_info()
+    super().__init__(heartbeat_s, stale_after_s)
     self.generation: int | None = None  # of our lock object while we hold it
-    self._held = False
-    self._stop = threading.Event()
-    self._thread = None
 
   def _exceptions(self):
     from google.api_core import exceptions
@@ -352,9 +369,7 @@ class GcsLock:
         break
     else:
       raise WorkdirLockedError(f"could not take the lock {self.path}: other runs keep creating it")
-    self._held = True
-    self._thread = threading.Thread(target=self._beat, name="workdir-lock-heartbeat", daemon=True)
-    self._thread.start()
+    self._start_heartbeat()
 
   def _read(self) -> tuple[dict | None, float, int | None]:
     """(holder or None if not our JSON, heartbeat age in seconds by the bucket's clock, generation); generation
@@ -414,17 +429,9 @@ class GcsLock:
     except Exception as e:  # pylint: disable=broad-except  (a network error: the next beat tries again)
       logging.warning("could not refresh the workdir lock %s: %s", self.path, e)
 
-  def _beat(self) -> None:
-    while not self._stop.wait(self.heartbeat_s):
-      self.heartbeat()
-
   def release(self) -> None:
-    if not self._held:
+    if not self._stop_heartbeat():
       return
-    self._held = False
-    self._stop.set()
-    if self._thread is not None:
-      self._thread.join()
     if self.generation is not None:  # only our own generation: never another run's lock
       try:
         self.bucket.blob(self.name).delete(if_generation_match=self.generation)
