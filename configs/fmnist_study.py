@@ -6,9 +6,9 @@ r"""The paper's findings, reproduced small: a Fashion-MNIST study (TinyMIM, Ren 
 
 Data: Fashion-MNIST (the four idx files of the Debian package dataset-fashion-mnist, or TFDS fashion_mnist),
 28x28 grey -> 3 equal channels, the standard 60k train / 10k test split; every epoch is the whole 60k.
-Runtime of the full study (55 runs), projected by `--time 60` from CPU time: 2 h 21 min of CPU, i.e. about
-70-80 minutes on 2 idle CPU cores (3 h 45 min of wall time at a load average of ~10 on a shared 2-core
-machine). CPU-ms per step at batch 128: teacher 286, distillation 273 (middle 428), MAE student 178,
+Runtime of the full study (83 runs), measured once (RESULTS.md): 2 h 10 min of wall time on a 2-core machine
+that other jobs shared (load ~5-7), 2 h 41 min of CPU time (all threads); `--time 60` projected 2 h 21 min of
+CPU, about 80 minutes on 2 idle cores. CPU-ms per step at batch 128: teacher 286, distillation 273 (middle 428), MAE student 178,
 fine-tuning 180; plus 14-20 CPU-s per run (start, compilation, final evals); RESULTS.md records the
 measured time per stage. --quick runs arms 1, 3 and 5 for one seed with 20-30 steps each (3 min of CPU).
 

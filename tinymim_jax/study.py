@@ -234,6 +234,11 @@ def _fmt_time(s: float) -> str:
 def write_report(module, root: str, path: str, *, quick: bool = False, config_path: str = "",
                  command: str = "", wall_s: float | None = None) -> str:
   """Writes the Markdown report to `path` and the plots to results/ beside it; returns the Markdown."""
+  # Whether the code differs from the commit, this report's own outputs (tracked: RESULTS.md, results/) aside.
+  report = os.path.abspath(path)
+  outputs = [os.path.relpath(p, REPO) for p in (report, os.path.join(os.path.dirname(report), "results"))]
+  dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                    *(f":(exclude){p}" for p in outputs if not p.startswith(".."))))
   c = collect(module, root, quick)
   vals, arms = c["values"], _arms(module, quick)
   ref = arms[0]
@@ -253,7 +258,7 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
   L = [f"# {'Quick check: ' if quick else ''}TinyMIM's findings on Fashion-MNIST, reproduced small", ""]
   L += [f"Produced by `{command or 'python -m tinymim_jax.study'}` (config `{config_path}`) on "
         f"{datetime.date.today().isoformat()}; commit `{_git('rev-parse', 'HEAD') or 'unknown'}`"
-        f"{' (with uncommitted changes)' if _git('status', '--porcelain', '--untracked-files=no') else ''}; "
+        f"{' (with uncommitted changes)' if dirty else ''}; "
         f"machine: {machine()}.", ""]
   if quick:
     L += ["**Quick mode: a few dozen steps per run, one seed. These numbers only show that the pipeline runs; "
