@@ -35,38 +35,34 @@ PLOT_FILE = "curves.png"
 TB_DIR = "tensorboard"
 
 
-def _atomic_write(path: str, data: str | bytes) -> None:
-  """Readers see the old or new file whole (paths.write_atomic: temp file + os.replace, or one upload)."""
-  paths.write_atomic(path, data)
-
-
 def write_config(workdir: str, config: Any) -> None:
   """Saves the resolved config as workdir/config.json and config.txt (a ConfigDict or a plain dict)."""
   if hasattr(config, "to_json_best_effort"):
     js = config.to_json_best_effort(indent=2)
   else:
     js = json.dumps(config, indent=2, default=str)
-  _atomic_write(os.path.join(workdir, "config.json"), js + "\n")
-  _atomic_write(os.path.join(workdir, "config.txt"), str(config) + "\n")
+  paths.write_atomic(os.path.join(workdir, "config.json"), js + "\n")
+  paths.write_atomic(os.path.join(workdir, "config.txt"), str(config) + "\n")
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of workdir/metrics.jsonl, in file order. A torn last line (crash mid-write) is skipped."""
   path = os.path.join(workdir, METRICS_FILE)
-  if not paths.exists(path):
-    return []
+  return _parse_metrics(paths.read_text(path)) if paths.exists(path) else []
+
+
+def _parse_metrics(text: str) -> list[dict[str, Any]]:
   out = []
-  with paths.open(path) as f:
-    for line in f:
-      line = line.strip()
-      if not line:
-        continue
-      try:
-        rec = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(rec, dict) and "step" in rec:
-        out.append(rec)
+  for line in text.splitlines():
+    line = line.strip()
+    if not line:
+      continue
+    try:
+      rec = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if isinstance(rec, dict) and "step" in rec:
+      out.append(rec)
   return out
 
 
@@ -161,18 +157,14 @@ class MetricWriter:
 
   def _resume(self, path: str, resume_step: int | None) -> None:
     raw = paths.read_text(path)
-    records = read_metrics(self.workdir)
-    kept = [r for r in records if resume_step is None or r["step"] <= resume_step]
+    kept = [r for r in _parse_metrics(raw) if resume_step is None or r["step"] <= resume_step]
     n_lines = sum(1 for line in raw.splitlines() if line.strip())
     if self._remote:  # the next upload rewrites the file with these
       self._lines = [json.dumps(r) + "\n" for r in kept]
-      for r in kept:
-        self._add_to_series(r["step"], r)
-      return
     # Rewrite once (atomically) if anything goes: later steps, or a line torn by a crash. Otherwise leave the
     # file alone, only making sure the next append starts on a new line.
-    if len(kept) != n_lines:
-      _atomic_write(path, "".join(json.dumps(r) + "\n" for r in kept))
+    elif len(kept) != n_lines:
+      paths.write_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
     elif raw and not raw.endswith("\n"):
       with open(path, "a") as f:
         f.write("\n")
@@ -234,7 +226,7 @@ class MetricWriter:
     if not self._dirty:
       return
     self._dirty = False
-    _atomic_write(os.path.join(self.workdir, PLOT_FILE), _plot_png(self._series))
+    paths.write_atomic(os.path.join(self.workdir, PLOT_FILE), _plot_png(self._series))
 
   def close(self) -> None:
     if not self.enabled or self._closed:
