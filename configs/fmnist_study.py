@@ -5,99 +5,119 @@ r"""The paper's findings, reproduced small: a Fashion-MNIST study (TinyMIM, Ren 
   # data elsewhere: --config configs/fmnist_study.py:idx_dir=/data/fashion-mnist (or data_dir=$TFDS)
 
 Data: Fashion-MNIST (the four idx files of the Debian package dataset-fashion-mnist, or TFDS fashion_mnist),
-28x28 grey -> 3 equal channels, the standard 60k train / 10k test split; every epoch is the whole 60k.
-Runtime of the full study (83 runs), measured once (RESULTS.md): 2 h 10 min of wall time on a 2-core machine
-that other jobs shared (load ~5-7), 2 h 41 min of CPU time (all threads); `--time 60` projected 2 h 21 min of
-CPU, about 80 minutes on 2 idle cores. CPU-ms per step at batch 128: teacher 286, distillation 273 (middle 428), MAE student 178,
-fine-tuning 180; plus 14-20 CPU-s per run (start, compilation, final evals); RESULTS.md records the
-measured time per stage. --quick runs arms 1, 3 and 5 for one seed with 20-30 steps each (3 min of CPU).
-
-Every run is a normal main-job workdir (resumable; finished runs are skipped):
-  teacher                      MAE-pretrain the teacher, once, shared by every seed and arm
-  middle                       (sequential arm) distil the middle-size student from the teacher, once, shared
-  seed{s}/{arm}/pretrain       the arm's pretraining of the student (seed s)
-  seed{s}/{arm}/eval           frozen-feature evals of that pretrained student (objective 'eval')
-  seed{s}/{arm}/finetune       fine-tuning of that student with the one recipe below (seed s)
-
-Arms (all: the same student, the same pretraining budget, the same fine-tuning recipe):
-  tinymim     1. relation target (Q-K + V-V KL) from intermediate teacher block 6 of 8; drop path 0.1
-  rel_last    2. relation target from the teacher's last block (8)
-  feature     3. feature target: block-6 hidden states (smooth L1 through a linear projection)
-  cls         4. class-token target: block-6 CLS token (smooth L1 through a linear projection)
-  mae         5. MAE from scratch (no teacher): pixel reconstruction, 75% masked
-  masked      6. as 1 with a masked student input (75% of the patches dropped)
-  dp0, dp02   7. as 1 with student drop path 0.0 / 0.2 during distillation (arm 1 uses 0.1, the paper's)
-  seq         7. sequential: teacher -> middle (block 6 -> its relation block 6) -> student (middle block 6)
-
-Fixed up front for every arm (no tuning per arm):
-  image 28 px, patch 7 (4x4 = 16 patches + CLS); fixed 2-D sin-cos positions in pretraining
-  teacher ViT D 128, depth 8, 4 heads; middle D 96, depth 6, 4 heads; student D 64, depth 4, 2 heads
-  (4 heads, the teacher's, in its relation block); MAE decoder D 64, depth 2, 4 heads, norm_pix_loss
-  feature / class-token targets: teacher block 6 (as arm 1), so that the target is the only change;
-    smooth L1 against the raw teacher features, through a trained linear projection 64 -> 128
-  pretraining: batch 128, AdamW (0.9, 0.95), weight decay 0.05, lr 1e-3 peak (base 2e-3 x 128/256),
-    warmup 0.25 epoch then cosine to 0; student / middle 1.25 epochs (585 steps), teacher 4 epochs
-    (1872 steps); RandomResizedCrop(0.4, 1) + flip; distillation: ColorJitter 0.4 on the student view
-  fine-tuning: 1 epoch (468 steps), batch 128, AdamW (0.9, 0.999), lr 2e-3 peak, warmup 0.25 epoch,
-    cosine to 1e-6, layer decay 0.9, weight decay 0.05, drop path 0.1, label smoothing 0.1, RRC(0.7, 1) +
-    flip, no mixup / cutmix / RandAugment / erasing; mean-pooled patch tokens -> fc_norm -> head (MAE's)
-  frozen-feature evals: main's 'eval' objective on the pretrained student, on the features its workdir
-    recorded (a distilled student: the relation block's input; MAE: the last block; mean of the patch tokens,
-    parameter-free LayerNorm): k-NN (k 20, T 0.07) and few-shot (1/5/10/25 shots, 3 draws) with the
-    neighbours / shots from the first 10,000 train images; a linear probe (BatchNorm + Linear, LARS) on the
-    cached features of all 60k train images: batch 256, base lr 25, 10 epochs, 1 warmup, no augmentation
-  seeds 0, 1, 2: the seed of each pretraining run and of its fine-tuning run (teacher and middle: seed 0)
+28x28 grey -> 3 equal channels, the standard 60k train / 10k test split. The design below (DESIGN, the report
+prints it) was fixed before the runs; RESULTS.md has what came out and the measured time.
 """
 
 import os
 
 from tinymim_jax import config_base
 
-IMG, PATCH = 28, 7
-TEACHER = dict(name="vit_tiny_patch16", embed_dim=128, depth=8, num_heads=4)
-MIDDLE = dict(name="vit_tiny_patch16", embed_dim=96, depth=6, num_heads=4)
+TITLE = "TinyMIM's findings on Fashion-MNIST, reproduced small"
+IMG, PATCH = 28, 4                # 7 x 7 = 49 patches + CLS: 50 x 50 relation maps
+TEACHER = dict(name="vit_tiny_patch16", embed_dim=128, depth=6, num_heads=4)
 STUDENT = dict(name="vit_tiny_patch16", embed_dim=64, depth=4, num_heads=2)
 DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
-TEACHER_BLOCK = 6                 # intermediate (of 8): the paper's 18-of-24 rule of thumb, 3/4 of the depth
+TEACHER_BLOCK = 4                 # intermediate (of 6): 2/3 of the depth (the paper: 18 of 24)
 NORM = ((0.2860,) * 3, (0.3530,) * 3)  # Fashion-MNIST train mean / std of the pixels in [0, 1]
 
 BATCH = 128
-TEACHER_EPOCHS = 4.0
-PRETRAIN_EPOCHS = 1.25            # every arm (and the middle), so the budget is equal
-FINETUNE_EPOCHS = 1.0
+TEACHER_EPOCHS = 6.0
+PRETRAIN_EPOCHS = 1.5             # every pretraining arm, so the budget is equal
 WARMUP_EPOCHS = 0.25
 PRETRAIN_LR = 1e-3                # peak lrs; base_lr = peak x 256 / BATCH
 FINETUNE_LR = 2e-3
 DISTILL_DROP_PATH = 0.1
-SEEDS = (0, 1, 2)
+# Fine-tuning label regimes: name -> (fraction of the train labels (class-balanced), epochs over that subset).
+# Steps: 100% 2 x 468 = 936; 10% 10 x 46 = 460; 1% 50 x 4 = 200 (600 images, 4 batches of 128 per pass).
+REGIMES = {"ft": (1.0, 2.0), "ft10": (0.1, 10.0), "ft1": (0.01, 50.0)}
+SEEDS = (0, 1, 2, 3, 4)
 KNN_TRAIN = 10_000                # k-NN neighbours and few-shot shots come from the first 10k train images
 # The probe on cached features: configs/linprobe.py's small-data recipe (batch 256, base lr 25), 10 epochs of 60k.
 PROBE = dict(batch_size=256, base_lr=25.0, epochs=10.0, warmup_epochs=1.0)
 
-# name: (label, paper's prediction against arm 1 for the comparison, what is changed)
+# name: (label, paper's prediction against arm 1, what is changed, seeds, fine-tuning regimes)
+CORE = (SEEDS, tuple(REGIMES))
+SIDE = (SEEDS[:3], ("ft",))
 ARMS = {
-    "tinymim": ("1. relation, teacher block 6 of 8 (TinyMIM)", None, {}),
-    "rel_last": ("2. relation, teacher's last block (8)", "lower", {"teacher_block": 8}),
-    "feature": ("3. feature target (block 6)", "lower", {"target": "feature"}),
-    "cls": ("4. class-token target (block 6)", "lower", {"target": "cls"}),
-    "mae": ("5. MAE from scratch (no teacher)", "lower", {"mae": True}),
-    "masked": ("6. masked student input (75%), relation", "lower", {"student_mask_ratio": 0.75}),
-    "dp0": ("7a. drop path 0.0 in distillation", "lower", {"drop_path": 0.0}),
-    "dp02": ("7b. drop path 0.2 in distillation", "lower", {"drop_path": 0.2}),
-    "seq": ("7c. sequential: teacher -> middle -> student", "higher", {"middle": True}),
+    "tinymim": ("1. relation, teacher block 4 of 6 (TinyMIM)", None, {}, *CORE),
+    "rel_last": ("2. relation, teacher's last block (6)", "lower", {"teacher_block": 6}, *SIDE),
+    "feature": ("3. feature target (block 4)", "lower", {"target": "feature"}, *SIDE),
+    "cls": ("4. class-token target (block 4)", "lower", {"target": "cls"}, *SIDE),
+    "mae": ("5. MAE from scratch (no teacher)", "lower", {"mae": True}, *CORE),
+    "control": ("6. no pretraining (random init)", "lower", {"control": True}, *CORE),
 }
 CLAIMS = {  # What the paper says, for each comparison with arm 1 (paper sections 4.2-4.4, Tables 3-7).
     "rel_last": "an intermediate teacher block beats the last when the teacher is deeper than the student",
     "feature": "relation targets beat feature targets",
     "cls": "relation targets beat class-token targets",
     "mae": "the distilled student beats the same student MAE-pretrained from scratch at equal budget",
-    "masked": "the full image beats a masked student input",
-    "dp0": "weak regularisation: drop path 0.1 beats 0",
-    "dp02": "weak regularisation: drop path 0.1 beats 0.2",
-    "seq": "sequential distillation (large -> middle -> small) beats large -> small directly",
+    "control": "pretraining (distillation) beats no pretraining at all (the floor of every fine-tuning column)",
 }
-QUICK_ARMS = ("tinymim", "feature", "mae")
+# The report's columns: (stage, done.json key, title[, the floors run's key it must clear, the teacher_eval key]).
+_FROZEN = (("eval/linprobe_top1", "linear probe"), ("eval/knn_top1", "k-NN"),
+           *((f"eval/fewshot_{k}shot_top1", f"{k}-shot") for k in (1, 5, 10, 25)))
+COLUMNS = (("ft", "eval/top1", "fine-tune 100%", "eval/logreg_top1", "eval/linprobe_top1"),
+           ("ft10", "eval/top1", "fine-tune 10%", None, "eval/linprobe_top1"),
+           ("ft1", "eval/top1", "fine-tune 1%", None, "eval/linprobe_top1"),
+           *(("eval", key, title) for key, title in _FROZEN))
+VERDICT_COLUMNS = ("ft:eval/top1", "ft10:eval/top1", "ft1:eval/top1", "eval:eval/linprobe_top1",
+                   "eval:eval/knn_top1", "eval:eval/fewshot_10shot_top1")
+FLOOR_ARM = "control"             # fine-tuning's floor: the same recipes from a random init
+QUICK_ARMS = ("tinymim", "mae", "control")
 QUICK = dict(batch=64, teacher_steps=30, pretrain_steps=20, finetune_steps=20, knn_max_train=2000)
+
+DESIGN = f"""\
+Runs (each a normal main-job workdir under the study's --workdir; resumable, finished runs are skipped):
+  teacher                      MAE-pretrain the teacher, once, shared by every seed and arm
+  teacher_eval                 frozen-feature evals of the teacher (is its representation worth distilling?)
+  floors                       the same frozen-feature evals on raw pixels + a pixel logistic regression
+  seed{{s}}/{{arm}}/pretrain       the arm's pretraining of the student (seed s)
+  seed{{s}}/{{arm}}/eval           frozen-feature evals of that pretrained student (objective 'eval')
+  seed{{s}}/{{arm}}/ft, ft10, ft1  fine-tuning of that student on 100% / 10% / 1% of the train labels (seed s)
+Order: teacher, teacher_eval, floors, then seed-major (every arm of seed 0, then seed 1, ...).
+
+Arms (all: the same student, the same pretraining budget, the same fine-tuning recipes):
+  tinymim   1. relation target (Q-K + V-V KL) from intermediate teacher block {TEACHER_BLOCK} of {TEACHER['depth']}
+  rel_last  2. relation target from the teacher's last block ({TEACHER['depth']})
+  feature   3. feature target: block-{TEACHER_BLOCK} hidden states (smooth L1 through a linear projection)
+  cls       4. class-token target: block-{TEACHER_BLOCK} CLS token (smooth L1 through a linear projection)
+  mae       5. MAE from scratch (no teacher): pixel reconstruction, 75% masked, the same epochs
+  control   6. no pretraining: the fine-tuning recipes from a random init (the fine-tuning floor)
+Seeds: {len(SEEDS)} ({', '.join(map(str, SEEDS))}) for arms 1, 5, 6 with all three label regimes;
+  {len(SIDE[0])} ({', '.join(map(str, SIDE[0]))}) for arms 2-4 with the full-label fine-tune. A seed is that of the
+  pretraining run and of its fine-tuning runs (the teacher: seed 0).
+
+Fixed up front for every arm (no tuning per arm):
+  image {IMG} px, patch {PATCH} ({(IMG // PATCH) ** 2} patches + CLS); fixed 2-D sin-cos positions in pretraining
+  teacher ViT D {TEACHER['embed_dim']}, depth {TEACHER['depth']}, {TEACHER['num_heads']} heads; student D \
+{STUDENT['embed_dim']}, depth {STUDENT['depth']}, {STUDENT['num_heads']} heads ({TEACHER['num_heads']}, the
+    teacher's, in its relation block); MAE decoder D 64, depth 2, 4 heads, norm_pix_loss
+  feature / class-token targets: teacher block {TEACHER_BLOCK} (as arm 1), so that the target is the only change;
+    smooth L1 against the raw teacher features, through a trained linear projection 64 -> 128
+  pretraining: batch {BATCH}, AdamW (0.9, 0.95), weight decay 0.05, lr {PRETRAIN_LR:g} peak, warmup
+    {WARMUP_EPOCHS} epoch then cosine to 0; students {PRETRAIN_EPOCHS} epochs ({int(PRETRAIN_EPOCHS * 60000) // BATCH} \
+steps), teacher {TEACHER_EPOCHS:g} epochs;
+    RandomResizedCrop(0.4, 1) + flip; distillation: ColorJitter 0.4 on the student view
+  fine-tuning (every arm, every regime): batch {BATCH}, AdamW (0.9, 0.999), lr {FINETUNE_LR:g} peak, warmup
+    {WARMUP_EPOCHS} epoch of the regime's data (at least 10 steps), cosine to 1e-6, layer decay 0.9, weight decay
+    0.05, drop path 0.1, label smoothing 0.1, RRC(0.7, 1) + flip, no mixup / cutmix / RandAugment / erasing;
+    mean-pooled patch tokens -> fc_norm -> head (MAE's); learned positions initialised from the sin-cos table.
+    Label regimes (class-balanced subsets of the train split, fixed by data.train_subset_seed 0):
+    ft 100% of the labels, {REGIMES['ft'][1]:g} epochs; ft10 10%, {REGIMES['ft10'][1]:g} epochs; ft1 1% \
+(60 per class), {REGIMES['ft1'][1]:g} epochs
+  frozen-feature evals: main's 'eval' objective on the pretrained student, on the features its workdir
+    recorded (a distilled student: the relation block's input; MAE: the last block; mean of the patch tokens,
+    parameter-free LayerNorm): k-NN (k 20, T 0.07) and few-shot (1/5/10/25 shots, 3 draws) with the
+    neighbours / shots from the first 10,000 train images; a linear probe (BatchNorm + Linear, LARS) on the
+    cached features of all 60k train images: batch 256, base lr 25, 10 epochs, 1 warmup, no augmentation
+  floors: the same k-NN, few-shot and probe on the normalised pixels (784 values), and a multinomial logistic
+    regression (scikit-learn, standardised pixels, L2 C=1); fine-tuning's floor is arm 6
+
+The regime gate: a comparison gets a verdict on a metric only where the teacher (its frozen-feature eval; for
+fine-tuning its linear probe) and both arms compared clear that metric's floor (frozen metrics: the pixel floor;
+fine-tuning: arm 6 from random init, which is itself compared only with the pixel logistic regression).
+"""
 
 
 def _set(node, **kv):
@@ -111,25 +131,25 @@ def _vit(c, spec, **kw):
 
 
 def plan(quick=False):
-  """The runs in the order they are run: (name, config argument without root/quick), teacher first, then
-  seed-major (all arms of seed 0, then seed 1, ...), each arm as pretrain -> eval -> finetune."""
+  """The runs in the order they are run: (name, config argument without root/quick)."""
   arms = QUICK_ARMS if quick else tuple(ARMS)
-  seeds = SEEDS[:1] if quick else SEEDS
-  runs = [("teacher", "stage=teacher")]
-  for s in seeds:
+  runs = [("teacher", "stage=teacher"), ("teacher_eval", "stage=teacher_eval"), ("floors", "stage=floors")]
+  for s in (SEEDS[:1] if quick else SEEDS):
     for arm in arms:
-      if ARMS[arm][2].get("middle") and ("middle", "stage=middle") not in runs:
-        runs.append(("middle", "stage=middle"))
-      for stage in ("pretrain", "eval", "finetune"):
-        runs.append((f"seed{s}/{arm}/{stage}", f"stage={stage},arm={arm},seed={s}"))
+      _, _, change, seeds, regimes = ARMS[arm]
+      if s not in seeds:
+        continue
+      stages = (() if change.get("control") else ("pretrain", "eval")) + (regimes[:1] if quick else regimes)
+      runs += [(f"seed{s}/{arm}/{stage}", f"stage={stage},arm={arm},seed={s}") for stage in stages]
   return runs
 
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="pretrain", arm="tinymim", seed=0, root="workdirs/fmnist", quick=False,
                             idx_dir="", data_dir="")
-  if a.stage not in ("teacher", "middle", "pretrain", "eval", "finetune"):
-    raise ValueError(f"stage must be teacher|middle|pretrain|eval|finetune, got {a.stage!r}")
+  stages = ("teacher", "teacher_eval", "floors", "pretrain", "eval", *REGIMES)
+  if a.stage not in stages:
+    raise ValueError(f"stage must be one of {'|'.join(stages)}, got {a.stage!r}")
   if a.arm not in ARMS:
     raise ValueError(f"arm must be one of {list(ARMS)}, got {a.arm!r}")
   arm = ARMS[a.arm][2]
@@ -167,41 +187,42 @@ def get_config(arg=None):
     _set(c.mae, mask_ratio=0.75, norm_pix=True, **DECODER)
     if a.stage == "teacher":
       c.seed, c.total_epochs = 0, TEACHER_EPOCHS
-  elif a.stage in ("middle", "pretrain"):
+    c.eval.knn.enabled = c.eval.fewshot.enabled = False   # teacher_eval / the eval stage score them
+  elif a.stage == "pretrain":
+    if arm.get("control"):
+      raise ValueError("arm 'control' has no pretraining: its fine-tuning starts from a random init")
     c.objective = "distill"
-    from_middle = a.stage == "pretrain" and arm.get("middle")
-    student = MIDDLE if a.stage == "middle" else STUDENT
-    teacher = MIDDLE if from_middle else TEACHER
-    _vit(c.model, student, drop_path=arm.get("drop_path", DISTILL_DROP_PATH), drop_path_mode="constant")
-    _vit(c.teacher, teacher)
+    _vit(c.model, STUDENT, drop_path=arm.get("drop_path", DISTILL_DROP_PATH), drop_path_mode="constant")
+    _vit(c.teacher, TEACHER)
     c.teacher.dtype = "float32"
-    c.teacher.source = os.path.join(a.root, "middle" if from_middle else "teacher")
+    c.teacher.source = os.path.join(a.root, "teacher")
     c.distill.target = arm.get("target", "relation")
-    c.distill.teacher_block = MIDDLE["depth"] if from_middle else arm.get("teacher_block", TEACHER_BLOCK)
-    c.distill.student_block = student["depth"]
-    c.distill.student_mask_ratio = arm.get("student_mask_ratio", 0.0)
-    if a.stage == "middle":
-      c.seed = 0
-  elif a.stage == "eval":
+    c.distill.teacher_block = arm.get("teacher_block", TEACHER_BLOCK)
+    c.distill.student_block = STUDENT["depth"]
+    c.eval.knn.enabled = c.eval.fewshot.enabled = False   # the eval stage scores the pretrained students
+  elif a.stage in ("eval", "teacher_eval", "floors"):
     c.objective = "eval"
-    _vit(c.model, STUDENT)
-    c.init = pretrain_dir
+    _vit(c.model, TEACHER if a.stage == "teacher_eval" else STUDENT)
+    c.init = (os.path.join(a.root, "teacher") if a.stage == "teacher_eval" else
+              None if a.stage == "floors" else pretrain_dir)
+    c.seed = 0 if a.stage != "eval" else a.seed
   else:
+    fraction, epochs = REGIMES[a.stage]
     c.objective = "finetune"
     _vit(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
-    c.init = pretrain_dir
-    c.total_epochs = FINETUNE_EPOCHS
+    c.init = None if arm.get("control") else pretrain_dir
+    d.train_fraction = fraction
+    steps_per_epoch = max(int(60_000 * fraction) // BATCH, 1)
+    c.total_steps = int(round(epochs * steps_per_epoch))
+    c.warmup_steps = max(int(WARMUP_EPOCHS * steps_per_epoch), 10)
     _set(c.optim, base_lr=FINETUNE_LR * 256 / BATCH, b2=0.999, layer_decay=0.9, min_lr=1e-6,
          no_decay=("pos_embed", "cls_token"))
     _set(c.finetune, mixup=0.0, cutmix=0.0, label_smoothing=0.1)
     c.eval.knn.enabled = c.eval.fewshot.enabled = False
 
-  if a.stage in ("middle", "pretrain"):
-    c.eval.knn.enabled = c.eval.fewshot.enabled = False   # the eval stage scores the pretrained students
-
   if a.quick:
     c.batch_size = QUICK["batch"]
-    c.total_steps = QUICK[{"teacher": "teacher_steps", "finetune": "finetune_steps"}.get(a.stage, "pretrain_steps")]
+    c.total_steps = QUICK[{"teacher": "teacher_steps", "pretrain": "pretrain_steps"}.get(a.stage, "finetune_steps")]
     c.warmup_steps = 5
     c.log_every_steps, c.ckpt_every_steps = 5, 1000
     c.eval.max_train = QUICK["knn_max_train"]

@@ -31,13 +31,17 @@ import platform
 import subprocess
 import sys
 import time
+from typing import NamedTuple, Sequence
 
 import numpy as np
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = "study_times.json"    # run name -> {wall_s, cpu_s} of the invocation that finished it
 STAGES = ("teacher", "middle", "pretrain", "eval", "finetune")
+FLOORS = "floors"             # the run (stage) name of a study's pixel floors (tinymim_jax/floors.py)
 # (done.json of stage, key, column title). The frozen-feature keys are those main's 'eval' objective writes.
+# The report's columns, unless the study config gives its own COLUMNS: (stage of the done.json, key, title).
+# The frozen-feature keys are those main's 'eval' objective writes.
 METRICS = (("finetune", "eval/top1", "fine-tune top-1"),
            ("eval", "eval/linprobe_top1", "linear probe top-1"),
            ("eval", "eval/linprobe_top5", "linear probe top-5"),
@@ -45,6 +49,7 @@ METRICS = (("finetune", "eval/top1", "fine-tune top-1"),
            *(("eval", f"eval/fewshot_{k}shot_top1", f"{k}-shot top-1") for k in (1, 5, 10, 25)))
 ALWAYS_SHOWN = ("eval/top1", "eval/linprobe_top1", "eval/knn_top1")
 VERDICT_METRICS = ("eval/top1", "eval/linprobe_top1", "eval/knn_top1", "eval/fewshot_10shot_top1")
+TEACHER_EVAL = "teacher_eval"  # the run (if planned) that scores the teacher's frozen features
 
 
 def load_config_module(path: str):
@@ -85,7 +90,7 @@ def _write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> bool:
   """Runs every unfinished run of the plan in order; True when all have finished (False: preempted)."""
-  from tinymim_jax import config_base, main as trainer
+  from tinymim_jax import config_base, floors, main as trainer
   os.makedirs(root, exist_ok=True)
   times_path = os.path.join(root, TIMES)
   runs = module.plan(quick)
@@ -94,11 +99,16 @@ def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> b
     if os.path.exists(os.path.join(workdir, trainer.DONE)):
       print(f"== [{i + 1}/{len(runs)}] {name}: finished earlier", flush=True)
       continue
-    config = config_base.finalize(module.get_config(_arg(base_arg, run_arg, root, quick)))
-    print(f"== [{i + 1}/{len(runs)}] {name}: {config.objective} ({config.model.embed_dim}-wide, "
-          f"{config.model.depth} blocks)", flush=True)
+    config = module.get_config(_arg(base_arg, run_arg, root, quick))
     t, cpu = time.time(), time.process_time()
-    res = trainer.train_and_evaluate(config, workdir)
+    if _stage(name) == FLOORS:  # raw pixels through the same evals: no model, so not a run of the main job
+      print(f"== [{i + 1}/{len(runs)}] {name}: pixel floors", flush=True)
+      res = floors.run(config, workdir)
+    else:
+      config = config_base.finalize(config)
+      print(f"== [{i + 1}/{len(runs)}] {name}: {config.objective} ({config.model.embed_dim}-wide, "
+            f"{config.model.depth} blocks)", flush=True)
+      res = trainer.train_and_evaluate(config, workdir)
     if res.get("preempted"):
       print(f"stopped during {name}; rerun the same command to resume", flush=True)
       return False
@@ -151,24 +161,100 @@ def verdict(prediction: str | None, ci) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Collecting.
 # ---------------------------------------------------------------------------------------------------------
+class Column(NamedTuple):
+  """One column of the report: the `key` of the done.json of each arm's `stage` run. `pixel` names the floors
+  run's key it must clear (frozen features: the same eval on pixels; full-label fine-tuning: a pixel logistic
+  regression) and `teacher` the teacher_eval key the teacher must clear that same floor with."""
+  stage: str
+  key: str
+  title: str
+  pixel: str | None
+  teacher: str | None
+
+  @property
+  def id(self) -> str:
+    return f"{self.stage}:{self.key}"
+
+
+def columns(module) -> list[Column]:
+  """The config's COLUMNS ((stage, key, title[, pixel floor key, teacher key]) each) or METRICS, as Columns.
+  Frozen-feature columns (stage 'eval') default to the same key on pixels and for the teacher; others to no pixel
+  floor and the teacher's linear probe."""
+  out = []
+  for entry in getattr(module, "COLUMNS", METRICS):
+    stage, key, title, *rest = entry
+    pixel, teacher = rest if rest else ((key, key) if stage == "eval" else (None, "eval/linprobe_top1"))
+    out.append(Column(stage, key, title, pixel, teacher))
+  return out
+
+
 def collect(module, root: str, quick: bool = False) -> dict:
-  """{'values': {arm: {key: {seed: value}}}, 'missing': [run names], 'done': {run: done.json}}."""
+  """{'values': {arm: {column id: {seed: value}}}, 'planned': {arm: {column id: seeds planned}},
+  'missing': [run names], 'done': {run: done.json}}."""
   values: dict = {}
+  planned: dict = {}
   missing, done = [], {}
+  cols = columns(module)
   for name, run_arg in module.plan(quick):
     d = _read_json(os.path.join(root, name, "done.json"))
+    parts = name.split("/")
+    if len(parts) == 3 and name.startswith("seed"):
+      for col in cols:
+        if col.stage == parts[2]:
+          planned.setdefault(parts[1], {}).setdefault(col.id, 0)
+          planned[parts[1]][col.id] += 1
     if d is None:
       missing.append(name)
       continue
     done[name] = d
-    if not name.startswith("seed"):
+    if len(parts) != 3 or not name.startswith("seed"):
       continue
-    seed_part, arm, stage = name.split("/")
+    seed_part, arm, stage = parts
     seed = int(seed_part[len("seed"):])
-    for metric_stage, key, _ in METRICS:
-      if metric_stage == stage and isinstance(d.get(key), (int, float)):
-        values.setdefault(arm, {}).setdefault(key, {})[seed] = float(d[key])
-  return {"values": values, "missing": missing, "done": done}
+    for col in cols:
+      if col.stage == stage and isinstance(d.get(col.key), (int, float)):
+        values.setdefault(arm, {}).setdefault(col.id, {})[seed] = float(d[col.key])
+  return {"values": values, "planned": planned, "missing": missing, "done": done}
+
+
+def _mean(by_seed: dict | None) -> float | None:
+  return float(np.mean(list(by_seed.values()))) if by_seed else None
+
+
+def floor_rows(module, c: dict) -> dict:
+  """{column id: {'pixel': value or None, 'teacher': value or None, 'arm': the floor arm's mean or None}}."""
+  floors, teacher = c["done"].get(FLOORS, {}), c["done"].get(TEACHER_EVAL, {})
+  floor_arm = getattr(module, "FLOOR_ARM", None)
+  out = {}
+  for col in columns(module):
+    out[col.id] = {"pixel": floors.get(col.pixel) if col.pixel else None,
+                   "teacher": teacher.get(col.teacher) if col.teacher else None,
+                   "teacher_floor": floors.get(col.teacher) if col.teacher else None,
+                   "arm": (_mean(c["values"].get(floor_arm, {}).get(col.id)) if floor_arm and col.stage != "eval"
+                           else None)}
+  return out
+
+
+def gate(module, c: dict, col: Column, arms: Sequence[str]) -> str | None:
+  """None when a comparison of `arms` on `col` may get a verdict; else why the regime is too small for it.
+
+  The teacher must clear its floor (its frozen eval of `col.teacher` above the same eval on pixels), and each
+  arm its floors: the pixel floor of the column, and on fine-tuning columns the floor arm (no pretraining), which
+  is itself held only to the pixel floor. Means over seeds; a floor not measured is not a condition."""
+  f = floor_rows(module, c)[col.id]
+  why = []
+  if f["teacher"] is not None and f["teacher_floor"] is not None and f["teacher"] <= f["teacher_floor"]:
+    why.append(f"teacher {_pct(f['teacher'])} <= pixels {_pct(f['teacher_floor'])} ({col.teacher})")
+  floor_arm = getattr(module, "FLOOR_ARM", None)
+  for arm in arms:
+    m = _mean(c["values"].get(arm, {}).get(col.id))
+    if m is None:
+      return "not measured yet"
+    if f["pixel"] is not None and m <= f["pixel"]:
+      why.append(f"arm {module.ARMS[arm][0].split('.')[0]} {_pct(m)} <= pixels {_pct(f['pixel'])}")
+    if arm != floor_arm and f["arm"] is not None and m <= f["arm"]:
+      why.append(f"arm {module.ARMS[arm][0].split('.')[0]} {_pct(m)} <= no pretraining {_pct(f['arm'])}")
+  return "; ".join(why) or None
 
 
 def _arms(module, quick: bool) -> list[str]:
@@ -221,10 +307,8 @@ def machine() -> str:
 
 
 def _design(module) -> str:
-  """The config docstring from its run layout ("Every run is ...") on: runs, arms, hyper-parameters."""
-  doc = module.__doc__ or ""
-  start = doc.find("Every run is")
-  return doc[max(start, 0):].strip()
+  """The config's DESIGN text (runs, arms, hyper-parameters, the gate), written before the runs."""
+  return getattr(module, "DESIGN", "(the config gives no DESIGN)").strip()
 
 
 def _fmt_time(s: float) -> str:
@@ -242,20 +326,27 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
   c = collect(module, root, quick)
   vals, arms = c["values"], _arms(module, quick)
   ref = arms[0]
-  n_seeds = len({n.split("/")[0] for n, _ in module.plan(quick) if n.startswith("seed")})
-  present = [m for m in METRICS if m[1] in ALWAYS_SHOWN or any(m[1] in vals.get(a, {}) for a in arms)]
-  absent = [title for _, key, title in METRICS if not any(key in vals.get(a, {}) for a in arms)]
+  cols = columns(module)
+  present = [col for col in cols if col.key in ALWAYS_SHOWN and col.stage in ("eval", cols[0].stage)
+             or any(col.id in vals.get(a, {}) for a in arms)]
+  absent = [col.title for col in cols if col not in present]
+  verdict_keys = getattr(module, "VERDICT_COLUMNS", None)
+  shown = [col for col in present if (col.id in verdict_keys if verdict_keys else col.key in VERDICT_METRICS)]
+  floors = floor_rows(module, c)
+  main_col = cols[0]  # the Δ column of the scores table
 
   plot_dir = os.path.join(os.path.dirname(os.path.abspath(path)), "results")
   stem = os.path.splitext(os.path.basename(path))[0].lower()
   os.makedirs(plot_dir, exist_ok=True)
   summary_png = os.path.join(plot_dir, f"{stem}_scores.png")
   curves_png = os.path.join(plot_dir, f"{stem}_curves.png")
-  _plot_scores(summary_png, module, vals, arms, [m for m in present if any(m[1] in vals.get(a, {}) for a in arms)])
+  _plot_scores(summary_png, module, vals, arms, [col for col in present if any(col.id in vals.get(a, {})
+                                                                              for a in arms)], floors)
   _plot_curves(curves_png, module, root, arms, seed=min(module.SEEDS))
   rel = lambda p: os.path.relpath(p, os.path.dirname(os.path.abspath(path)))
 
-  L = [f"# {'Quick check: ' if quick else ''}TinyMIM's findings on Fashion-MNIST, reproduced small", ""]
+  title = getattr(module, "TITLE", "A study")
+  L = [f"# {'Quick check: ' if quick else ''}{title}", ""]
   L += [f"Produced by `{command or 'python -m tinymim_jax.study'}` (config `{config_path}`) on "
         f"{datetime.date.today().isoformat()}; commit `{_git('rev-parse', 'HEAD') or 'unknown'}`"
         f"{' (with uncommitted changes)' if dirty else ''}; "
@@ -268,45 +359,64 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
           + ", ".join(f"`{m}`" for m in c["missing"][:30]) + (" ..." if len(c["missing"]) > 30 else "")
           + ". Cells show n=done/planned seeds.", ""]
 
-  # The table.
+  # The table: floors first, then the teacher, then the arms.
   L += ["## Scores (test split, %, mean ± std over seeds)", ""]
-  head = ["arm"] + [m[2] for m in present] + ["Δ fine-tune vs arm 1 [95% CI]"]
+  head = ["row"] + [col.title for col in present] + [f"Δ {main_col.title} vs arm 1 [95% CI]"]
   L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  fmt = lambda v: _pct(v) if isinstance(v, (int, float)) else "—"
+  if FLOORS in c["done"]:
+    L.append("| floor: raw pixels, same protocol | " + " | ".join(
+        fmt(floors[col.id]["pixel"]) + (" (logistic regression)" if col.stage != "eval" and
+                                        floors[col.id]["pixel"] is not None else "") for col in present) + " | |")
+  if TEACHER_EVAL in c["done"]:
+    L.append("| teacher (frozen) | " + " | ".join(
+        fmt(c["done"][TEACHER_EVAL].get(col.key)) if col.stage == "eval" else "—" for col in present) + " | |")
   for arm in arms:
-    row = [module.ARMS[arm][0]] + [_mean_std(vals.get(arm, {}).get(key, {}), n_seeds) for _, key, _ in present]
-    ft, ft_ref = vals.get(arm, {}).get("eval/top1", {}), vals.get(ref, {}).get("eval/top1", {})
+    planned = c["planned"].get(arm, {})
+    row = [module.ARMS[arm][0]] + [_mean_std(vals.get(arm, {}).get(col.id, {}), planned.get(col.id, 0))
+                                   if planned.get(col.id) else "" for col in present]
+    ft, ft_ref = vals.get(arm, {}).get(main_col.id, {}), vals.get(ref, {}).get(main_col.id, {})
     row.append("(reference)" if arm == ref else _diff(*paired_difference(ft, ft_ref)))
     L.append("| " + " | ".join(row) + " |")
   L.append("")
+  if FLOORS in c["done"]:
+    L += ["The floor row is each frozen-feature eval run on the normalised pixels (the same train / test images, "
+          "neighbours, shots and probe recipe as the arms), and under full-label fine-tuning a logistic regression "
+          f"on the pixels; fine-tuning's floor from a random init is arm `{getattr(module, 'FLOOR_ARM', '')}`.", ""]
   if absent:
-    L += [f"Not reported by this version of the `eval` objective: {', '.join(absent)}.", ""]
-  teacher = c["done"].get("teacher", {})
-  if "eval/knn_top1" in teacher:
-    L += [f"The teacher (MAE, trained once, shared by all seeds and arms): k-NN top-1 "
-          f"{_pct(teacher['eval/knn_top1'])}.", ""]
+    L += [f"Not measured: {', '.join(absent)}.", ""]
 
-  # The paper's predictions.
-  shown = [m for m in present if m[1] in VERDICT_METRICS]
+  # The paper's predictions, behind the regime gate.
   L += ["## The paper's predictions", "",
         "Each row compares an arm with arm 1 on the same seeds (paired: the difference arm - arm 1 per seed, in "
         "percentage points, its mean and 95% t-interval over seeds). *held*: the interval excludes 0 in the "
-        "predicted direction; *contradicted*: it excludes 0 in the other; *not significant*: it contains 0.", ""]
-  head = ["comparison", "paper", "predicted"] + [f"Δ {m[2]} [95% CI]" for m in shown]
+        "predicted direction; *contradicted*: it excludes 0 in the other; *not significant*: it contains 0. "
+        "The regime gate comes first: a metric where the teacher or either arm does not clear its floor (see "
+        "the design) gets no verdict, only *the regime is too small for it* and why.", ""]
+  head = ["comparison", "paper", "predicted"] + [f"Δ {col.title} [95% CI]" for col in shown]
   L += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  counts: dict = {}
   for arm in arms:
-    label, prediction, _ = module.ARMS[arm]
+    label, prediction = module.ARMS[arm][0], module.ARMS[arm][1]
     if prediction is None:
       continue
     row = [label, module.CLAIMS.get(arm, ""), f"arm {prediction} than arm 1"]
-    for _, key, _ in shown:
-      n, mean, ci = paired_difference(vals.get(arm, {}).get(key, {}), vals.get(ref, {}).get(key, {}))
-      v = verdict(prediction, ci)
-      row.append(f"{_diff(n, mean, ci)}: **{v}**" if mean is not None else "—")
+    for col in shown:
+      n, mean, ci = paired_difference(vals.get(arm, {}).get(col.id, {}), vals.get(ref, {}).get(col.id, {}))
+      if mean is None:
+        row.append("—")
+        continue
+      why = gate(module, c, col, (ref, arm))
+      v = "the regime is too small for it" if why else verdict(prediction, ci)
+      counts[v] = counts.get(v, 0) + 1
+      row.append(f"{_diff(n, mean, ci)}: **{v}**" + (f" ({why})" if why else ""))
     L.append("| " + " | ".join(row) + " |")
-  L += ["", f"![scores]({rel(summary_png)})", "",
+  L += ["", "Verdicts: " + (", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "none yet") + ".", "",
+        f"![scores]({rel(summary_png)})", "",
         f"![curves]({rel(curves_png)})", "",
-        f"Left: scores per arm (mean ± std over seeds, dots: seeds). Right: training loss of seed "
-        f"{min(module.SEEDS)} per arm (pretraining losses differ in kind between targets; compare shapes).", ""]
+        f"Left: scores per arm (mean ± std over seeds, dots: seeds; dotted: the pixel floor). Right: training loss "
+        f"of seed {min(module.SEEDS)} per arm (pretraining losses differ in kind between targets; compare shapes).",
+        ""]
 
   # Time.
   times = _read_json(os.path.join(root, TIMES), {})
@@ -315,7 +425,7 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
   for name, t in times.items():
     per_stage.setdefault(_stage(name), []).append((t["wall_s"], t["cpu_s"]))
   L += ["| stage | runs | wall time | per run | CPU time (all threads) |", "|---|---|---|---|---|"]
-  for stage in STAGES:
+  for stage in dict.fromkeys([*STAGES, *(_stage(n) for n, _ in module.plan(quick)), *per_stage]):
     if stage in per_stage:
       wall, cpu = np.sum(per_stage[stage], axis=0)
       n = len(per_stage[stage])
@@ -329,7 +439,7 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
     L += [f"This invocation of the runner: {_fmt_time(wall_s)} of wall time{load}. Stage times are those of the "
           "invocation that finished each run.", ""]
   L += ["## Design and hyper-parameters (fixed before the first run, the same for every arm)", "",
-        f"From the docstring of `{config_path}`:", "", "```", _design(module), "```", ""]
+        f"From `{config_path}` (DESIGN):", "", "```", _design(module), "```", ""]
   text = "\n".join(L)
   with open(path + ".tmp", "w") as f:
     f.write(text)
@@ -337,24 +447,27 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
   return text
 
 
-def _plot_scores(path, module, vals, arms, metrics) -> None:
+def _plot_scores(path, module, vals, arms, cols, floors=None) -> None:
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
-  metrics = metrics or [METRICS[0]]
-  fig = Figure(figsize=(3.2 * len(metrics) + 1.5, 0.32 * len(arms) + 1.2), dpi=80)
+  cols = cols or columns(module)[:1]
+  fig = Figure(figsize=(3.2 * len(cols) + 1.5, 0.32 * len(arms) + 1.2), dpi=80)
   FigureCanvasAgg(fig)
-  axes = fig.subplots(1, len(metrics), sharey=True, squeeze=False)[0]
+  axes = fig.subplots(1, len(cols), sharey=True, squeeze=False)[0]
   y = np.arange(len(arms))[::-1]
-  for ax, (_, key, title) in zip(axes, metrics):
-    ref = list(vals.get(arms[0], {}).get(key, {}).values())
+  for ax, col in zip(axes, cols):
+    ref = list(vals.get(arms[0], {}).get(col.id, {}).values())
     if ref:  # arm 1's mean, for reference
       ax.axvline(100 * np.mean(ref), color="tab:blue", ls="--", lw=0.8, alpha=0.5)
+    pixel = (floors or {}).get(col.id, {}).get("pixel")
+    if pixel is not None:
+      ax.axvline(100 * pixel, color="tab:red", ls=":", lw=1.0)
     for yi, arm in zip(y, arms):
-      v = np.array(list(vals.get(arm, {}).get(key, {}).values())) * 100
+      v = np.array(list(vals.get(arm, {}).get(col.id, {}).values())) * 100
       if len(v):
         ax.errorbar(v.mean(), yi, xerr=v.std(ddof=1) if len(v) > 1 else 0, fmt="o", color="tab:blue", capsize=3)
         ax.plot(v, np.full(len(v), yi), ".", color="tab:gray", alpha=0.6)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(col.title, fontsize=9)
     ax.set_xlabel("%", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.tick_params(labelsize=8)
@@ -371,7 +484,7 @@ def _plot_curves(path, module, root, arms, seed) -> None:
   FigureCanvasAgg(fig)
   ax_pre, ax_ft = fig.subplots(1, 2)
   for arm in arms:
-    for ax, stage in ((ax_pre, "pretrain"), (ax_ft, "finetune")):
+    for ax, stage in ((ax_pre, "pretrain"), (ax_ft, columns(module)[0].stage)):
       recs = [r for r in writers.read_metrics(os.path.join(root, f"seed{seed}", arm, stage)) if "train/loss" in r]
       if recs:
         ax.plot([r["step"] for r in recs], [r["train/loss"] for r in recs], label=module.ARMS[arm][0], lw=1)
@@ -496,6 +609,23 @@ def time_stages(module, root: str, steps: int, *, base_arg: str = "") -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# Speed: a study is many short runs of small models (BENCHMARKS.md, "Study runs").
+# ---------------------------------------------------------------------------------------------------------
+def _speed_settings(root: str, *, cpu_devices: int | None, cache: bool) -> None:
+  """Before the first computation: one XLA CPU device per core (small steps keep the cores busier as
+  data-parallel shards than as one device's intra-op threads) and a persistent compilation cache shared by the
+  runs (every seed of a stage compiles the same programs)."""
+  import jax
+  if cpu_devices is None:
+    cpu_devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+  if cpu_devices > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    jax.config.update("jax_num_cpu_devices", cpu_devices)  # only the CPU backend; a GPU / TPU run is unchanged
+  if cache:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(root), ".jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------
 # Command line.
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
@@ -508,7 +638,13 @@ def main(argv=None) -> int:
   p.add_argument("--aggregate-only", action="store_true", help="only write the report from finished runs")
   p.add_argument("--time", type=int, default=0, metavar="STEPS",
                  help="time each stage kind for STEPS steps in --workdir and project the full study")
+  p.add_argument("--cpu-devices", type=int, default=None, metavar="N",
+                 help="on a CPU-only machine, run N XLA CPU devices, data-parallel over the cores (default: one "
+                      "per core; 0 = XLA's default of one device for all cores)")
+  p.add_argument("--no-compilation-cache", action="store_true",
+                 help="do not keep compiled steps in <workdir>/.jax_cache for the runs that share their shapes")
   args = p.parse_args(argv)
+  _speed_settings(args.workdir, cpu_devices=args.cpu_devices, cache=not args.no_compilation_cache)
   if args.write_results and (args.quick or args.results):
     p.error("--write-results writes the repository's RESULTS.md from the full study: not with --quick / --results")
   config_path, _, base_arg = args.config.partition(":")

@@ -43,6 +43,11 @@ class Config:
   max_image_pixels: int = 89_478_485
   digits_test_fraction: float = 0.2
   digits_split_seed: int = 0  # Fixes the stratified digits train/test split.
+  # Low-label training: a class-balanced fraction of the train split (the first round(fraction x n_c) images of
+  # each class c, in an order fixed by train_subset_seed; at least one per class). 1.0 = all of it. Every
+  # train-split reader (training, k-NN neighbours, probes) sees the subset; the held-out split is unchanged.
+  train_fraction: float = 1.0
+  train_subset_seed: int = 0
 
 
 def default_config():
@@ -119,5 +124,13 @@ def _check(c):
     raise ValueError(f'data.max_image_pixels={c.max_image_pixels!r}: expected a positive int.')
   if not isinstance(c.digits_split_seed, int) or c.digits_split_seed < 0:
     raise ValueError(f'data.digits_split_seed={c.digits_split_seed!r}: expected an int >= 0.')
+  if not 0 < c.train_fraction <= 1:
+    raise ValueError(f'data.train_fraction={c.train_fraction!r}: expected 0 < fraction <= 1 (e.g. 0.01 for 1% '
+                     'of the labels).')
+  if not isinstance(c.train_subset_seed, int) or c.train_subset_seed < 0:
+    raise ValueError(f'data.train_subset_seed={c.train_subset_seed!r}: expected an int >= 0.')
+  if c.name == 'imagenet2012' and c.train_fraction < 1:
+    raise ValueError("data.train_fraction < 1 is not supported for imagenet2012 (its labels are not read up "
+                     "front); use a folder of the subset (data.name='folder').")
   if c.name == 'imagenet2012' and c.cache:
     raise ValueError('data.cache=True is not supported for imagenet2012 (about 150 GB); leave it None.')

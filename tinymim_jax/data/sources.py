@@ -58,6 +58,20 @@ def get(c):
           'imagenet2012': _imagenet}[c.name](c)
 
 
+def class_balanced_subset(labels, fraction, seed=0):
+  """Sorted indices of a class-balanced subset of `labels` (int array (n,)): for each class c, the first
+  max(1, round(fraction x n_c)) of its indices in a random order fixed by `seed`. fraction 1 -> all indices."""
+  labels = np.asarray(labels)
+  if fraction >= 1:
+    return np.arange(len(labels))
+  order = np.random.default_rng(seed).permutation(len(labels))
+  keep = []
+  for c in np.unique(labels):
+    members = order[labels[order] == c]
+    keep.append(members[:max(1, int(round(fraction * len(members))))])
+  return np.sort(np.concatenate(keep))
+
+
 def _share(n, process_index, process_count):
   """[start, end) of this process's share, as tfds.even_splits(n=process_count)."""
   bounds = [k * (n // process_count) + min(k, n % process_count) for k in range(process_count + 1)]
@@ -92,6 +106,7 @@ def _digits(c):
   train, test = model_selection.train_test_split(
       np.arange(len(labels)), test_size=c.digits_test_fraction, stratify=labels,
       random_state=c.digits_split_seed)
+  train = train[class_balanced_subset(labels[train], c.train_fraction, c.train_subset_seed)]
   size = c.image_size
   # The 8x8 digits are always in memory; caching also keeps them upsampled, worth it only when small.
   cache = c.cache if c.cache is not None else len(labels) * size * size * 3 < 64 << 20
@@ -221,15 +236,21 @@ def fashion_mnist_arrays(c):
 
 
 def _fashion_mnist(c):
-  arrays = fashion_mnist_arrays(c)
+  arrays = dict(fashion_mnist_arrays(c))
+  originals = {'test': np.arange(len(arrays['test'][1]))}  # An example's index in its idx file (for its key).
+  originals['train'] = class_balanced_subset(arrays['train'][1], c.train_fraction, c.train_subset_seed)
+  if c.train_fraction < 1:
+    images, labels = arrays['train']
+    arrays['train'] = (images[originals['train']], labels[originals['train']])
 
   def split(name, process_index, process_count):
     split_name = 'train' if name == 'train' else 'test'
     images, labels = arrays[split_name]
     images_t, labels_t = tf.constant(images), tf.constant(labels)
+    originals_t = tf.constant(originals[split_name])
 
     def key(i):
-      return tf.strings.join([f'fashion_mnist[{split_name} ', tf.strings.as_string(i), ']'])
+      return tf.strings.join([f'fashion_mnist[{split_name} ', tf.strings.as_string(originals_t[i]), ']'])
 
     def load(i):  # Grey -> 3 equal channels.
       image = tf.repeat(images_t[i][..., None], 3, axis=-1)
@@ -275,6 +296,10 @@ def _folder(c):
                             f'of {train_dir}.')
   # Like TFDS's prepare-time shuffle: each process's share of the train split then mixes all classes.
   train_files = [train_files[i] for i in np.random.default_rng(0).permutation(len(train_files))]
+  if c.train_fraction < 1:
+    keep = class_balanced_subset([classes.index(k) for _, k in train_files], c.train_fraction,
+                                 c.train_subset_seed)
+    train_files = [train_files[i] for i in keep]
   val_dir = os.path.join(c.folder, 'val')
   val_files = []
   if tf.io.gfile.isdir(val_dir):
