@@ -52,7 +52,7 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
   from flax import nnx
 
   from tinymim_jax import builders, sharding as sh, train_steps as ts
-  from tinymim_jax.demo import load_config_module
+  from tinymim_jax.study import load_config_module
 
   pair = common.SIZES[size]
   short = lambda name: name.split("_")[1]  # vit_small_patch16 -> small

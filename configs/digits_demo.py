@@ -1,6 +1,6 @@
 r"""The demo on the embedded digits data (scikit-learn's 1,797 handwritten digits, upsampled to 16 px).
 
-Seven stages, each a normal run of the main job (`python -m tinymim_jax.demo` runs them in order):
+Nine stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
   teacher_mae        MAE-pretrain a small ViT teacher (D 128, 6 blocks, 4 heads)
   student_distill    TinyMIM: distill a smaller student (D 64, 4 blocks, 2 heads; 4 in its relation block)
                      from the teacher's intermediate block 4 with Q-K / V-V relation KL
@@ -9,6 +9,9 @@ Seven stages, each a normal run of the main job (`python -m tinymim_jax.demo` ru
   baseline_finetune  fine-tune the baseline the same way
   student_eval       frozen-feature evals of the distilled student (k-NN, few-shot, linear probe on cached
   baseline_eval      features) and of the MAE baseline (objective 'eval'; seconds each)
+  control_finetune   the floor of fine-tuning: the same student and recipe from a random init (no pretraining)
+  floors             the floor of the frozen-feature evals: the same k-NN, few-shot and probe on raw pixels
+`python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
 All seven take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
@@ -21,7 +24,15 @@ import os
 from tinymim_jax import config_base
 
 STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune", "student_eval",
-          "baseline_eval")
+          "baseline_eval", "control_finetune", "floors")
+TITLE = "The digits demo: TinyMIM vs MAE from scratch, one seed"
+SEEDS = (0,)
+
+
+def plan(quick=False):
+  """The stages in the order they run (the study runner's plan: (run name, config argument))."""
+  del quick  # the demo is small already
+  return [(stage, f"stage={stage}") for stage in STAGES]
 IMG, PATCH = 16, 4
 TEACHER = dict(name="vit_tiny_patch16", embed_dim=128, depth=6, num_heads=4)
 STUDENT = dict(name="vit_tiny_patch16", embed_dim=64, depth=4, num_heads=2)
@@ -35,7 +46,7 @@ def _model(c, spec, **kw):
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
-                            finetune_epochs=30.0)
+                            finetune_epochs=30.0, quick=False)
   if a.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
   c = config_base.base_config()
@@ -77,14 +88,16 @@ def get_config(arg=None):
     c.teacher.source = os.path.join(a.root, "teacher_mae")
     c.distill.teacher_block = 4          # an intermediate teacher block (of 6)
     c.distill.student_block = STUDENT["depth"]
-  elif a.stage in ("student_eval", "baseline_eval"):
+  elif a.stage in ("student_eval", "baseline_eval", "floors"):
     c.objective = "eval"
     _model(c.model, STUDENT)
-    c.init = os.path.join(a.root, "student_distill" if a.stage == "student_eval" else "baseline_mae")
+    c.init = (None if a.stage == "floors" else
+              os.path.join(a.root, "student_distill" if a.stage == "student_eval" else "baseline_mae"))
   else:
     c.objective = "finetune"
     _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
-    c.init = os.path.join(a.root, "student_distill" if a.stage == "student_finetune" else "baseline_mae")
+    c.init = {"student_finetune": os.path.join(a.root, "student_distill"),
+              "baseline_finetune": os.path.join(a.root, "baseline_mae"), "control_finetune": None}[a.stage]
     c.total_epochs = a.finetune_epochs
     c.optim.base_lr = 4e-3
     c.optim.b2 = 0.999

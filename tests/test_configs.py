@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from tinymim_jax import builders, config_base, optim, train_steps as ts
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {os.path.basename(p)[:-3]: p for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))}
@@ -22,11 +22,12 @@ ARGS = {
     "finetune": ["model=tiny", "model=small", "model=base"],
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
-                                           "baseline_finetune", "student_eval", "baseline_eval")],
+                                           "baseline_finetune", "student_eval", "baseline_eval",
+                                           "control_finetune")],
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
-    "fmnist_study": ["stage=teacher", "stage=middle", "stage=eval", "stage=finetune", "stage=finetune,quick=True"]
-                    + [f"stage=pretrain,arm={a}" for a in ("tinymim", "rel_last", "feature", "cls", "mae", "masked",
-                                                           "dp0", "seq")],
+    "fmnist_study": ["stage=teacher", "stage=teacher_eval", "stage=eval", "stage=ft", "stage=ft10", "stage=ft1",
+                     "stage=ft,arm=control", "stage=ft,quick=True"]
+                    + [f"stage=pretrain,arm={a}" for a in ("tinymim", "rel_last", "feature", "cls", "mae")],
 }
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from tinymim_jax import builders, config_base, create_model, features
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO = os.path.join(ROOT, "configs", "digits_demo.py")

@@ -17,7 +17,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tinymim_jax import builders, checkpoint, config_base, main as trainer, workdir, writers
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 
 from tests.helpers.faults import copy_run, damage, fail_json_saves_at
 

@@ -42,8 +42,14 @@ def test_verdict(prediction, ci, expected):
 # ---------------------------------------------------------------------------------------------------------
 # The report from done.json files (no training).
 # ---------------------------------------------------------------------------------------------------------
-def _fake_runs(root, module, *, drop=(), frozen_keys=("eval/knn_top1",)):
-  """done.json for every planned run but `drop`: arm 'mae' 2 points below arm 1 in fine-tuning on every seed."""
+FROZEN = ("eval/knn_top1", "eval/linprobe_top1", "eval/linprobe_top5", "eval/fewshot_1shot_top1",
+          "eval/fewshot_5shot_top1", "eval/fewshot_10shot_top1", "eval/fewshot_25shot_top1")
+
+
+def _fake_runs(root, module, *, drop=(), pixel=0.5, teacher=0.7, frozen_keys=FROZEN):
+  """done.json for every planned run but `drop`. Fine-tuning: arm 1 at 0.85 + 0.01 seed, arm 'mae' 2 points below
+  it on every seed, the random-init control 5 below; frozen features 0.1 below that. Floors: `pixel` for every
+  key (and the logistic regression); the teacher's frozen features at `teacher`."""
   rng = np.random.default_rng(0)
   for name, _ in module.plan(False):
     if name in drop:
@@ -52,13 +58,16 @@ def _fake_runs(root, module, *, drop=(), frozen_keys=("eval/knn_top1",)):
     done = {"step": 10}
     if name.startswith("seed"):
       seed, arm, stage = name.split("/")
-      base = 0.85 + 0.01 * int(seed[4:]) - (0.02 if arm == "mae" else 0.0) + 0.001 * rng.standard_normal()
-      if stage == "finetune":
+      base = (0.85 + 0.01 * int(seed[4:]) - {"mae": 0.02, "control": 0.05}.get(arm, 0.0)
+              + 0.001 * rng.standard_normal())
+      if stage.startswith("ft"):
         done["eval/top1"] = base
       elif stage == "eval":
         done.update({k: base - 0.1 for k in frozen_keys})
-    elif name == "teacher":
-      done["eval/knn_top1"] = 0.8
+    elif name == "teacher_eval":
+      done.update({k: teacher for k in frozen_keys})
+    elif name == "floors":
+      done.update({k: pixel for k in (*frozen_keys, "eval/logreg_top1")})
     with open(os.path.join(root, name, "done.json"), "w") as f:
       json.dump(done, f)
     with open(os.path.join(root, name, "metrics.jsonl"), "w") as f:
@@ -72,75 +81,92 @@ def _rows(text, heading):
   return {l.split(" | ")[0][2:]: l for l in section.splitlines() if l.startswith("| ")}
 
 
-def test_report_table_predictions_and_missing_runs(tmp_path):
+def test_report_table_floors_predictions_and_missing_runs(tmp_path):
   module = study.load_config_module(CONFIG)
-  drop = ("seed2/cls/finetune", "seed1/seq/eval")
+  drop = ("seed2/cls/ft", "seed1/feature/eval")
   _fake_runs(str(tmp_path / "wd"), module, drop=drop)
   path = str(tmp_path / "out" / "REPORT.md")
   os.makedirs(os.path.dirname(path))
   text = study.write_report(module, str(tmp_path / "wd"), path, config_path="configs/fmnist_study.py")
   assert open(path).read() == text
+  assert text.startswith(f"# {module.TITLE}")
   rows = _rows(text, "## Scores")
-  assert list(rows)[1:] == [label for label, _, _ in module.ARMS.values()]
-  # The MAE arm is 2 points below arm 1 on every seed: held, with a tight interval around -2.00.
+  labels = [entry[0] for entry in module.ARMS.values()]
+  assert list(rows)[1:] == ["floor: raw pixels, same protocol", "teacher (frozen)", *labels]
+  assert "| 50.00 (logistic regression) | — | — | 50.00 |" in rows["floor: raw pixels, same protocol"]
+  # The MAE arm is 2 points below arm 1 on every seed: held (every floor is cleared), interval around -2.00.
   mae = _rows(text, "## The paper's predictions")["5. MAE from scratch (no teacher)"]
   assert "| -2.0" in mae and "**held**" in mae.split(" | ")[3]
-  assert "(n=2/3)" in rows["4. class-token target (block 6)"]  # one fine-tune missing
-  assert "Partial: 2 of" in text and "`seed2/cls/finetune`" in text and "`seed1/seq/eval`" in text
-  # Columns main does not produce yet are named, not faked.
-  assert "| — |" in rows["1. relation, teacher block 6 of 8 (TinyMIM)"]
-  assert "Not reported by this version of the `eval` objective: linear probe top-1" in text
-  assert "teacher (MAE, trained once, shared by all seeds and arms): k-NN top-1 80.00" in text
-  assert "Fixed up front for every arm" in text  # the hyper-parameters, from the config docstring
+  assert "(n=2/3)" in rows["4. class-token target (block 4)"]  # one fine-tune missing of three seeds
+  assert "Partial: 2 of" in text and "`seed2/cls/ft`" in text and "`seed1/feature/eval`" in text
+  assert rows["6. no pretraining (random init)"].split(" | ")[4] == ""  # no frozen features: not planned
+  assert "The regime gate" in text and "Fixed up front for every arm" in text  # the config's DESIGN
   for png in ("report_scores.png", "report_curves.png"):
     p = tmp_path / "out" / "results" / png
     assert p.exists() and p.stat().st_size < 150_000
 
 
-def test_report_shows_frozen_feature_columns_when_present(tmp_path):
+def test_the_gate_withholds_verdicts_below_a_floor(tmp_path):
+  """Pixels at 0.78 on every key: the frozen features (0.75-0.79) and the teacher (0.7) are below it, so no
+  frozen-feature comparison gets a verdict, and fine-tuning (teacher's probe below pixels) neither."""
   module = study.load_config_module(CONFIG)
-  keys = ("eval/knn_top1", "eval/linprobe_top1", "eval/linprobe_top5", "eval/fewshot_1shot_top1",
-          "eval/fewshot_10shot_top1")
-  _fake_runs(str(tmp_path), module, frozen_keys=keys)
+  _fake_runs(str(tmp_path), module, pixel=0.78)
   text = study.write_report(module, str(tmp_path), str(tmp_path / "R.md"))
-  header = next(l for l in text.splitlines() if l.startswith("| arm |"))
-  for title in ("linear probe top-1", "linear probe top-5", "k-NN top-1", "1-shot top-1", "10-shot top-1"):
-    assert title in header
-  assert "5-shot" not in header and "Partial" not in text
-  verdicts = next(l for l in text.splitlines() if l.startswith("| comparison |"))
-  assert "Δ 10-shot top-1" in verdicts and "Δ linear probe top-1" in verdicts
+  preds = _rows(text, "## The paper's predictions")
+  mae = preds["5. MAE from scratch (no teacher)"].split(" | ")
+  assert all("the regime is too small for it" in cell and "teacher 70.00 <= pixels 78.00" in cell
+             for cell in mae[3:]), mae
+  assert "held" not in text.split("## The paper's predictions", 1)[1].split("## Wall time")[0].replace(
+      "*held*", "")
+  # A good teacher and pixels at 0.5: k-NN verdicts come back; the control (5 below) is held on fine-tuning.
+  _fake_runs(str(tmp_path), module, pixel=0.5, teacher=0.9)
+  text = study.write_report(module, str(tmp_path), str(tmp_path / "R.md"))
+  control = _rows(text, "## The paper's predictions")["6. no pretraining (random init)"]
+  assert "-5.0" in control and "**held**" in control and "too small" not in control
+  # The arms must clear the no-pretraining arm on fine-tuning: the control above arm 5 gates that comparison.
+  c = study.collect(module, str(tmp_path))
+  ft = study.columns(module)[0]
+  for seed in c["values"]["control"][ft.id]:
+    c["values"]["control"][ft.id][seed] = 0.99
+  assert "<= no pretraining 99.00" in study.gate(module, c, ft, ("tinymim", "mae"))
+  assert study.gate(module, c, study.columns(module)[3], ("tinymim", "mae")) is None  # linear probe: cleared
 
 
-def test_plan_is_teacher_first_then_seed_major():
+def test_plan_is_teacher_floors_then_seed_major():
   module = study.load_config_module(CONFIG)
   names = [n for n, _ in module.plan(False)]
-  assert names[0] == "teacher" and len(names) == len(set(names))
+  assert names[:3] == ["teacher", "teacher_eval", "floors"] and len(names) == len(set(names))
   seeds = [int(n.split("/")[0][4:]) for n in names if n.startswith("seed")]
   assert seeds == sorted(seeds) and set(seeds) == set(module.SEEDS)
-  assert names.index("middle") < names.index("seed0/seq/pretrain")
-  assert len([n for n in names if n.endswith("/pretrain")]) == len(module.ARMS) * len(module.SEEDS)
+  for arm, (_, _, change, arm_seeds, regimes) in module.ARMS.items():
+    runs = [n for n in names if n.split("/")[1:2] == [arm]]
+    stages = (() if change.get("control") else ("pretrain", "eval")) + tuple(regimes)
+    assert runs == [f"seed{s}/{arm}/{st}" for s in arm_seeds for st in stages], arm
+  assert all(len(module.ARMS[a][3]) >= 5 for a in ("tinymim", "mae", "control"))  # the issue's minimum
   quick = [n for n, _ in module.plan(True)]
-  assert quick == ["teacher"] + [f"seed0/{a}/{s}" for a in module.QUICK_ARMS for s in ("pretrain", "eval", "finetune")]
+  assert quick[:3] == ["teacher", "teacher_eval", "floors"] and "seed0/control/ft" in quick
+  assert not any(n.startswith("seed1") for n in quick)
 
 
-def test_hyperparameters_in_the_docstring_match_the_config():
+def test_design_text_matches_the_configs():
+  """DESIGN states the recipe in words; the parts not formatted from constants are checked against the configs."""
   module = study.load_config_module(CONFIG)
-  doc = " ".join(module.__doc__.split())  # line breaks inside phrases do not count
-  spe = 60000 // module.BATCH
-  lr = lambda v: f"{v:.0e}".replace("e-0", "e-")
-  for text in (f"student / middle {module.PRETRAIN_EPOCHS:g} epochs ({int(module.PRETRAIN_EPOCHS * spe)} steps)",
-               f"teacher {module.TEACHER_EPOCHS:g} epochs ({int(module.TEACHER_EPOCHS * spe)} steps)",
-               f"fine-tuning: {module.FINETUNE_EPOCHS:g} epoch", f"({int(module.FINETUNE_EPOCHS * spe)} steps)",
-               f"batch {module.BATCH},", f"lr {lr(module.PRETRAIN_LR)} peak", f"lr {lr(module.FINETUNE_LR)} peak",
-               f"warmup {module.WARMUP_EPOCHS:g} epoch", f"seeds {', '.join(map(str, module.SEEDS))}",
-               f"drop path {module.DISTILL_DROP_PATH:g}", f"first {module.KNN_TRAIN:,} train images",
-               f"D {module.TEACHER['embed_dim']}, depth {module.TEACHER['depth']}",
-               f"D {module.MIDDLE['embed_dim']}, depth {module.MIDDLE['depth']}",
-               f"D {module.STUDENT['embed_dim']}, depth {module.STUDENT['depth']}",
-               f"image {module.IMG} px, patch {module.PATCH}", f"teacher block {module.TEACHER_BLOCK}",
-               f"batch {module.PROBE['batch_size']}, base lr {module.PROBE['base_lr']:g}, "
-               f"{module.PROBE['epochs']:g} epochs, {module.PROBE['warmup_epochs']:g} warmup"):
-    assert text in doc, text
+  design = " ".join(module.DESIGN.split())
+  cfg = lambda stage, arm="tinymim": module.get_config(f"stage={stage},arm={arm},seed=0,root=/r")
+  pre, ft, ev = cfg("pretrain"), cfg("ft"), cfg("eval")
+  assert pre.data.distill_crop_scale == (0.4, 1.0) and "RandomResizedCrop(0.4, 1)" in design
+  assert pre.data.color_jitter == 0.4 and "ColorJitter 0.4" in design
+  assert ft.data.ft_crop_scale == (0.7, 1.0) and "RRC(0.7, 1)" in design
+  assert (ft.optim.layer_decay, ft.optim.weight_decay, ft.model.drop_path, ft.finetune.label_smoothing) == (
+      0.9, 0.05, 0.1, 0.1) and "layer decay 0.9, weight decay 0.05, drop path 0.1, label smoothing 0.1" in design
+  assert (ev.eval.knn.k, ev.eval.knn.temperature) == (20, 0.07) and "k-NN (k 20, T 0.07)" in design
+  assert ev.linprobe.batch_size == 256 and ev.linprobe.base_lr == 25 and "batch 256, base lr 25, 10 epochs" in design
+  for stage, (fraction, epochs) in module.REGIMES.items():
+    c = cfg(stage)
+    per_epoch = max(int(60000 * fraction) // module.BATCH, 1)
+    assert c.data.train_fraction == fraction and c.total_steps == round(epochs * per_epoch)
+  assert cfg("ft", "control").init is None and cfg("ft", "mae").init == "/r/seed0/mae/pretrain"
+  assert cfg("pretrain", "rel_last").distill.teacher_block == module.TEACHER["depth"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -168,7 +194,9 @@ def test_quick_study_end_to_end(tmp_path, capsys):
   for arm in module.QUICK_ARMS:
     row = next(l for l in text.splitlines() if l.startswith(f"| {module.ARMS[arm][0]} |"))
     cells = row.split(" | ")
-    assert 0 <= float(cells[1]) <= 100 and 0 <= float(cells[3]) <= 100  # fine-tune and k-NN top-1, one seed
+    assert 0 <= float(cells[1]) <= 100  # fine-tune top-1, one seed
+    if arm != "control":
+      assert 0 <= float(cells[3]) <= 100  # the linear probe
   assert os.path.exists(tmp_path / "results" / "quick_scores.png")
   assert os.path.exists(tmp_path / "results" / "quick_curves.png")
   times = json.load(open(os.path.join(wd, study.TIMES)))

@@ -13,7 +13,7 @@ import pytest
 from tests.helpers import tiny
 from tinymim_jax import builders, config_base, convert, create_model, losses, main as trainer
 from tinymim_jax import train_steps as ts
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 from tinymim_jax.models.variants import IMAGENET_NORM, OPENAI_CLIP_NORM
 
 REG = "vit_small_patch14_reg4_dinov2"

@@ -10,7 +10,6 @@ and top-1 after fine-tuning, all on the held-out 20%) and writes workdir/summary
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import json
 import logging
@@ -20,15 +19,6 @@ import time
 from tinymim_jax import paths
 
 CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "digits_demo.py")
-
-
-def load_config_module(path: str = CONFIG):
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path} not found: run the demo from a checkout of tinymim-jax")
-  spec = importlib.util.spec_from_file_location("digits_demo", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
 
 
 def summary_plot(path: str, rows: list[tuple[str, dict[str, float]]]) -> None:
@@ -61,15 +51,19 @@ COLUMNS = (("k-NN", "eval/knn_top1"), ("1-shot", "eval/fewshot_1shot_top1"), ("5
            ("linear probe", "eval/linprobe_top1"))
 
 
-STUDENTS = (("TinyMIM", "relation KL, MAE teacher block 4", "student"), ("MAE", "from scratch, baseline", "baseline"))
+# (row, how, the fine-tuned stage, the frozen-feature stage): the students, then the two floors.
+ROWS = (("TinyMIM", "relation KL, MAE teacher block 4", "student_finetune", "student_eval"),
+        ("MAE", "from scratch, baseline", "baseline_finetune", "baseline_eval"),
+        ("floor: raw pixels", "the same frozen-feature evals", None, "floors"),
+        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None))
 
 
-def summary_rows(results: dict) -> list[tuple[str, dict[str, float]]]:
-  """(student, {column: top-1}) for both students: frozen-feature evals, then fine-tuned top-1."""
+def summary_rows(results: dict) -> list[tuple[str, dict[str, float | None]]]:
+  """(row, {column: top-1 or None}) for both students and the two floors: frozen-feature evals, then fine-tuned."""
   rows = []
-  for name, _, stage in STUDENTS:
-    values = {col: results[f"{stage}_eval"][key] for col, key in COLUMNS}
-    values["fine-tuned"] = results[f"{stage}_finetune"]["eval/top1"]
+  for name, _, finetuned, frozen in ROWS:
+    values = {col: results[frozen][key] if frozen else None for col, key in COLUMNS}
+    values["fine-tuned"] = results[finetuned]["eval/top1"] if finetuned else None
     rows.append((name, values))
   return rows
 
@@ -82,38 +76,28 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
-  from tinymim_jax import config_base, main as trainer  # after arg parsing: --help stays fast
-  module = load_config_module()
-  results, t0 = {}, time.time()
-  for stage in module.STAGES:
-    arg = f"stage={stage},root={args.workdir}"
-    for k in ("pretrain_epochs", "finetune_epochs"):  # None: the config's default
-      if getattr(args, k) is not None:
-        arg += f",{k}={getattr(args, k)}"
-
-    config = config_base.finalize(module.get_config(arg))
-    t = time.time()
-    print(f"== {stage}: {config.objective} ({config.model.name} D={config.model.embed_dim} "
-          f"depth={config.model.depth})", flush=True)
-    results[stage] = trainer.train_and_evaluate(config, os.path.join(args.workdir, stage))
-    if results[stage].get("preempted"):
-      print(f"stopped during {stage}; rerun the same command to resume")
-      return results
-    shown = {k: round(v, 4) for k, v in results[stage].items() if k.startswith("eval/") and "seconds" not in k}
-    print(f"   done in {time.time() - t:.0f}s: {shown}", flush=True)
+  from tinymim_jax import study  # after arg parsing: --help stays fast
+  module = study.load_config_module(CONFIG)
+  base = ",".join(f"{k}={getattr(args, k)}" for k in ("pretrain_epochs", "finetune_epochs")
+                  if getattr(args, k) is not None)  # None: the config's default
+  t0 = time.time()
+  if not study.run_plan(module, args.workdir, base_arg=base):
+    return {"preempted": True}
+  results = {name: json.loads(paths.read_text(os.path.join(args.workdir, name, "done.json")))
+             for name, _ in module.plan()}
 
   rows = summary_rows(results)
   blocks = {stage: results[f"{stage}_eval"]["feature"]["block"] for stage in ("student", "baseline")}
   print()
   print("| student (D=64, 4 blocks) | " + " | ".join(rows[0][1]) + " |")
   print("|---|" + "---|" * len(rows[0][1]))
-  for (name, values), (_, how, _) in zip(rows, STUDENTS):
-    print(f"| {name} ({how}) | " + " | ".join(f"{100 * v:.1f}" for v in values.values()) + " |")
+  for (name, values), (_, how, _, _) in zip(rows, ROWS):
+    print(f"| {name} ({how}) | " + " | ".join("—" if v is None else f"{100 * v:.1f}" for v in values.values()) + " |")
   print(f"(held-out top-1, %. Frozen features: mean of patch tokens after a parameter-free LayerNorm, block "
         f"{blocks['student']} of the TinyMIM student (its relation block's input), block {blocks['baseline']} of the "
-        f"MAE student; few-shot: mean of 3 draws.)")
+        f"MAE student; raw pixels: the normalised pixels through the same evals; few-shot: mean of 3 draws.)")
   print(f"\ntotal {time.time() - t0:.0f}s; plots: {args.workdir}/*/curves.png and {args.workdir}/summary.png")
-  summary_plot(os.path.join(args.workdir, "summary.png"), rows)
+  summary_plot(os.path.join(args.workdir, "summary.png"), rows[:2])
   paths.write_atomic(os.path.join(args.workdir, "summary.json"), json.dumps(results, indent=2))
   return results
 

@@ -12,10 +12,13 @@ after a failed or interrupted run, from whatever has finished: to --results (def
 <workdir>/RESULTS.md), or to the repository's RESULTS.md with --write-results; plots go to results/ beside it.
 --time N runs each kind of stage for N steps in --workdir and projects the full study's compute time.
 
-A study config module provides: plan(quick) -> [(run name, config argument)], get_config(arg) (arguments
-stage, arm, seed, root, quick, plus any the user gives after ':'), ARMS {name: (label, prediction
-'lower'|'higher'|None against the first arm, overrides)}, CLAIMS {arm: the paper's claim}, SEEDS, and a
-docstring whose part from "Every run is" on describes the runs, the arms and the hyper-parameters.
+A study config module provides plan(quick) -> [(run name, config argument)] and get_config(arg) (arguments
+stage, arm, seed, root, quick, plus any the user gives after ':'); that is enough for the runner (the digits demo,
+configs/digits_demo.py, is such a config). The report also needs ARMS {name: (label, prediction
+'lower'|'higher'|None against the first arm, overrides, ...)}, CLAIMS {arm: the paper's claim} and SEEDS, and reads
+TITLE, DESIGN (the runs, arms, hyper-parameters and gate, written before the runs), COLUMNS (see `columns`),
+VERDICT_COLUMNS and FLOOR_ARM (the arm whose fine-tuning is the floor) when given. A run named `floors` measures the
+pixel floors (tinymim_jax/floors.py) instead of running the main job; one named `teacher_eval` scores the teacher.
 """
 
 from __future__ import annotations
@@ -58,10 +61,19 @@ def load_config_module(path: str):
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  for name in ("plan", "get_config", "ARMS", "CLAIMS", "SEEDS"):
+  for name in ("plan", "get_config"):
     if not hasattr(module, name):
       raise AttributeError(f"study config {path} lacks {name} (see tinymim_jax/study.py)")
   return module
+
+
+def _check_reportable(module) -> None:
+  """A report compares arms over seeds: the config must name them (a runner-only config, like the demo's, need
+  not)."""
+  for name in ("ARMS", "CLAIMS", "SEEDS"):
+    if not hasattr(module, name):
+      raise AttributeError(f"study config {getattr(module, '__file__', module)} lacks {name}, which the report "
+                           "needs (see tinymim_jax/study.py)")
 
 
 def _arg(base: str, run_arg: str, root: str, quick: bool) -> str:
@@ -318,6 +330,7 @@ def _fmt_time(s: float) -> str:
 def write_report(module, root: str, path: str, *, quick: bool = False, config_path: str = "",
                  command: str = "", wall_s: float | None = None) -> str:
   """Writes the Markdown report to `path` and the plots to results/ beside it; returns the Markdown."""
+  _check_reportable(module)
   # Whether the code differs from the commit, this report's own outputs (tracked: RESULTS.md, results/) aside.
   report = os.path.abspath(path)
   outputs = [os.path.relpath(p, REPO) for p in (report, os.path.join(os.path.dirname(report), "results"))]

@@ -150,3 +150,26 @@ def test_prepared_tfds_fashion_mnist(monkeypatch, tmp_path):
                for l, x in zip(batch['label'], batch['image']))
   want = sorted((int(l), x.tobytes()) for l, x in zip(arrays['train'][1], arrays['train'][0]))
   assert got == want
+
+
+def test_train_fraction_is_a_class_balanced_subset(fake):
+  """data.train_fraction: per class the first round(f n_c) of a seeded order (at least one), test split whole;
+  the train split's images are the files' (keys name their index in the file)."""
+  root, arrays = fake  # 40 train images, 4 per class
+  labels = arrays['train'][1]
+  keep = sources.class_balanced_subset(labels, 0.5, seed=0)
+  assert np.array_equal(np.bincount(labels[keep], minlength=10), np.full(10, 2)) and np.all(np.diff(keep) > 0)
+  assert np.array_equal(keep, sources.class_balanced_subset(labels, 0.5, seed=0))
+  assert not np.array_equal(keep, sources.class_balanced_subset(labels, 0.5, seed=1))
+  assert len(sources.class_balanced_subset(labels, 0.01)) == 10  # one per class at least
+  assert np.array_equal(sources.class_balanced_subset(labels, 1.0), np.arange(40))
+  info = data.dataset_info(_cfg(root, train_fraction=0.5))
+  assert (info.num_train, info.num_eval) == (20, 23)
+  it = data.make_eval_iterator(_cfg(root, train_fraction=0.5), split='train', global_batch_size=20,
+                               process_index=0, process_count=1)
+  batch = next(iter(it))
+  pixels = batch['image'][..., 0] * 0.25 * 255 + 0.5 * 255
+  np.testing.assert_allclose(pixels, arrays['train'][0][keep], atol=1e-3)
+  np.testing.assert_array_equal(batch['label'], labels[keep])
+  with pytest.raises(ValueError, match='data.train_fraction=0'):
+    data.dataset_info(_cfg(root, train_fraction=0.0))
