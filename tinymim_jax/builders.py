@@ -18,6 +18,7 @@ import optax
 from flax import nnx
 
 from tinymim_jax import checkpoint, convert, features, optim, paths
+from tinymim_jax import workdir as workdir_lib
 from tinymim_jax import train_steps as ts
 from tinymim_jax.models import MAE_PREFIX, ViTConfig, create_model, vit_config
 
@@ -174,8 +175,8 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec:
 # --------------------------------------------------------------------------------------------------------
 def _open_run(workdir: str) -> checkpoint.Checkpointer:
   """A finished or running run's checkpoints, read-only: nothing is created in a directory that is not one."""
-  if not paths.isdir(os.path.join(workdir, checkpoint.CKPT_DIR)):
-    raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {checkpoint.CKPT_DIR}/ "
+  if not paths.isdir(os.path.join(workdir, workdir_lib.CHECKPOINTS)):
+    raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {workdir_lib.CHECKPOINTS}/ "
                                      f"directory")
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if ckpt.latest_step() is None:

@@ -48,8 +48,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tinymim_jax import optim, paths
+from tinymim_jax import workdir as workdir_lib
 
-CKPT_DIR = "checkpoints"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
 _COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a complete step on an object store (a directory without it
                                      # in checkpoints/ is deleted as unfinished when the next run starts)
@@ -248,7 +248,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
                                              enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True)
-    self.directory = os.path.join(paths.abspath(workdir), CKPT_DIR)
+    self.directory = os.path.join(paths.abspath(workdir), workdir_lib.CHECKPOINTS)
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -471,7 +471,7 @@ class Checkpointer:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a finalised checkpoint (without opening Orbax)."""
-  d = os.path.join(workdir, CKPT_DIR)
+  d = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   return paths.isdir(d) and any(name.isdigit() and _finalized(os.path.join(d, name)) for name in paths.listdir(d))
 
 

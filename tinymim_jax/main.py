@@ -33,13 +33,13 @@ import ml_collections
 import numpy as np
 
 from tinymim_jax import builders, checkpoint, config_base, convert, data, features, fewshot, knn, linprobe, optim
-from tinymim_jax import paths
+from tinymim_jax import config_identity, paths
+from tinymim_jax import lock as lock_lib
 from tinymim_jax import workdir as workdir_lib
 from tinymim_jax import writers
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 
-DONE = "done.json"
 EXIT_PREEMPTED = os.EX_TEMPFAIL  # 75: saved, needs a rerun
 EXIT_FAILED = 1
 
@@ -100,7 +100,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   workdir.ConfigChangeError, checkpoint.CheckpointError (no intact checkpoint, a checkpoint that does not fit, a
   failed save), config_base.ConfigError (data that cannot work) or NonFiniteLossError."""
   paths.makedirs(workdir)
-  done_path = os.path.join(workdir, DONE)
+  done_path = os.path.join(workdir, workdir_lib.DONE)
   if paths.exists(done_path):
     done = json.loads(paths.read_text(done_path))
     logging.info("%s: finished earlier (step %s); nothing to do", workdir, done.get("step"))
@@ -108,7 +108,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   preemption = _Preemption()  # first: a SIGTERM during set-up is honoured after the first step
   lock = None
   try:
-    lock = workdir_lib.acquire_for_job(workdir, process_index=jax.process_index(),
+    lock = lock_lib.acquire_for_job(workdir, process_index=jax.process_index(),
                                        agree=_all_processes if jax.process_count() > 1 else None)
     res = _train_and_evaluate(config, workdir, preemption, _config_changes(config, workdir))
     if lock is not None:
@@ -148,11 +148,11 @@ def _all_processes(ok: bool) -> bool:
 
 def _config_changes(config, workdir: str) -> dict:
   """How `config` differs from the one the workdir's checkpoints were trained with ({} for a fresh run); raises
-  workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (workdir.FIXED, FIXED_FOR)."""
+  workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (config_identity.FIXED, FIXED_FOR)."""
   saved = workdir_lib.saved_config(workdir)
   if saved is None or config.objective == "eval" or not checkpoint.has_checkpoint(workdir):
     return {}
-  return workdir_lib.check_config_change(saved, config, allow=config.allow_config_change)
+  return config_identity.check_config_change(saved, config, allow=config.allow_config_change)
 
 
 def _check_data(config, info) -> None:
@@ -271,7 +271,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
     state.update(restored)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     if is_main:
-      workdir_lib.record_config_change(workdir, config, config_changes, step=int(state["step"]))
+      config_identity.record_config_change(workdir, config, config_changes, step=int(state["step"]))
   state = jax.device_put(state, state_sharding)
   start_step = int(state["step"])
   meta["config"] = json.loads(config.to_json_best_effort())
@@ -301,7 +301,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
   if is_main and start_step == 0:
     writer.write_config(config)
-    paths.write_atomic(os.path.join(workdir, "run.json"),
+    paths.write_atomic(os.path.join(workdir, workdir_lib.RUN),
                        json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
   if objective == "linprobe":
     evaluator = _Evaluator(config, linprobe.make_predict_fn(modeldef, feature_spec), state_sharding,
@@ -510,7 +510,7 @@ def _final_evals(config, workdir, vit, mesh, meta, feature_spec, info):
                          info)
   res = evaluator(state, cached_probe=config.eval.cached_probe)
   if jax.process_index() == 0:
-    paths.write_atomic(os.path.join(workdir, "run.json"), json.dumps(meta, indent=2))
+    paths.write_atomic(os.path.join(workdir, workdir_lib.RUN), json.dumps(meta, indent=2))
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
     w.write_config(config)
     w.write(0, res)
@@ -520,12 +520,12 @@ def _final_evals(config, workdir, vit, mesh, meta, feature_spec, info):
 def _finish_run(config, workdir, model, final: dict) -> dict:
   if jax.process_index() == 0:
     if model is not None and config.export:
-      path = os.path.join(workdir, "model.safetensors")
+      path = os.path.join(workdir, workdir_lib.EXPORT)
       # The feature spec rides in the header, so that evals of the exported file read the same features; the
       # architecture (heads, pooling, ...) goes beside it, in model.config.json.
       convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
       final["export"] = path
-    paths.write_atomic(os.path.join(workdir, DONE), json.dumps(final, indent=2))  # last: the run is complete
+    paths.write_atomic(os.path.join(workdir, workdir_lib.DONE), json.dumps(final, indent=2))  # last: the run is complete
   return final
 
 

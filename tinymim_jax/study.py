@@ -34,6 +34,8 @@ import time
 
 import numpy as np
 
+from tinymim_jax import workdir as workdir_lib
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = "study_times.json"    # run name -> {wall_s, cpu_s} of the invocation that finished it
 STAGES = ("teacher", "middle", "pretrain", "eval", "finetune")
@@ -91,7 +93,7 @@ def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> b
   runs = module.plan(quick)
   for i, (name, run_arg) in enumerate(runs):
     workdir = os.path.join(root, name)
-    if os.path.exists(os.path.join(workdir, trainer.DONE)):
+    if os.path.exists(os.path.join(workdir, workdir_lib.DONE)):
       print(f"== [{i + 1}/{len(runs)}] {name}: finished earlier", flush=True)
       continue
     config = config_base.finalize(module.get_config(_arg(base_arg, run_arg, root, quick)))
