@@ -16,7 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from convert_testlib import (MAE_DECODER, TINY, as_torch, assert_close, assert_same, forward, images, nchw,
                              random_weights, timm_vit, tiny, torch_resample)
 from tinymim_jax import convert, create_model
-from tinymim_jax.convert import cli
+from tinymim_jax import convert_cli as cli
 
 
 # --------------------------------------------------------------------------------------------------------
