@@ -60,7 +60,10 @@ def test_config_builds_abstractly(name, arg):
     spec = builders.distill_spec(c)
   tx, _, _ = builders.make_optimizer(c, params, total_steps=100, warmup_steps=10, spec=spec)
   opt_state = jax.eval_shape(tx.init, params)
-  assert jax.tree.leaves(opt_state)
+  # One update of the config's optimizer: one array per param, of its shape.
+  updates, _ = jax.eval_shape(tx.update, params, opt_state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert [u.shape for u in jax.tree.leaves(updates)] == [p.shape for p in jax.tree.leaves(params)]
 
 
 def test_unknown_field_in_a_config_is_an_error():

@@ -85,7 +85,8 @@ def ours(ref):
     rng = jax.random.PRNGKey(0)
     rec = exact.grad_recorder()
     graphdef, tgraph, state = ts.init_state(student, rec, teachers={"teacher": teacher})
-    run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, rec, schedule, spec), state, devices=2)
+    one_teacher = {"teacher": ts.TeacherSpec(block=spec.teacher_block)}
+    run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, rec, schedule, spec, one_teacher), state, devices=2)
     new, step_metrics = run(state, batch, rng)
     grads = torch_named(graphdef, new["opt"], state["consts"])
 
@@ -93,7 +94,7 @@ def ours(ref):
     params = state["params"]
     frozen = ts.distill_frozen_patterns(spec, params)
     _, _, state = ts.init_state(student, tx, teachers={"teacher": teacher})
-    run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, tx, schedule, spec), state, devices=2)
+    run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, tx, schedule, spec, one_teacher), state, devices=2)
     after, adamw_metrics = run(state, batch, rng)
     frozen_flags = jax.tree_util.tree_map_with_path(
         lambda p, x: np.full(x.shape, float(optim.match(frozen, optim.path_name(p)))), params)

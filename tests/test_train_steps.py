@@ -201,7 +201,8 @@ def _float64_step(objective):
   extras = ts.TARGETS["feature"].extra_layers(student.config, teacher.config, nnx.Rngs(0))
   graphdef, tgraph, state = ts.init_state(student, rec, teachers={"teacher": teacher}, extras=extras)
   step = ts.make_distill_step(graphdef, tgraph, rec, schedule, ts.DistillSpec(target="feature", teacher_block=2,
-                                                                                student_block=2))
+                                                                                student_block=2),
+                              {"teacher": ts.TeacherSpec(block=2)})
   return step, state, {"teacher": x, "student": x * 0.9}
 
 

@@ -48,6 +48,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tinymim_jax import optim, paths
+from tinymim_jax import sharding as sh
 from tinymim_jax import workdir as workdir_lib
 
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
@@ -165,9 +166,7 @@ def array_checksums(tree: Any) -> dict[str, str]:
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # numpy releases the GIL
     partial = np.stack(list(pool.map(_leaf_partial, [x for _, x in flat]))).astype(np.uint64)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    gathered = np.asarray(multihost_utils.process_allgather(partial.astype(np.uint32)), np.uint64)
-    partial = gathered.reshape((-1,) + partial.shape).sum(0)
+    partial = sh.allgather(partial.astype(np.uint32)).astype(np.uint64).sum(0)
   sums = partial % 2**32
   return {_key_name(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums)}
 
@@ -213,20 +212,6 @@ def _quiet_unraisable():
   finally:
     gc.collect()  # the failed coroutines are reported when collected
     sys.unraisablehook = old
-
-
-def _all_processes(flag: bool) -> bool:
-  """Whether `flag` holds on every process (a collective in multi-process runs)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).all())
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
 
 
 # -----------------------------------------------------------------------------------------------------
@@ -390,7 +375,7 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint is damaged)
         problem = _summary(e)
-      if _all_processes(problem is None):
+      if sh.all_processes(problem is None):
         for s, p in found:  # only once an intact one exists: a systematic failure leaves everything in place
           where = self._move_aside(s) if move_aside else None
           logging.warning("checkpoint step %d in %s is damaged (%s)%s", s, self.directory, p,
@@ -455,7 +440,7 @@ class Checkpointer:
       except OSError as e:
         logging.warning("could not move the damaged checkpoint %s aside: %s", src, e)
         dst = src
-    _barrier(f"tinymim_move_aside_{step}")
+    sh.barrier(f"tinymim_move_aside_{step}")
     self.mngr.reload()
     return dst
 

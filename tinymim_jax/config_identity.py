@@ -2,7 +2,7 @@
 
 Config identity. `workdir/config.json` (written when the run starts) is what the checkpoints mean. A resumed
 run lists the differences to it: the ones that change the model or the meaning of the checkpoint (FIXED, and
-FIXED_FOR the run's objective) are a ConfigChangeError unless `config.allow_config_change=True`; the others are
+the fixed fields of the run's objective, objectives.Objective.fixed_fields) are a ConfigChangeError unless `config.allow_config_change=True`; the others are
 logged, appended to `workdir/config_history.jsonl` ({"step", "time", "changes": {field: [old, new]}, "forced":
 [...]}) and config.json is rewritten with the new values.
 """
@@ -21,12 +21,10 @@ from tinymim_jax import paths
 from tinymim_jax import workdir as workdir_lib
 from tinymim_jax.workdir import ConfigChangeError
 
-# Fields whose change makes a checkpoint mean something else: the architecture, the objective, the starting
-# weights; for distillation also the teacher (incl. its source and block) and the target; for MAE pretraining the
-# decoder. fnmatch patterns over dotted field names.
+# Fields whose change makes a checkpoint mean something else, for every objective: the architecture, the objective,
+# the starting weights (each objective adds its own: objectives.Objective.fixed_fields). fnmatch patterns over
+# dotted field names.
 FIXED = ("objective", "model.*", "init", "init_skip")
-# (A distillation's other teacher sections, named in its config.teachers, are fixed as well.)
-FIXED_FOR = {"distill": ("teachers", "teacher.*", "distill.*"), "mae_pretrain": ("mae.decoder_*",)}
 # Not part of the identity at all.
 IGNORED = ("allow_config_change",)
 
@@ -88,8 +86,9 @@ def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
 def is_fixed(field: str, objective: str, teachers=()) -> bool:
   """Whether a change of `field` changes the model or the checkpoint's meaning for a run of `objective` (with
   the teacher sections `teachers`, its config.teachers)."""
-  sections = tuple(f"{t}.*" for t in teachers) if objective == "distill" else ()
-  return any(fnmatch.fnmatchcase(field, p) for p in FIXED + FIXED_FOR.get(objective, ()) + sections)
+  from tinymim_jax import objectives  # the registry loads the objectives' builders: only when asked
+  own = objectives.get(objective).fixed_fields(tuple(teachers)) if objective in objectives.names() else ()
+  return any(fnmatch.fnmatchcase(field, p) for p in FIXED + own)
 
 
 def check_config_change(old: dict, new, *, allow: bool = False) -> dict[str, tuple[Any, Any]]:

@@ -296,13 +296,13 @@ class TeacherSpec:
 
 
 def make_distill_step(modeldef: ModelDef, teacher_graphdefs: Mapping[str, Any], tx, schedule, spec: DistillSpec,
-                      teachers: Mapping[str, TeacherSpec] | None = None) -> Callable:
+                      teachers: Mapping[str, TeacherSpec]) -> Callable:
   """The distillation step: each teacher (init_state's graphdefs, keyed like state['teachers']) runs to its
   block; the student runs once, to spec.student_block; the loss is the weighted sum of the target's loss per
-  teacher. `teachers` None: one TeacherSpec(block=spec.teacher_block) per graphdef. Metrics: 'loss' (the sum)
+  teacher, `teachers` {name: TeacherSpec} saying how each runs. Metrics: 'loss' (the sum)
   and the target's aux metrics, suffixed '_<name>' (with 'loss_<name>' per teacher) when there are several."""
   target = TARGETS[spec.target]
-  teachers = dict(teachers or {name: TeacherSpec(block=spec.teacher_block) for name in teacher_graphdefs})
+  teachers = dict(teachers)
   if set(teachers) != set(teacher_graphdefs) or not teachers:
     raise ValueError(f"teacher specs {sorted(teachers)} do not match the teachers {sorted(teacher_graphdefs)}")
   several = len(teachers) > 1

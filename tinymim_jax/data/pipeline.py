@@ -329,9 +329,6 @@ class DatasetInfo:
   num_eval: int
   image_size: int
 
-  def __getitem__(self, field):
-    return getattr(self, field)
-
 
 def dataset_info(cfg):
   c = config_lib.resolve(cfg)

@@ -1,0 +1,105 @@
+"""Objectives: what a run trains and how, one module each, one registry entry each (REGISTRY).
+
+The trainer (main.py) runs any objective the same way and never asks which one it runs: it applies the
+objective's recipe, checks the data with it, asks it for a `Setup` (the train state, the step, what the evals
+read, what is exported) and then restores, trains, evaluates and exports by that Setup alone (timm's
+TrainingTask, big_vision's flat trainer).
+
+An objective (a subclass of `Objective`, registered under its `name`, the config's `objective`) owns:
+  data_mode       the train pipeline's mode (data.MODES): which views and labels a batch holds
+  fixed           config fields (fnmatch patterns) that make a workdir's identity beside config_identity.FIXED:
+                  a resumed run may not change them (`fixed_fields` adds sections named by the config, e.g. the
+                  teacher sections of config.teachers)
+  recipe          the run's own recipe applied to the config (a linear probe's batch size, epochs and lr)
+  check_data      data that can only give garbage for it (a class count that differs, one class)
+  setup           its trainable state (params, consts, opt, and extra trees such as an EMA), its frozen models
+                  (teachers, an encoder: state entries listed in Setup.frozen, never checkpointed), its
+                  optimizer rules, its step, the predict function and head its evals read, its metadata, what
+                  it exports, and (optionally) its own train iterator
+A new objective is one module here and one REGISTRY entry (README, "Extending").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+from tinymim_jax import features
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the trainer runs for an objective.
+
+  config: the config the run uses (the objective's recipe applied, a frozen model's resolution).
+  state: the train state (train_steps: 'step', 'params', 'consts', 'opt', plus frozen trees under `frozen`).
+  frozen: the state entries that are frozen models: sharded and donated with the state, never checkpointed.
+  step: the pure step(state, batch, rng) -> (state, metrics) (train_steps), or None when nothing trains.
+  predict / predict_keys / head: what the evals read (evals.Evaluator): predict(state entries `predict_keys`,
+    images) -> {'feature', 'logits' (optional)}; head 'top1' (the model's head) or 'linprobe' (a probe).
+  feature_spec: the features the frozen-feature evals and the export's header read.
+  meta: entries of the run's metadata (run.json and every checkpoint), e.g. the teachers and their hashes.
+  export: the model to export from the final state (host arrays), or None (a probe exports nothing).
+  train_iterator: (evaluator, state, start_step, steps_per_epoch) -> an iterator of batches with `.skipped`; None:
+    the data pipeline in the objective's data_mode.
+  """
+  config: Any
+  state: dict
+  feature_spec: features.FeatureSpec
+  predict: Callable
+  predict_keys: tuple[str, ...] = ("params", "consts")
+  head: str = "top1"
+  frozen: tuple[str, ...] = ()
+  step: Callable | None = None
+  meta: dict = dataclasses.field(default_factory=dict)
+  export: Callable[[dict], Any] | None = None
+  train_iterator: Callable | None = None
+
+
+class Objective:
+  """The interface (see the module docstring); the defaults are those of an objective that trains a model."""
+  name: str = ""
+  data_mode: str | None = None
+  fixed: tuple[str, ...] = ()
+
+  def fixed_fields(self, teachers=()) -> tuple[str, ...]:
+    """The fnmatch patterns of config fields this objective fixes (`teachers`: the config's teacher sections)."""
+    del teachers
+    return self.fixed
+
+  def recipe(self, config):
+    """The config the run uses (default: as given)."""
+    return config
+
+  def check_data(self, config, info, where: str) -> None:
+    """Raises config_base.ConfigError for data that can only give garbage (`where` names the data)."""
+
+  def setup(self, config, info, *, total_steps: int, warmup_steps: int, is_main: bool) -> Setup:
+    raise NotImplementedError
+
+
+REGISTRY: dict[str, Objective] = {}
+
+
+def register(objective: Objective) -> Objective:
+  REGISTRY[objective.name] = objective
+  return objective
+
+
+def get(name: str) -> Objective:
+  """The registered objective `name`; KeyError names the known ones."""
+  _load_all()
+  if name not in REGISTRY:
+    raise KeyError(f"config.objective={name!r}: one of {sorted(REGISTRY)}")
+  return REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+  _load_all()
+  return tuple(REGISTRY)
+
+
+def _load_all() -> None:
+  # The objectives' modules register themselves; they import the builders and steps, which this package's
+  # importers (config_base, config_identity) need not load until an objective is asked for.
+  from tinymim_jax.objectives import distill, mae_pretrain, finetune, linprobe, eval  # noqa: F401
