@@ -24,6 +24,7 @@ from safetensors.numpy import load_file
 
 from tinymim_jax import builders, convert, main as trainer, paths, workdir, writers
 from tinymim_jax import lock as lock_lib
+from tinymim_jax.objectives import distill
 
 from test_main import ROOT, run_cli, tiny_args, tiny_config
 from test_workdir import _dead_pid
@@ -276,8 +277,8 @@ def test_run_to_the_end_on_gcs_equals_the_local_run_and_teaches_from_gcs_files(g
     notes = builders.resolve_source_heads(c)
     if source.endswith(".safetensors"):  # recorded beside the file, on GCS
       assert c.teacher.num_heads == 4 and "teacher.config.json" in notes[0], notes
-    teacher = builders.make_teacher(c)
-    builders.load_teacher(teacher, c)
+    teacher = distill.make_teacher(c)
+    distill.load_teacher(teacher, c)
     hashes[source] = builders.weights_hash(teacher)
   assert len(set(hashes.values())) == 1, hashes
 

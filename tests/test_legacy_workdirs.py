@@ -13,6 +13,7 @@ from safetensors.numpy import load_file
 
 from tinymim_jax import builders, convert, main as trainer, workdir as workdir_lib
 from tinymim_jax import config_identity
+from tinymim_jax.objectives import distill
 
 from tests.helpers import legacy
 
@@ -64,8 +65,8 @@ def test_resumes_bit_identically(root, kind):
 def test_a_distilled_workdir_serves_as_teacher(root):
   wd = os.path.join(root, "distill")
   c = legacy.config("distill", root, **{"teacher.source": wd, "distill.teacher_block": 2})
-  teacher = builders.make_teacher(c)
-  report = builders.load_teacher(teacher, c)
+  teacher = distill.make_teacher(c)
+  report = distill.load_teacher(teacher, c)
   assert not report.missing_kept_init
   trained = convert.export_pytorch_weights(builders.restore_model(wd))
   mine = convert.export_pytorch_weights(teacher)

@@ -22,6 +22,14 @@ def _holder(tmp_path, **fields):
   return path
 
 
+def _assert_taken_over(tmp_path, lock):
+  """The lock file now names `lock`'s run (this process), and releasing it removes it."""
+  held = json.loads((tmp_path / workdir.LOCK).read_text())
+  assert (held["run_id"], held["pid"]) == (lock.info["run_id"], os.getpid()) != ("feedbeef", 12345)
+  lock.release()
+  assert not (tmp_path / workdir.LOCK).exists()
+
+
 def _dead_pid():
   p = subprocess.Popen([sys.executable, "-c", "pass"])
   p.wait()
@@ -69,7 +77,7 @@ def test_reused_pid_is_not_a_live_holder(tmp_path):
   _holder(tmp_path, host=socket.gethostname(), pid=os.getppid(), pid_start="not its start time")
   lock = lock_lib.LocalFileLock(str(tmp_path))
   lock.acquire()
-  lock.release()
+  _assert_taken_over(tmp_path, lock)
 
 
 def test_other_host_lock_is_stale_only_without_heartbeat(tmp_path):
@@ -80,16 +88,19 @@ def test_other_host_lock_is_stale_only_without_heartbeat(tmp_path):
   old = time.time() - 120
   os.utime(path, (old, old))
   lock.acquire()  # 120 s without a heartbeat: taken over
-  lock.release()
+  _assert_taken_over(tmp_path, lock)
 
 
 def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
   _holder(tmp_path, host="node7", slurm_job="4242", slurm_restart=0)
   monkeypatch.setenv("SLURM_JOB_ID", "4242")
+  monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same incarnation (another task of it): still held
+  with pytest.raises(workdir.WorkdirLockedError, match="SLURM job 4242"):
+    lock_lib.LocalFileLock(str(tmp_path)).acquire()
   monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
   lock = lock_lib.LocalFileLock(str(tmp_path))
   lock.acquire()
-  lock.release()
+  _assert_taken_over(tmp_path, lock)
 
 
 def test_heartbeat_refreshes_the_lock_and_release_removes_it(tmp_path):

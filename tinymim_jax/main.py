@@ -25,7 +25,6 @@ import logging
 import os
 import signal
 import sys
-import time
 from typing import Any
 
 import jax
@@ -33,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from tinymim_jax import builders, checkpoint, config_base, convert, data, evals, features, objectives
-from tinymim_jax import config_identity, paths
+from tinymim_jax import config_identity, environment, paths, periodic
 from tinymim_jax import lock as lock_lib
 from tinymim_jax import workdir as workdir_lib
 from tinymim_jax import writers
@@ -71,23 +70,8 @@ class _Preemption:
       signal.signal(signal.SIGTERM, self._old)
 
 
-def _schedule_lengths(config, steps_per_epoch: int) -> tuple[int, int]:
-  total = config.total_steps if config.total_steps is not None else int(config.total_epochs * steps_per_epoch)
-  warmup = config.warmup_steps if config.warmup_steps is not None else int(config.warmup_epochs * steps_per_epoch)
-  if total < 1:
-    raise ValueError(f"the run has {total} steps: check config.total_steps / total_epochs / batch_size")
-  return total, warmup
-
-
 def _mean_metrics(buffer: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([m[k] for m in buffer])) for k in buffer[0]}
-
-
-def _versions() -> dict[str, str]:
-  import flax
-  import optax
-  return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-          "python": sys.version.split()[0], "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}"}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
@@ -121,7 +105,7 @@ def _config_changes(config, workdir: str) -> dict:
   """How `config` differs from the one the workdir's checkpoints were trained with ({} for a fresh run); raises
   workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (config_identity.FIXED and the objective's fixed fields)."""
   saved = workdir_lib.saved_config(workdir)
-  if saved is None or config.objective == "eval" or not checkpoint.has_checkpoint(workdir):
+  if saved is None or not objectives.get(config.objective).trains or not checkpoint.has_checkpoint(workdir):
     return {}
   return config_identity.check_config_change(saved, config, allow=config.allow_config_change)
 
@@ -149,7 +133,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   info = data.dataset_info(config.data)
   _check_data(objective, config, info)
   steps_per_epoch = data.steps_per_epoch(config.data, global_batch_size=config.batch_size)
-  total_steps, warmup_steps = _schedule_lengths(config, steps_per_epoch)
+  total_steps, warmup_steps = periodic.run_length(config, steps_per_epoch)
 
   # What the objective trains, with what, and what its evals read.
   for note in builders.resolve_source_heads(config):  # a state dict does not store head counts
@@ -158,6 +142,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   config, state = run.config, run.state
   meta: dict[str, Any] = {"objective": config.objective, "num_classes": info.num_classes, "seed": config.seed,
                           **run.meta, "feature": run.feature_spec.to_dict()}
+  if run.record is not None:
+    meta[builders.MODEL_KEY] = run.record
   if run.step is None:
     return _final_evals(run, workdir, mesh, meta, info)
 
@@ -178,7 +164,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   state = jax.device_put(state, state_sharding)
   start_step = int(state["step"])
   meta["config"] = json.loads(config.to_json_best_effort())
-  meta["versions"] = _versions()
+  meta["versions"] = {**environment.versions(("jax", "flax", "optax")), "devices": environment.jax_devices()}
   train_step = ts.jit_step(run.step, state_sharding, mesh)
   rng = jax.random.PRNGKey(config.seed)
 
@@ -210,20 +196,20 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
       progress.update(step, images_per_step=config.batch_size,  # shows the latest fetched loss / lr
                       loss=buffer[-1]["loss"] if buffer else None, lr=buffer[-1]["lr"] if buffer else None)
       last = step == total_steps
-      if step % config.log_every_steps == 0 or last:
+      if periodic.is_due(step, config.log_every_steps, last=last):
         buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved))
         pending = None
         train = {f"train/{k}": v for k, v in _mean_metrics(buffer).items()}
         train["train/skipped_images"] = float(it.skipped)
         writer.write(step, train)
         buffer = []
-      if (config.eval_every_steps and step % config.eval_every_steps == 0) and not last:
+      if periodic.is_due(step, config.eval_every_steps) and not last:  # the last step's eval is the final one
         writer.write(step, evaluator(state))
       save_error = _poll_saves(ckpt)
       preempted, save_failed = preemption.check(save_error is not None)
       if save_failed:  # stop at once, on every process, with the earlier checkpoints intact
         raise save_error or checkpoint.CheckpointSaveError("a checkpoint save failed on another process")
-      if step % config.ckpt_every_steps == 0 or last or preempted:
+      if periodic.is_due(step, config.ckpt_every_steps, last=last or preempted):
         if pending is not None:  # the NaN guard sees every step before it is saved
           buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
           pending = None

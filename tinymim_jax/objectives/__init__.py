@@ -7,6 +7,9 @@ TrainingTask, big_vision's flat trainer).
 
 An objective (a subclass of `Objective`, registered under its `name`, the config's `objective`) owns:
   data_mode       the train pipeline's mode (data.MODES): which views and labels a batch holds
+  trains          whether it trains (and so checkpoints): an objective that only evaluates has no identity
+  build           the model it trains and the extra layers trained beside it (builders.make_trainable asks it)
+  feature_block   the default feature block of a model it trained (the frozen-feature evals read it)
   fixed           config fields (fnmatch patterns) that make a workdir's identity beside config_identity.FIXED:
                   a resumed run may not change them (`fixed_fields` adds sections named by the config, e.g. the
                   teacher sections of config.teachers)
@@ -38,6 +41,9 @@ class Setup:
   predict / predict_keys / head: what the evals read (evals.Evaluator): predict(state entries `predict_keys`,
     images) -> {'feature', 'logits' (optional)}; head 'top1' (the model's head) or 'linprobe' (a probe).
   feature_spec: the features the frozen-feature evals and the export's header read.
+  record: what every checkpoint records of the model it holds (builders.model_record: its architecture and
+    extra layers), so that restoring it needs no objective code; None: the checkpoint holds no model to restore
+    alone (a linear probe's).
   meta: entries of the run's metadata (run.json and every checkpoint), e.g. the teachers and their hashes.
   export: the model to export from the final state (host arrays), or None (a probe exports nothing).
   train_iterator: (evaluator, state, start_step, steps_per_epoch) -> an iterator of batches with `.skipped`; None:
@@ -54,18 +60,32 @@ class Setup:
   meta: dict = dataclasses.field(default_factory=dict)
   export: Callable[[dict], Any] | None = None
   train_iterator: Callable | None = None
+  record: dict | None = None
 
 
 class Objective:
   """The interface (see the module docstring); the defaults are those of an objective that trains a model."""
   name: str = ""
   data_mode: str | None = None
+  trains: bool = True  # False: it only evaluates (no step, no checkpoints, no config identity to keep)
   fixed: tuple[str, ...] = ()
 
   def fixed_fields(self, teachers=()) -> tuple[str, ...]:
     """The fnmatch patterns of config fields this objective fixes (`teachers`: the config's teacher sections)."""
     del teachers
     return self.fixed
+
+  def build(self, config, *, num_classes: int | None = None, seed: int | None = None):
+    """-> (the model a run of this objective trains, {name: extra layers trained beside it}) from `config`
+    (default: builders.make_classifier, no extra layers)."""
+    from tinymim_jax import builders  # pylint: disable=g-import-not-at-top  (builders reads this registry)
+    return builders.make_classifier(config, num_classes=num_classes, seed=seed), {}
+
+  def feature_block(self, run_config, depth: int) -> int:
+    """The block whose output is the features of a model this objective trained (`run_config`: that run's config
+    or its JSON); default: the last, `depth`."""
+    del run_config
+    return depth
 
   def recipe(self, config):
     """The config the run uses (default: as given)."""
@@ -92,6 +112,14 @@ def get(name: str) -> Objective:
   if name not in REGISTRY:
     raise KeyError(f"config.objective={name!r}: one of {sorted(REGISTRY)}")
   return REGISTRY[name]
+
+
+def default_feature_block(run_config, depth: int) -> int:
+  """The default feature block (features.resolve) of a model trained by `run_config` (a config or its JSON; None:
+  a model no run of ours trained: the last block, `depth`)."""
+  if run_config is None:
+    return depth
+  return get(run_config["objective"]).feature_block(run_config, depth)
 
 
 def names() -> tuple[str, ...]:

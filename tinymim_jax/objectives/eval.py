@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 
-from tinymim_jax import builders, features, paths
+from tinymim_jax import builders, features, objectives, paths
 from tinymim_jax import train_steps as ts
 from tinymim_jax.objectives import Objective, Setup, register
 from tinymim_jax.objectives.finetune import check_class_count
@@ -18,7 +18,7 @@ def frozen_encoder(config):
   model, trained = builders.frozen_model(config)
   vit = features.vit_of(model)
   spec = features.resolve(config.eval.feature, depth=vit.config.depth, recorded=trained.get("feature"),
-                          run_config=trained.get("config"))
+                          default_block=objectives.default_feature_block(trained.get("config"), vit.config.depth))
   if config.data.image_size != vit.config.img_size:
     logging.info("data.image_size %d -> %d (the frozen model's resolution)", config.data.image_size,
                  vit.config.img_size)
@@ -29,7 +29,8 @@ def frozen_encoder(config):
 
 class Eval(Objective):
   name = "eval"
-  data_mode = None  # nothing trains
+  data_mode = None
+  trains = False
 
   def check_data(self, config, info, where: str) -> None:
     check_class_count(config, info, where)

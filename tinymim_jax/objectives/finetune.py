@@ -33,8 +33,8 @@ class Finetune(Objective):
       return ts.make_finetune_step(modeldef, tx, schedule, num_classes=info.num_classes, mixup=f.mixup,
                                    cutmix=f.cutmix, switch_prob=f.switch_prob, label_smoothing=f.label_smoothing)
 
-    return setup_trained_model(config, info, total_steps=total_steps, warmup_steps=warmup_steps, is_main=is_main,
-                               make_step=make_step)
+    return setup_trained_model(self, config, info, total_steps=total_steps, warmup_steps=warmup_steps,
+                               is_main=is_main, make_step=make_step)
 
 
 register(Finetune())
