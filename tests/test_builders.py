@@ -215,7 +215,7 @@ def test_recorded_heads_are_used_unless_the_config_says_otherwise(run_dir, tmp_p
   # A teacher: the recorded 8 heads where the config leaves them to the variant (3 for vit_tiny) ...
   c = distill_config(teacher_block=2)
   c.teacher.update(dict(num_heads=None, embed_dim=64, depth=2, source=source))
-  notes = builders.resolve_source_heads(c)
+  notes = builders.resolve_source_heads(c, teachers=c.teachers)
   assert c.teacher.num_heads == 8 and "config.teacher.num_heads = 8" in notes[0]
   teacher = distill.make_teacher(c)
   c.model.num_heads = None
@@ -225,10 +225,25 @@ def test_recorded_heads_are_used_unless_the_config_says_otherwise(run_dir, tmp_p
   c.teacher.num_heads = 4
   with pytest.raises(convert.ConvertError, match="config.teacher.num_heads=4, but .* records 8 heads.*"
                                                  "--config.teacher.num_heads=8"):
-    builders.resolve_source_heads(c)
+    builders.resolve_source_heads(c, teachers=c.teachers)
   # init: the same; an explicit count regroups the same weights (fine-tuning's standard heads) and is noted.
   c = finetune_config(source, num_classes=10, num_heads=None)
   builders.resolve_source_heads(c)
   assert c.model.num_heads == 8
   c = finetune_config(source, num_classes=10, num_heads=4)
   assert "regrouped into 4 heads" in builders.resolve_source_heads(c)[0] and c.model.num_heads == 4
+
+
+def test_model_record_rebuilds_the_model_and_its_extra_layers():
+  """A checkpoint's record of its model (builders.model_record) gives back the same architecture and the same
+  extra layers' params (the feature target's width projection, 48 -> 64) without the objective's builder."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model, extras = builders.make_trainable(distill_config(target="feature"))
+  assert set(extras) == {"distill_proj"}
+  record = json.loads(json.dumps(builders.model_record(model, extras)))  # as the checkpoint's JSON holds it
+  built, built_extras = builders._saved_trainable({builders.MODEL_KEY: record})
+  assert convert.architecture(built) == convert.architecture(model)
+  assert convert.architecture(model)["heads_per_block"] == [2, 2, 4]  # the relation block's own head count
+  shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)
+  assert shapes(built_extras) == shapes({"distill_proj": ts.split_model(extras["distill_proj"])[1]})
+  assert shapes(built_extras)["distill_proj"]["linear"]["kernel"] == ((48, 64), "float32")

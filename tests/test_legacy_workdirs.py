@@ -44,7 +44,7 @@ def test_restores_and_exports_what_it_exported(root, kind):
 
 
 @pytest.mark.parametrize("kind", legacy.KINDS)
-def test_resumes_bit_identically(root, kind):
+def test_resumes_bit_identically(root, kind, monkeypatch):
   """Resumed from step 2, the run ends with the step-4 checkpoint, export and evals the old code wrote."""
   old, new = os.path.join(root, kind), os.path.join(root, f"{kind}_resumed")
   shutil.copytree(old, new)
@@ -60,6 +60,13 @@ def test_resumes_bit_identically(root, kind):
   assert {k: v for k, v in res.items() if k.startswith("eval/")} == {
       k: v for k, v in done.items() if k.startswith("eval/")}
   assert res["feature"] == done["feature"]
+  # The checkpoint written now records the model it holds (builders.model_record): restoring it needs no
+  # objective code (the legacy ones above are rebuilt from their saved config by their objective).
+  meta = json.load(open(os.path.join(new, "checkpoints", "4", "meta", "metadata")))
+  assert meta[builders.MODEL_KEY]["architecture"]["heads_per_block"]
+  monkeypatch.setattr(builders, "make_trainable", lambda *a, **k: pytest.fail("restored by objective code"))
+  _assert_same(convert.export_pytorch_weights(builders.restore_model(new)),
+               load_file(os.path.join(old, "model.safetensors")), f"{kind}: the self-described checkpoint")
 
 
 def test_a_distilled_workdir_serves_as_teacher(root):

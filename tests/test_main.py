@@ -249,6 +249,11 @@ def test_eval_and_linprobe_objectives_on_a_distilled_student(teacher_root, tmp_p
   aug_config = tiny_config("student_eval", root, total_steps=2, **{**lp_args, "linprobe.augment": True})
   aug = trainer.train_and_evaluate(aug_config, os.path.join(root, "lp_aug"))
   assert aug["step"] == 2 and 0 <= aug["eval/linprobe_top1"] <= 1
+  # A rerun resumes with the same resolved description (the recipe, the init's head count and resolution): its
+  # config identity sees no change.
+  os.remove(os.path.join(root, "lp_aug", workdir.DONE))
+  assert trainer.train_and_evaluate(aug_config, os.path.join(root, "lp_aug"))["step"] == 2
+  assert not os.path.exists(os.path.join(root, "lp_aug", workdir.HISTORY))
 
 
 def test_final_export_writes_the_architecture_beside_the_weights(tmp_path):

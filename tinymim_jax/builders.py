@@ -207,10 +207,11 @@ def load_init(model: nnx.Module, config) -> convert.LoadReport:
                       allow_missing=(r"fc_norm\..*", r"head\..*"), hint_context=INIT_OPTIONS)
 
 
-def resolve_source_heads(config) -> list[str]:
+def resolve_source_heads(config, teachers=()) -> list[str]:
   """Takes the head counts the sources record where the config leaves them to the variant; -> log lines.
 
-  A state dict does not store head counts. Where a teacher's source (each of config.teachers) / config.init
+  A state dict does not store head counts. Where a teacher's source (the sections named in `teachers`, the
+  run's objective's: objectives.Objective.teacher_sections) / config.init
   records its model (source_architecture) and that section's num_heads is None (the variant's), the recorded
   count is written into the config, so the run is built, saved and restored with it. An explicit teacher
   num_heads that differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
@@ -219,7 +220,6 @@ def resolve_source_heads(config) -> list[str]:
   builders set the relation block's heads from config.distill.
   """
   notes = []
-  teachers = config.teachers if config.objective == "distill" else ()
   sections = [(name, config[name].source) for name in teachers if config[name].source]
   sections += [("model", config.init)] if config.init else []
   for field, source in sections:

@@ -1,11 +1,12 @@
-"""The evals of a run on its held-out split: the head's top-1 (or a linear probe's), and k-NN and few-shot top-1
-on frozen features (knn.py, fewshot.py; config.eval), every eval_every_steps and at the end. What they read is
-the objective's predict function (objectives.Setup.predict: train_steps.make_predict_fn for a model with its
-head, linprobe.make_predict_fn for a probe on a frozen encoder)."""
+"""The evals of a run on its held-out split: the head's top-1 (or a linear probe's), and the evals on frozen
+features (FEATURE_EVALS: k-NN and few-shot top-1, knn.py, fewshot.py; config.eval), every eval_every_steps and at
+the end. What they read is the objective's predict function (objectives.Setup.predict:
+train_steps.make_predict_fn for a model with its head, linprobe.make_predict_fn for a probe on a frozen encoder)."""
 
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import jax
 import numpy as np
@@ -69,7 +70,7 @@ class Evaluator:
       f_test, logits, y_test = self.features(state, "test")
     if logits is not None:
       res.update(_head_metrics(logits, y_test, self.head))
-    if e.knn.enabled or e.fewshot.enabled or cached_probe:
+    if _enabled(e) or cached_probe:
       if "train" in self.cache:
         f_train, y_train = self.cache["train"]
       else:
@@ -100,15 +101,33 @@ def _head_metrics(logits, labels, head: str) -> dict[str, float]:
           f"eval/{head}_top5": linprobe.topk_accuracy(logits, labels, 5)}
 
 
+def _knn(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """Weighted k-NN top-1 (knn.py; config.eval.knn: k, temperature)."""
+  return {"eval/knn_top1": knn.knn_top1(f_train, y_train, f_test, y_test, k=min(section.k, len(y_train)),
+                                       temperature=section.temperature, num_classes=num_classes)}
+
+
+def _fewshot(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """big_vision's closed-form few-shot top-1 per shot count (fewshot.py; config.eval.fewshot)."""
+  accs = fewshot.fewshot_top1(f_train, y_train, f_test, y_test, num_classes=num_classes, shots=tuple(section.shots),
+                              draws=section.draws, val_per_class=section.val_per_class,
+                              l2_regs=tuple(section.l2_regs))
+  return {f"eval/fewshot_{k}shot_top1": v for k, v in accs.items()}
+
+
+# The evals on frozen features of the train and test splits, by their section of config.eval: each runs when its
+# section's `enabled` is set. fn(section, f_train (n, D), y_train (n,), f_test, y_test, num_classes) -> metrics.
+# A new one (a teacher's k-NN, a dense eval) is one entry here and its section in config_base.base_config().eval.
+FEATURE_EVALS: dict[str, Callable[..., dict[str, float]]] = {"knn": _knn, "fewshot": _fewshot}
+
+
+def _enabled(e) -> list[str]:
+  return [name for name in FEATURE_EVALS if e[name].enabled]
+
+
 def _frozen_feature_metrics(e, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
-  """k-NN and few-shot top-1 (config.eval.knn / .fewshot) of train -> test features."""
+  """The enabled FEATURE_EVALS (config.eval) of train -> test features."""
   res = {}
-  if e.knn.enabled:
-    res["eval/knn_top1"] = knn.knn_top1(f_train, y_train, f_test, y_test, k=min(e.knn.k, len(y_train)),
-                                        temperature=e.knn.temperature, num_classes=num_classes)
-  if e.fewshot.enabled:
-    f = e.fewshot
-    accs = fewshot.fewshot_top1(f_train, y_train, f_test, y_test, num_classes=num_classes, shots=tuple(f.shots),
-                                draws=f.draws, val_per_class=f.val_per_class, l2_regs=tuple(f.l2_regs))
-    res.update({f"eval/fewshot_{k}shot_top1": v for k, v in accs.items()})
+  for name in _enabled(e):
+    res.update(FEATURE_EVALS[name](e[name], f_train, y_train, f_test, y_test, num_classes))
   return res

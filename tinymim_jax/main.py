@@ -90,6 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     lock = lock_lib.acquire_for_job(workdir, process_index=jax.process_index(),
                                        agree=sh.all_processes if jax.process_count() > 1 else None)
+    config = objectives.resolve_run(config)  # the run's description: nothing changes it from here on
     res = _train_and_evaluate(config, workdir, preemption, _config_changes(config, workdir))
     if lock is not None:
       lock.release()
@@ -124,7 +125,6 @@ def _check_data(objective, config, info) -> None:
 def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_changes: dict) -> dict[str, Any]:
   is_main = jax.process_index() == 0
   objective = objectives.get(config.objective)
-  config = objective.recipe(config)
 
   # Mesh (processes were started by main() through sharding.initialize_distributed()), data, schedule.
   mesh = sh.make_mesh(fsdp=config.mesh.fsdp)
@@ -136,16 +136,14 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   total_steps, warmup_steps = periodic.run_length(config, steps_per_epoch)
 
   # What the objective trains, with what, and what its evals read.
-  for note in builders.resolve_source_heads(config):  # a state dict does not store head counts
-    logging.info("%s", note)
   run = objective.setup(config, info, total_steps=total_steps, warmup_steps=warmup_steps, is_main=is_main)
-  config, state = run.config, run.state
+  state = run.state
   meta: dict[str, Any] = {"objective": config.objective, "num_classes": info.num_classes, "seed": config.seed,
                           **run.meta, "feature": run.feature_spec.to_dict()}
   if run.record is not None:
     meta[builders.MODEL_KEY] = run.record
   if run.step is None:
-    return _final_evals(run, workdir, mesh, meta, info)
+    return _final_evals(config, run, workdir, mesh, meta, info)
 
   # Checkpoint: resume from the newest intact one, onto this mesh.
   state_sharding = sh.tree_sharding(state, mesh)
@@ -255,18 +253,18 @@ def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
   return metrics
 
 
-def _final_evals(run, workdir, mesh, meta, info):
+def _final_evals(config, run, workdir, mesh, meta, info):
   """An objective that trains nothing (eval): every eval of its frozen model, written as step 0."""
   shardings = sh.tree_sharding(run.state, mesh)
   state = jax.device_put(run.state, shardings)
-  evaluator = evals.Evaluator(run.config, run.predict, shardings, run.predict_keys, mesh, info, head=run.head)
-  res = evaluator(state, cached_probe=run.config.eval.cached_probe)
+  evaluator = evals.Evaluator(config, run.predict, shardings, run.predict_keys, mesh, info, head=run.head)
+  res = evaluator(state, cached_probe=config.eval.cached_probe)
   if jax.process_index() == 0:
     paths.write_atomic(os.path.join(workdir, workdir_lib.RUN), json.dumps(meta, indent=2))
   with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
-    w.write_config(run.config)
+    w.write_config(config)
     w.write(0, res)
-  return _finish_run(run.config, workdir, None, {**res, "step": 0, "feature": meta["feature"]})
+  return _finish_run(config, workdir, None, {**res, "step": 0, "feature": meta["feature"]})
 
 
 def _finish_run(config, workdir, model, final: dict) -> dict:

@@ -1,7 +1,7 @@
 """Objectives: what a run trains and how, one module each, one registry entry each (REGISTRY).
 
-The trainer (main.py) runs any objective the same way and never asks which one it runs: it applies the
-objective's recipe, checks the data with it, asks it for a `Setup` (the train state, the step, what the evals
+The trainer (main.py) runs any objective the same way and never asks which one it runs: it resolves the run's
+description once (resolve_run: the objective's recipe and frozen models' resolution), checks the data with it, asks it for a `Setup` (the train state, the step, what the evals
 read, what is exported) and then restores, trains, evaluates and exports by that Setup alone (timm's
 TrainingTask, big_vision's flat trainer).
 
@@ -13,7 +13,9 @@ An objective (a subclass of `Objective`, registered under its `name`, the config
   fixed           config fields (fnmatch patterns) that make a workdir's identity beside config_identity.FIXED:
                   a resumed run may not change them (`fixed_fields` adds sections named by the config, e.g. the
                   teacher sections of config.teachers)
-  recipe          the run's own recipe applied to the config (a linear probe's batch size, epochs and lr)
+  teacher_sections the config sections of the frozen teachers it reads
+  resolve         what it derives into the run's description (a linear probe's batch size, epochs and lr; a
+                  frozen encoder's resolution), before anything is built
   check_data      data that can only give garbage for it (a class count that differs, one class)
   setup           its trainable state (params, consts, opt, and extra trees such as an EMA), its frozen models
                   (teachers, an encoder: state entries listed in Setup.frozen, never checkpointed), its
@@ -32,9 +34,9 @@ from tinymim_jax import features
 
 @dataclasses.dataclass
 class Setup:
-  """What the trainer runs for an objective.
+  """What the trainer runs for an objective (built from the run's description, resolve_run, which it never
+  changes).
 
-  config: the config the run uses (the objective's recipe applied, a frozen model's resolution).
   state: the train state (train_steps: 'step', 'params', 'consts', 'opt', plus frozen trees under `frozen`).
   frozen: the state entries that are frozen models: sharded and donated with the state, never checkpointed.
   step: the pure step(state, batch, rng) -> (state, metrics) (train_steps), or None when nothing trains.
@@ -49,7 +51,6 @@ class Setup:
   train_iterator: (evaluator, state, start_step, steps_per_epoch) -> an iterator of batches with `.skipped`; None:
     the data pipeline in the objective's data_mode.
   """
-  config: Any
   state: dict
   feature_spec: features.FeatureSpec
   predict: Callable
@@ -87,9 +88,14 @@ class Objective:
     del run_config
     return depth
 
-  def recipe(self, config):
-    """The config the run uses (default: as given)."""
-    return config
+  def teacher_sections(self, config) -> tuple[str, ...]:
+    """The config sections of the frozen teachers it reads (their sources' recorded head counts are taken)."""
+    del config
+    return ()
+
+  def resolve(self, config) -> None:
+    """Completes the run's description in place (its own recipe; a frozen model's resolution). Called once, by
+    resolve_run, on the run's own copy, before anything is built."""
 
   def check_data(self, config, info, where: str) -> None:
     """Raises config_base.ConfigError for data that can only give garbage (`where` names the data)."""
@@ -112,6 +118,28 @@ def get(name: str) -> Objective:
   if name not in REGISTRY:
     raise KeyError(f"config.objective={name!r}: one of {sorted(REGISTRY)}")
   return REGISTRY[name]
+
+
+def resolve_run(config):
+  """The run's description: `config` (finalised: config_base.finalize) with everything a run derives from it
+  filled in, once, before anything is built, so that the run, its config.json and its config identity all read
+  the same values. -> a new locked ConfigDict (`config` is left as it is).
+
+  Filled in: the head counts the teachers' and init's sources record where the config leaves them to the variant
+  (builders.resolve_source_heads; a state dict does not store them), then the objective's own (Objective.resolve:
+  a linear probe's recipe, a frozen encoder's resolution). Raises convert.ConvertError for a source that
+  contradicts the config, KeyError for an unknown objective (config_base.finalize names it first).
+  """
+  import logging  # pylint: disable=g-import-not-at-top
+  from tinymim_jax import builders  # pylint: disable=g-import-not-at-top  (builders reads this registry)
+  objective = get(config.objective)
+  config = config.copy_and_resolve_references()
+  config.unlock()
+  for note in builders.resolve_source_heads(config, objective.teacher_sections(config)):
+    logging.info("%s", note)
+  objective.resolve(config)
+  config.lock()
+  return config
 
 
 def default_feature_block(run_config, depth: int) -> int:

@@ -45,7 +45,7 @@ def setup_trained_model(objective, config, info, *, total_steps: int, warmup_ste
   def export(state):
     return ts.merge_model(modeldef, jax.device_get(state["params"]), jax.device_get(state["consts"]))
 
-  return Setup(config=config, state=state, feature_spec=feature_spec,
+  return Setup(state=state, feature_spec=feature_spec,
                predict=ts.make_predict_fn(modeldef, feature_spec), frozen=("teachers",) if teachers else (),
                step=make_step(modeldef, teacher_graphdefs, tx, schedule), meta=meta, export=export,
                record=builders.model_record(model, extras))

@@ -5,23 +5,23 @@ from __future__ import annotations
 
 from tinymim_jax import features, linprobe, optim
 from tinymim_jax.objectives import Objective, Setup, register
-from tinymim_jax.objectives.eval import frozen_encoder
+from tinymim_jax.objectives.eval import frozen_encoder, resolve_resolution
 
 
 class Linprobe(Objective):
   name = "linprobe"
   data_mode = "linprobe"
 
-  def recipe(self, config):
-    """The run's batch size, epochs and lr from config.linprobe (the recipe the eval objective's probe uses too)."""
-    config = config.copy_and_resolve_references()
+  def resolve(self, config) -> None:
+    """The run's batch size, epochs and lr from config.linprobe (the recipe the eval objective's probe uses too),
+    and the frozen encoder's resolution."""
     lp = config.linprobe
     config.batch_size, config.total_epochs, config.warmup_epochs = lp.batch_size, lp.epochs, lp.warmup_epochs
     config.optim.base_lr, config.optim.weight_decay = lp.base_lr, lp.weight_decay
-    return config
+    resolve_resolution(config)
 
   def setup(self, config, info, *, total_steps: int, warmup_steps: int, is_main: bool) -> Setup:
-    model, spec, config, meta = frozen_encoder(config)
+    model, spec, meta = frozen_encoder(config)
     vit = features.vit_of(model)
     o, lp = config.optim, config.linprobe
     schedule = optim.lr_schedule(base_lr=o.base_lr, global_batch_size=config.batch_size, total_steps=total_steps,
@@ -38,7 +38,7 @@ class Linprobe(Objective):
         f_train, y_train = evaluator.cache_features(state)
         return linprobe.CacheIterator({"feature": f_train, "label": y_train}, global_batch_size=config.batch_size,
                                       seed=config.seed, start_step=start_step, steps_per_epoch=steps_per_epoch)
-    return Setup(config=config, state=state, feature_spec=spec, predict=linprobe.make_predict_fn(modeldef, spec),
+    return Setup(state=state, feature_spec=spec, predict=linprobe.make_predict_fn(modeldef, spec),
                  predict_keys=("params", "consts", "encoder"), head="linprobe", frozen=("encoder",),
                  step=linprobe.make_step(modeldef, tx, schedule, spec), meta=meta, train_iterator=train_iterator)
 

@@ -51,6 +51,9 @@ class Distill(Objective):
   def fixed_fields(self, teachers=()) -> tuple[str, ...]:
     return self.fixed + tuple(f"{t}.*" for t in teachers)
 
+  def teacher_sections(self, config) -> tuple[str, ...]:
+    return tuple(config.teachers)
+
   def build(self, config, *, num_classes=None, seed=None):
     del num_classes  # the student has no head
     return make_trainable(config, seed=seed)
