@@ -120,36 +120,15 @@ def param_counts(pair: Pair) -> dict[str, int]:
 # --------------------------------------------------------------------------------------------------------
 # Machine, versions, timing helpers.
 # --------------------------------------------------------------------------------------------------------
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown CPU"
-
-
 def machine(devices: str | None = None) -> str:
-  try:
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  except (ValueError, OSError):
-    mem = float("nan")
-  s = f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}"
-  return s + (f"; devices: {devices}" if devices else "")
+  from tinymim_jax import environment
+  return environment.machine(devices)
 
 
 def versions(with_torch: bool = True) -> str:
-  import importlib.metadata as md
-  names = ["jax", "jaxlib", "flax", "optax", "numpy"] + (["torch", "timm"] if with_torch else [])
-  out = [f"python {platform.python_version()}"]
-  for n in names:
-    try:
-      out.append(f"{n} {md.version(n)}")
-    except md.PackageNotFoundError:
-      out.append(f"{n} -")
-  return ", ".join(out)
+  from tinymim_jax import environment
+  names = ("jax", "jaxlib", "flax", "optax", "numpy") + (("torch", "timm") if with_torch else ())
+  return ", ".join(f"{k} {v}" for k, v in environment.versions(names).items())
 
 
 def loadavg() -> str:

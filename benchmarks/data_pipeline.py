@@ -109,25 +109,6 @@ def run_torch(folder, images, batch_size):
   return _measure(forever(), images, batch_size)
 
 
-def _versions():
-  out = {'python': platform.python_version()}
-  for name in ('tensorflow', 'tensorflow_datasets', 'torch', 'torchvision', 'PIL', 'numpy'):
-    try:
-      out[name] = subprocess.run([sys.executable, '-c', f'import {name}; print({name}.__version__)'],
-                                 capture_output=True, text=True, check=True).stdout.strip()
-    except subprocess.CalledProcessError:
-      out[name] = 'missing'
-  return out
-
-
-def _cpu_model():
-  with open('/proc/cpuinfo') as f:
-    for line in f:
-      if line.startswith('model name'):
-        return line.split(':', 1)[1].strip()
-  return platform.processor() or 'unknown'
-
-
 def _append(entry):
   path = os.path.join(REPO, 'BENCHMARKS.md')
   text = open(path).read() if os.path.exists(path) else '# Benchmarks\n'
@@ -175,7 +156,9 @@ def main():
       rows.append((label, per_s, per_s / cores, per_cpu_s, load))
       print(f'{label}: {per_s:.1f} images/s', flush=True)
 
-  versions = _versions()
+  sys.path.insert(0, REPO)
+  from tinymim_jax import environment  # pylint: disable=g-import-not-at-top
+  versions = environment.versions(('tensorflow', 'tensorflow_datasets', 'torch', 'torchvision', 'pillow', 'numpy'))
   table = ['| pipeline (2 views, 224 px, from JPEG) | images/s | images/s/core | images/CPU-s '
            '| load avg before |', '|---|---:|---:|---:|---:|']
   table += [f'| {l} | {a:.1f} | {b:.1f} | {c:.1f} | {d:.2f} |' for l, a, b, c, d in rows]
@@ -183,7 +166,7 @@ def main():
       f'### {datetime.date.today().isoformat()}: distillation views, tf.data vs torchvision',
       '',
       f'Command: `python benchmarks/data_pipeline.py --images {args.images} --batch {args.batch}`. '
-      f'Machine: {cores} cores (nproc), {_cpu_model()}, {platform.system()} {platform.release()}. '
+      f'Machine: {cores} cores (nproc), {environment.cpu_model()}, {platform.system()} {platform.release()}. '
       'Versions: ' + ', '.join(f'{k} {v}' for k, v in versions.items()) + '.',
       f'256 JPEGs of 500x375 / 375x500 (re-encoded crops of scikit-learn\'s china.jpg and flower.jpg), '
       f'batch {args.batch}, {args.images} images timed after a warm-up. images/s/core = images/s / nproc; '

@@ -52,6 +52,7 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
   from flax import nnx
 
   from tinymim_jax import builders, sharding as sh, train_steps as ts
+  from tinymim_jax.objectives import distill
   from tinymim_jax.study import load_config_module
 
   pair = common.SIZES[size]
@@ -64,18 +65,18 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
   for name in c.teachers:
     c[name].img_size = img if c[name].img_size else None  # MAE teachers; the others keep their variant's
     c[name].dtype = teacher_dtype
-  spec = builders.distill_spec(c)
+  spec = distill.distill_spec(c)
   steps_per_epoch = 1_281_167 // c.batch_size  # ImageNet-1K train images
 
   def make():
     student, extras = builders.make_trainable(c)
-    return student, extras, builders.make_teachers(c)
+    return student, extras, distill.make_teachers(c)
 
   student, extras, teachers = nnx.eval_shape(make) if abstract else make()
   # The PyTorch reference (torch_reference.py) builds its layout from the Pair: the two must agree.
   assert [student.config.block_heads(i) for i in (1, pair.student_block)] == [pair.student_heads,
                                                                               pair.relation_heads], pair
-  tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student, extras)[1], spec=spec,
+  tx, schedule, _ = distill.make_optimizer(c, ts.split_model(student, extras)[1],
                                             total_steps=int(c.total_epochs * steps_per_epoch),
                                             warmup_steps=int(c.warmup_epochs * steps_per_epoch))
   if abstract:
@@ -86,7 +87,7 @@ def build(size: str, batch: int, *, img: int = 224, teacher_dtype: str = "float3
     state = jax.eval_shape(abstract_state)
   else:
     graphdef, tgraphs, state = ts.init_state(student, tx, teachers=teachers, extras=extras)
-  step = ts.make_distill_step(graphdef, tgraphs, tx, schedule, spec, builders.teacher_specs(c))
+  step = distill.make_distill_step(graphdef, tgraphs, tx, schedule, spec, distill.teacher_specs(c))
 
   mesh = mesh if mesh is not None else sh.make_mesh(fsdp=1, devices=jax.devices()[:1])
   state_sharding = sh.tree_sharding(state, mesh)

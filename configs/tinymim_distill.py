@@ -87,7 +87,7 @@ def get_config(arg=None):
       raise ValueError(f"teacher={key!r}: expected one of {sorted(TEACHERS)} (several joined by '+')")
     name, block = TEACHERS[key]
     # MAE teachers: 224. Others: their variant's (518 for DINOv2); a teacher runs at the student's patch grid
-    # anyway (builders.teacher_img_size: 196 px for a patch-14 teacher), its pos_embed resampled on load.
+    # anyway (objectives/distill: teacher_img_size, 196 px for a patch-14 teacher), its pos_embed resampled on load.
     c[section] = config_base.teacher_config(
         name, img_size=224 if key in ("base", "large") else None,
         source="",                          # set on the command line: a .pth / .safetensors / workdir

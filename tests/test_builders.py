@@ -15,6 +15,7 @@ from tests.helpers import torch_ref
 from tests.helpers.tiny import IMG, PATCH, distill_config
 from tinymim_jax import builders, checkpoint, config_base, convert
 from tinymim_jax import train_steps as ts
+from tinymim_jax.objectives import distill
 
 TEACHER = dict(img_size=IMG, patch_size=PATCH, embed_dim=64, depth=4, num_heads=4)  # distill_config's teacher
 
@@ -60,9 +61,9 @@ def test_teacher_loads_exactly_the_blocks_it_runs(finetuned_teacher_file, tmp_pa
   path, sd = finetuned_teacher_file
   c = distill_config(teacher_block=3)
   c.teacher.source = str(path)
-  teacher = builders.make_teacher(c)
+  teacher = distill.make_teacher(c)
   assert teacher.config.depth == 3 and len(teacher.blocks) == 3
-  report = builders.load_teacher(teacher, c)
+  report = distill.load_teacher(teacher, c)
   not_run = {k for k, r in report.skipped.items() if r.startswith("not run")}
   assert not_run == {k for k in sd if k.startswith(("blocks.3.", "fc_norm.", "head."))}
   assert set(report.loaded) == set(sd) - not_run and report.unused_kept_init == ["norm.weight", "norm.bias"]
@@ -79,7 +80,7 @@ def test_teacher_loads_exactly_the_blocks_it_runs(finetuned_teacher_file, tmp_pa
   torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, tmp_path / "holey.pth")
   c.teacher.source = str(tmp_path / "holey.pth")
   with pytest.raises(convert.WeightMismatchError, match=r"blocks\.2\.attn\.qkv\.bias \(192,\)"):
-    builders.load_teacher(builders.make_teacher(c), c)
+    distill.load_teacher(distill.make_teacher(c), c)
 
 
 def test_teacher_hint_is_a_config_flag_that_works(finetuned_teacher_file, tmp_path):
@@ -89,11 +90,11 @@ def test_teacher_hint_is_a_config_flag_that_works(finetuned_teacher_file, tmp_pa
   c = distill_config(teacher_block=3)
   c.teacher.source = str(tmp_path / "deit_like.pth")
   with pytest.raises(convert.WeightMismatchError) as err:
-    builders.load_teacher(builders.make_teacher(c), c)
+    distill.load_teacher(distill.make_teacher(c), c)
   flag = hint_flag(str(err.value))
   assert flag == "--config.teacher.skip='^dist_token$'" and "skip=(" not in str(err.value)
   c.teacher.skip = typed_flag(tmp_path, flag).teacher.skip
-  report = builders.load_teacher(builders.make_teacher(c), c)
+  report = distill.load_teacher(distill.make_teacher(c), c)
   assert report.skipped["dist_token"] == "matches skip pattern '^dist_token$'"
 
 
@@ -106,8 +107,8 @@ def test_teacher_ema_and_prefix_fields(finetuned_teacher_file, tmp_path):
   c.teacher.source = str(tmp_path / "lightning.ckpt")
   for use_ema, want in ((True, ema), (False, sd)):
     c.teacher.ema = use_ema
-    teacher = builders.make_teacher(c)
-    report = builders.load_teacher(teacher, c)
+    teacher = distill.make_teacher(c)
+    report = distill.load_teacher(teacher, c)
     got = convert.export_pytorch_weights(teacher)
     np.testing.assert_array_equal(got["blocks.0.attn.qkv.weight"], want["blocks.0.attn.qkv.weight"])
     flip = f"--config.teacher.ema={str(not use_ema).lower()}"
@@ -117,10 +118,10 @@ def test_teacher_ema_and_prefix_fields(finetuned_teacher_file, tmp_path):
   torch.save(both, tmp_path / "dino.pth")
   c.teacher.source = str(tmp_path / "dino.pth")
   with pytest.raises(convert.AmbiguousCheckpointError, match="--config.teacher.prefix=teacher"):
-    builders.load_teacher(builders.make_teacher(c), c)
+    distill.load_teacher(distill.make_teacher(c), c)
   c.teacher.prefix = typed_flag(tmp_path, "--config.teacher.prefix=teacher").teacher.prefix
-  teacher = builders.make_teacher(c)
-  builders.load_teacher(teacher, c)
+  teacher = distill.make_teacher(c)
+  distill.load_teacher(teacher, c)
   np.testing.assert_array_equal(convert.export_pytorch_weights(teacher)["cls_token"], ema["cls_token"])
 
 
@@ -180,7 +181,7 @@ def run_dir(tmp_path_factory):
   tx, _, _ = builders.make_optimizer(c, ts.split_model(model, extras)[1], total_steps=10, warmup_steps=1)
   _, _, state = ts.init_state(model, tx, extras=extras)
   ckpt = checkpoint.Checkpointer(wd, async_save=False)
-  ckpt.save(1, ts.checkpointable(state), {"config": json.loads(c.to_json_best_effort()), "num_classes": 10})
+  ckpt.save(1, {k: v for k, v in state.items() if k != "teachers"}, {"config": json.loads(c.to_json_best_effort()), "num_classes": 10})
   ckpt.close()
   return wd, convert.export_pytorch_weights(model)
 
@@ -214,20 +215,35 @@ def test_recorded_heads_are_used_unless_the_config_says_otherwise(run_dir, tmp_p
   # A teacher: the recorded 8 heads where the config leaves them to the variant (3 for vit_tiny) ...
   c = distill_config(teacher_block=2)
   c.teacher.update(dict(num_heads=None, embed_dim=64, depth=2, source=source))
-  notes = builders.resolve_source_heads(c)
+  notes = builders.resolve_source_heads(c, teachers=c.teachers)
   assert c.teacher.num_heads == 8 and "config.teacher.num_heads = 8" in notes[0]
-  teacher = builders.make_teacher(c)
+  teacher = distill.make_teacher(c)
   c.model.num_heads = None
-  report = builders.load_teacher(teacher, c)
+  report = distill.load_teacher(teacher, c)
   assert "heads: 8 per block, as " in str(report)
   # ... and a clear error where the config names another count.
   c.teacher.num_heads = 4
   with pytest.raises(convert.ConvertError, match="config.teacher.num_heads=4, but .* records 8 heads.*"
                                                  "--config.teacher.num_heads=8"):
-    builders.resolve_source_heads(c)
+    builders.resolve_source_heads(c, teachers=c.teachers)
   # init: the same; an explicit count regroups the same weights (fine-tuning's standard heads) and is noted.
   c = finetune_config(source, num_classes=10, num_heads=None)
   builders.resolve_source_heads(c)
   assert c.model.num_heads == 8
   c = finetune_config(source, num_classes=10, num_heads=4)
   assert "regrouped into 4 heads" in builders.resolve_source_heads(c)[0] and c.model.num_heads == 4
+
+
+def test_model_record_rebuilds_the_model_and_its_extra_layers():
+  """A checkpoint's record of its model (builders.model_record) gives back the same architecture and the same
+  extra layers' params (the feature target's width projection, 48 -> 64) without the objective's builder."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model, extras = builders.make_trainable(distill_config(target="feature"))
+  assert set(extras) == {"distill_proj"}
+  record = json.loads(json.dumps(builders.model_record(model, extras)))  # as the checkpoint's JSON holds it
+  built, built_extras = builders._saved_trainable({builders.MODEL_KEY: record})
+  assert convert.architecture(built) == convert.architecture(model)
+  assert convert.architecture(model)["heads_per_block"] == [2, 2, 4]  # the relation block's own head count
+  shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), t)
+  assert shapes(built_extras) == shapes({"distill_proj": ts.split_model(extras["distill_proj"])[1]})
+  assert shapes(built_extras)["distill_proj"]["linear"]["kernel"] == ((48, 64), "float32")

@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from tinymim_jax import builders, config_base, optim, train_steps as ts
+from tinymim_jax.objectives import distill
 from tinymim_jax.study import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -51,17 +52,21 @@ def test_config_builds_abstractly(name, arg):
   _, params, _ = ts.split_model(model, extras)
   spec = None
   if c.objective == "distill":
-    teacher = nnx.eval_shape(lambda: builders.make_teacher(c))
+    teacher = nnx.eval_shape(lambda: distill.make_teacher(c))
     assert teacher.config.depth == c.distill.teacher_block
-    for name, t in nnx.eval_shape(lambda: builders.make_teachers(c)).items():
-      assert t.config.depth == builders.teacher_block(c, name) and t.config.attention == c[name].attention
+    for name, t in nnx.eval_shape(lambda: distill.make_teachers(c)).items():
+      assert t.config.depth == distill.teacher_block(c, name) and t.config.attention == c[name].attention
     assert model.config.dtype == jax.numpy.dtype(c.model.dtype)
     assert (model.config.param_dtype, teacher.config.param_dtype) == (jax.numpy.dtype(c.model.param_dtype),
                                                                       jax.numpy.dtype(c.teacher.param_dtype))
-    spec = builders.distill_spec(c)
-  tx, _, _ = builders.make_optimizer(c, params, total_steps=100, warmup_steps=10, spec=spec)
+    spec = distill.distill_spec(c)
+  tx, _, _ = builders.make_optimizer(c, params, total_steps=100, warmup_steps=10,
+                                     frozen=distill.distill_frozen_patterns(spec, params) if spec else ())
   opt_state = jax.eval_shape(tx.init, params)
-  assert jax.tree.leaves(opt_state)
+  # One update of the config's optimizer: one array per param, of its shape.
+  updates, _ = jax.eval_shape(tx.update, params, opt_state, params)
+  assert jax.tree.structure(updates) == jax.tree.structure(params)
+  assert [u.shape for u in jax.tree.leaves(updates)] == [p.shape for p in jax.tree.leaves(params)]
 
 
 def test_unknown_field_in_a_config_is_an_error():
@@ -86,7 +91,7 @@ def test_distill_configs_match_spec(student, name, heads, rel_heads, teacher, tb
   assert model.config.embed_dim // rel_heads == {"tiny": 16, "small": 32, "base": 48}[student]
   assert [model.config.block_drop_path(i) for i in (1, 11, 12)] == [0.1, 0.1, 0.0]
   student = builders.vit_config(c.model.name, **builders.vit_kwargs(c.model))  # None fields: the variant's
-  assert (student.img_size, student.pos_embed, builders.teacher_vit_config(c).img_size) == (224, "sincos", 224)
+  assert (student.img_size, student.pos_embed, distill.teacher_vit_config(c).img_size) == (224, "sincos", 224)
   assert (c.batch_size, c.total_epochs, c.warmup_epochs) == (4096, 300.0, 15.0)
   o = c.optim
   assert (o.b1, o.b2, o.eps, o.weight_decay, o.grad_clip_norm, o.min_lr) == (0.9, 0.95, 1e-8, 0.05, None, 0.0)
@@ -153,11 +158,11 @@ def test_linprobe_config_matches_mae_recipe():
 def test_distill_teachers_of_other_families(teacher, name, regs, norm):
   from tinymim_jax.models.variants import IMAGENET_NORM, OPENAI_CLIP_NORM
   c = load("tinymim_distill", f"student=small,teacher={teacher}")
-  t = nnx.eval_shape(lambda: builders.make_teacher(c))
+  t = nnx.eval_shape(lambda: distill.make_teacher(c))
   assert c.teacher.name == name and t.config.reg_tokens == regs
   # The student's 14 x 14 grid on both sides: 196 px for patch 14, 224 px for patch 16.
   assert t.config.img_size == 14 * t.config.patch_size and t.grid == 14
-  ti = builders.teacher_input(c)
+  ti = distill.teacher_input(c)
   assert (ti.img_size, ti.reg_tokens) == (t.config.img_size, regs)
   assert ti.norm == (IMAGENET_NORM if norm == "imagenet" else OPENAI_CLIP_NORM)
 

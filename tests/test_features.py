@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from tinymim_jax import builders, config_base, create_model, features
+from tinymim_jax import builders, config_base, create_model, features, objectives
 from tinymim_jax.study import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -33,14 +33,16 @@ def test_default_block_per_model_kind(stage, target, block):
   if target:
     c.distill.target = target
   assert c.model.depth == 4
-  spec = features.resolve(c.eval.feature, depth=4, run_config=config_base.finalize(c))
+  spec = features.resolve(c.eval.feature, depth=4,
+                          default_block=objectives.default_feature_block(config_base.finalize(c), 4))
   assert spec == features.FeatureSpec(block=block, pool="mean", norm=True)
 
 
 def test_distilled_student_reads_the_relation_block_input_not_the_final_tokens():
   c = config_base.finalize(load_config_module(DEMO).get_config("stage=student_distill"))
   student = builders.make_model(c)
-  spec = features.resolve(c.eval.feature, depth=student.config.depth, run_config=c)
+  spec = features.resolve(c.eval.feature, depth=student.config.depth,
+                          default_block=objectives.default_feature_block(c, student.config.depth))
   assert spec.block == c.distill.student_block - 1 == 3
   x = _images()
   got = np.asarray(features.extract(student, x, spec)["feature"])

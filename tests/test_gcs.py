@@ -23,6 +23,8 @@ from safetensors.numpy import load as load_safetensors
 from safetensors.numpy import load_file
 
 from tinymim_jax import builders, convert, main as trainer, paths, workdir, writers
+from tinymim_jax import lock as lock_lib
+from tinymim_jax.objectives import distill
 
 from test_main import ROOT, run_cli, tiny_args, tiny_config
 from test_workdir import _dead_pid
@@ -78,19 +80,19 @@ def test_metric_writer_on_gcs_uploads_whole_files_and_resumes(gcs):
   w = writers.MetricWriter(wd, plot_every_s=None, flush_every_s=3600)
   for step in (1, 2, 3):
     w.write(step, {"train/loss": 1.0 / step})
-  assert not paths.exists(f"{wd}/{writers.METRICS_FILE}")  # no append on GCS: the file is uploaded whole, later
+  assert not paths.exists(f"{wd}/{workdir.METRICS}")  # no append on GCS: the file is uploaded whole, later
   w.flush()  # (the trainer flushes before every checkpoint save)
   assert [r["step"] for r in writers.read_metrics(wd)] == [1, 2, 3]
   w.write(4, {"train/loss": 0.25})
   w.close()
-  assert [r["step"] for r in writers.read_metrics(wd)] == [1, 2, 3, 4] and paths.isfile(f"{wd}/{writers.PLOT_FILE}")
+  assert [r["step"] for r in writers.read_metrics(wd)] == [1, 2, 3, 4] and paths.isfile(f"{wd}/{workdir.PLOT}")
   # Resumed from a checkpoint at step 2: the later records go, the next ones follow.
   w = writers.MetricWriter(wd, plot_every_s=None, resume_step=2)
   w.write(3, {"train/loss": 0.3})
   w.close()
   assert [(r["step"], r["train/loss"]) for r in writers.read_metrics(wd)] == [(1, 1.0), (2, 0.5), (3, 0.3)]
   # Two event files (one per run), each a valid TFRecord stream with the scalars and the resume purge.
-  files = sorted(paths.glob(f"{wd}/{writers.TB_DIR}/events.out.tfevents.*"))
+  files = sorted(paths.glob(f"{wd}/{workdir.TENSORBOARD}/events.out.tfevents.*"))
   assert len(files) == 2
   events = []
   for f in files:
@@ -153,21 +155,21 @@ def _lock_object(uri):
 
 def test_gcs_lock_one_holder_heartbeat_release(gcs):
   wd = f"{gcs}/lock1"
-  first = workdir.make_lock(wd, heartbeat_s=0.2)
-  assert isinstance(first, workdir.GcsLock)
+  first = lock_lib.make_lock(wd, heartbeat_s=0.2)
+  assert isinstance(first, lock_lib.GcsLock)
   first.acquire()
   try:
-    held, generation = _lock_object(f"{wd}/{workdir.LOCK_FILE}")
+    held, generation = _lock_object(f"{wd}/{workdir.LOCK}")
     assert held["run_id"] == first.info["run_id"] and held["pid"] == os.getpid()
     t = time.time()
     with pytest.raises(workdir.WorkdirLockedError, match=f"run id {held['run_id']}"):
-      workdir.GcsLock(wd).acquire()
+      lock_lib.GcsLock(wd).acquire()
     assert time.time() - t < 5
     time.sleep(1.0)  # a few heartbeats: each rewrites the object (a new generation)
-    assert _lock_object(f"{wd}/{workdir.LOCK_FILE}")[1] not in (None, generation)
+    assert _lock_object(f"{wd}/{workdir.LOCK}")[1] not in (None, generation)
   finally:
     first.release()
-  assert _blob(f"{wd}/{workdir.LOCK_FILE}") is None
+  assert _blob(f"{wd}/{workdir.LOCK}") is None
   first.release()  # idempotent
 
 
@@ -175,7 +177,7 @@ def test_gcs_lock_created_once_under_a_race(gcs):
   """The create carries ifGenerationMatch=0: of runs that start together exactly one holds the lock."""
   for trial in range(3):
     wd = f"{gcs}/race{trial}"
-    locks = [workdir.GcsLock(wd) for _ in range(4)]
+    locks = [lock_lib.GcsLock(wd) for _ in range(4)]
     won, lost, barrier = [], [], threading.Barrier(len(locks))
 
     def go(lock):
@@ -192,7 +194,7 @@ def test_gcs_lock_created_once_under_a_race(gcs):
     for t in threads:
       t.join()
     assert len(won) == 1 and len(lost) == 3, (len(won), len(lost))
-    assert _lock_object(f"{wd}/{workdir.LOCK_FILE}")[0]["run_id"] == won[0].info["run_id"]
+    assert _lock_object(f"{wd}/{workdir.LOCK}")[0]["run_id"] == won[0].info["run_id"]
     won[0].release()
 
 
@@ -207,32 +209,32 @@ def _plant_lock(uri, **fields):
 def test_gcs_lock_takeover_of_stale_locks_and_a_lost_lock(gcs, caplog):
   # A crashed run on this host (its pid is gone): taken over at once.
   wd = f"{gcs}/lock2"
-  _plant_lock(f"{wd}/{workdir.LOCK_FILE}", host=socket.gethostname(), pid=_dead_pid())
-  lock = workdir.GcsLock(wd)
+  _plant_lock(f"{wd}/{workdir.LOCK}", host=socket.gethostname(), pid=_dead_pid())
+  lock = lock_lib.GcsLock(wd)
   with caplog.at_level(logging.WARNING):
     lock.acquire()
   assert "taking over the lock" in caplog.text and "is gone" in caplog.text
-  assert _lock_object(f"{wd}/{workdir.LOCK_FILE}")[0]["run_id"] == lock.info["run_id"]
+  assert _lock_object(f"{wd}/{workdir.LOCK}")[0]["run_id"] == lock.info["run_id"]
   lock.release()
   # Another host's lock: alive while its heartbeat is fresh by the bucket's clock, stale after stale_after_s.
   wd = f"{gcs}/lock3"
-  _plant_lock(f"{wd}/{workdir.LOCK_FILE}", host="elsewhere")
+  _plant_lock(f"{wd}/{workdir.LOCK}", host="elsewhere")
   with pytest.raises(workdir.WorkdirLockedError, match="host elsewhere"):
-    workdir.GcsLock(wd, stale_after_s=3).acquire()
+    lock_lib.GcsLock(wd, stale_after_s=3).acquire()
   time.sleep(3.5)
   caplog.clear()
-  lock = workdir.GcsLock(wd, stale_after_s=3, heartbeat_s=3600)
+  lock = lock_lib.GcsLock(wd, stale_after_s=3, heartbeat_s=3600)
   with caplog.at_level(logging.WARNING):
     lock.acquire()
   assert "has not refreshed it for" in caplog.text
   # A holder whose lock was taken over meanwhile finds out at its next heartbeat and leaves the new lock alone.
-  _plant_lock(f"{wd}/{workdir.LOCK_FILE}", host="elsewhere", run_id="newholder")
+  _plant_lock(f"{wd}/{workdir.LOCK}", host="elsewhere", run_id="newholder")
   caplog.clear()
   with caplog.at_level(logging.WARNING):
     lock.heartbeat()
   assert "was taken over by another run" in caplog.text
   lock.release()
-  assert _lock_object(f"{wd}/{workdir.LOCK_FILE}")[0]["run_id"] == "newholder"
+  assert _lock_object(f"{wd}/{workdir.LOCK}")[0]["run_id"] == "newholder"
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -247,7 +249,7 @@ def test_run_to_the_end_on_gcs_equals_the_local_run_and_teaches_from_gcs_files(g
   for name in ("config.json", "config.txt", "metrics.jsonl", "curves.png", "model.safetensors", "model.config.json",
                "run.json", "done.json"):
     assert paths.isfile(f"{wd}/{name}"), name
-  assert _blob(f"{wd}/{workdir.LOCK_FILE}") is None  # released at the end
+  assert _blob(f"{wd}/{workdir.LOCK}") is None  # released at the end
   assert paths.glob(f"{wd}/tensorboard/events.out.tfevents.*")
   assert sorted(paths.listdir(f"{wd}/checkpoints")) == ["12", "4", "8"]
   for step in (4, 8, 12):  # Orbax's mark of a complete step
@@ -272,11 +274,11 @@ def test_run_to_the_end_on_gcs_equals_the_local_run_and_teaches_from_gcs_files(g
   hashes = {}
   for source in (wd, f"{files}/teacher.safetensors", f"{files}/teacher.pth", local):
     c = tiny_config("student_distill", f"{gcs}/r", **{"teacher.source": source, "teacher.num_heads": None})
-    notes = builders.resolve_source_heads(c)
+    notes = builders.resolve_source_heads(c, teachers=c.teachers)
     if source.endswith(".safetensors"):  # recorded beside the file, on GCS
       assert c.teacher.num_heads == 4 and "teacher.config.json" in notes[0], notes
-    teacher = builders.make_teacher(c)
-    builders.load_teacher(teacher, c)
+    teacher = distill.make_teacher(c)
+    distill.load_teacher(teacher, c)
     hashes[source] = builders.weights_hash(teacher)
   assert len(set(hashes.values())) == 1, hashes
 
@@ -323,7 +325,7 @@ def test_sigkill_resume_export_and_eval_on_gcs(gcs, teacher_root, tmp_path):
   steps = [r["step"] for r in writers.read_metrics(cut) if "train/loss" in r]
   assert steps == list(range(2, 41, 2)), steps
   assert json.loads(paths.read_text(f"{cut}/run.json"))["teachers"]["teacher"]["source"] == f"{root}/teacher_mae"
-  assert _blob(f"{cut}/{workdir.LOCK_FILE}") is None
+  assert _blob(f"{cut}/{workdir.LOCK}") is None
 
   # convert export, from a gs:// workdir to gs://.
   out = f"{gcs}/export/student.safetensors"

@@ -66,7 +66,7 @@ def test_run_leaves_checkpoints_metrics_plots_and_export(teacher_root):
   wd = os.path.join(teacher_root, "teacher_mae")
   for name in ("config.json", "metrics.jsonl", "curves.png", "model.safetensors", "done.json", "run.json"):
     assert os.path.exists(os.path.join(wd, name)), name
-  assert not os.path.exists(os.path.join(wd, workdir.LOCK_FILE))  # released at the end
+  assert not os.path.exists(os.path.join(wd, workdir.LOCK))  # released at the end
   assert glob.glob(os.path.join(wd, "tensorboard", "events.out.tfevents.*"))
   assert sorted(int(os.path.basename(p)) for p in glob.glob(os.path.join(wd, "checkpoints", "[0-9]*"))) == [4, 8, 12]
   lines = [json.loads(l) for l in open(os.path.join(wd, "metrics.jsonl"))]
@@ -115,7 +115,7 @@ def test_sigterm_saves_and_exits_75_and_a_second_run_stops_at_once(teacher_root,
   assert "SIGTERM: saved step" in out and "rerun the same command to resume" in out
   steps = [int(os.path.basename(p)) for p in glob.glob(str(wd / "checkpoints/[0-9]*"))]
   assert len(steps) == 1 and 0 < steps[0] < 400 and not os.path.exists(wd / "done.json")
-  assert not os.path.exists(wd / workdir.LOCK_FILE)
+  assert not os.path.exists(wd / workdir.LOCK)
 
 
 def test_nonfinite_loss_stops_saving_and_deleting_nothing(teacher_root, tmp_path):
@@ -249,6 +249,11 @@ def test_eval_and_linprobe_objectives_on_a_distilled_student(teacher_root, tmp_p
   aug_config = tiny_config("student_eval", root, total_steps=2, **{**lp_args, "linprobe.augment": True})
   aug = trainer.train_and_evaluate(aug_config, os.path.join(root, "lp_aug"))
   assert aug["step"] == 2 and 0 <= aug["eval/linprobe_top1"] <= 1
+  # A rerun resumes with the same resolved description (the recipe, the init's head count and resolution): its
+  # config identity sees no change.
+  os.remove(os.path.join(root, "lp_aug", workdir.DONE))
+  assert trainer.train_and_evaluate(aug_config, os.path.join(root, "lp_aug"))["step"] == 2
+  assert not os.path.exists(os.path.join(root, "lp_aug", workdir.HISTORY))
 
 
 def test_final_export_writes_the_architecture_beside_the_weights(tmp_path):
@@ -301,7 +306,7 @@ def test_resume_checks_the_config_and_survives_a_damaged_latest_checkpoint(teach
   (aside,) = glob.glob(os.path.join(wd, "checkpoints", "12.damaged-*"))
   assert f"checkpoint step 12 in {wd}/checkpoints is damaged (checksum mismatch" in caplog.text
   assert f"moved aside to {aside}" in caplog.text and "resuming from step 8" in caplog.text
-  (rec,) = [json.loads(line) for line in open(os.path.join(wd, workdir.HISTORY_FILE))]
+  (rec,) = [json.loads(line) for line in open(os.path.join(wd, workdir.HISTORY))]
   assert rec["step"] == 8 and rec["changes"]["optim.base_lr"][1] == 1e-3 and rec["changes"]["total_steps"] == [12, 14]
   assert json.load(open(os.path.join(wd, "config.json")))["optim"]["base_lr"] == 1e-3
 

@@ -339,20 +339,24 @@ def test_sharded_params_under_jit():
 
 
 def test_describe_counts():
-  params = _params()
+  params = _params(dtype=np.float32)
   no_decay = ("pos_embed",)
   table = optim.describe(params, frozen=FROZEN, no_decay=no_decay)
   rows = {}
   for line in table.splitlines()[1:]:
     kind, n, size = line.rsplit(None, 2)
     rows[kind] = (int(n), int(size.replace(",", "")))
-  named = _named(params)
+  # What the optimizer does with the same rules decides each param's group: with zero gradients only weight decay
+  # moves a param (decayed); with nonzero gradients every param but a frozen one moves.
+  tx = optim.make_optimizer(params, schedule=lambda c: 1e-2, weight_decay=0.5, frozen=FROZEN, no_decay=no_decay)
+  moved = {}
+  for fill in (0.0, 1.0):
+    grads = jax.tree.map(lambda p: np.full_like(p, fill), params)
+    new, _ = _run(tx, params, [grads])
+    moved[fill] = {n: not np.array_equal(a, b) for (n, a), b in zip(_named(params).items(), _named(new).values())}
   want = {"decayed": [], "not decayed": [], "frozen": []}
-  for n, p in named.items():
-    if optim.match(FROZEN, n):
-      want["frozen"].append(p.size)
-    elif p.ndim > 1 and n not in no_decay:  # cls_token (1,1,D) is decayed.
-      want["decayed"].append(p.size)
-    else:
-      want["not decayed"].append(p.size)
+  for n, p in _named(params).items():
+    kind = "decayed" if moved[0.0][n] else "not decayed" if moved[1.0][n] else "frozen"
+    want[kind].append(p.size)
+  assert all(want.values())  # every group is exercised
   assert rows == {k: (len(v), sum(v)) for k, v in want.items()}

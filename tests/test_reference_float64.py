@@ -20,6 +20,7 @@ from flax import nnx
 
 from tests.helpers import exact
 from tinymim_jax import builders, config_base, convert, losses, optim, train_steps as ts
+from tinymim_jax.objectives import distill
 
 REF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "testdata", "reference", "tinymim_ref_A.npz")
 MAPS = ("t_qk", "t_vv", "s_qk", "s_vv")
@@ -58,7 +59,7 @@ def ours(ref):
   z, meta = ref, ref["meta"]
   with jax.enable_x64(True):
     c = reference_config(meta)
-    student, teacher = builders.make_model(c), builders.make_teacher(c)
+    student, teacher = builders.make_model(c), distill.make_teacher(c)
     built_table = np.asarray(student.pos_embed[...])
     # The teacher as the trainer builds and loads it: blocks 1..teacher_block (its file's later block unused).
     reports = [convert.load_pytorch_weights(m, {k[len(p):]: v for k, v in z.items() if k.startswith(p)}, depth=d)
@@ -77,23 +78,23 @@ def ours(ref):
 
     # Gradients: the trainer's distillation step (jit_step, batch over 2 devices) with an optimizer that
     # stores them.
-    spec = builders.distill_spec(c)
+    spec = distill.distill_spec(c)
     # The trainer's optimizer (AdamW with weight decay, the distillation target's frozen params), 10 steps.
-    tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student)[1], total_steps=10, warmup_steps=0,
-                                              spec=spec)
+    tx, schedule, _ = distill.make_optimizer(c, ts.split_model(student)[1], total_steps=10, warmup_steps=0)
     batch = {"teacher": x_t, "student": x_s}
     rng = jax.random.PRNGKey(0)
     rec = exact.grad_recorder()
     graphdef, tgraph, state = ts.init_state(student, rec, teachers={"teacher": teacher})
-    run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, rec, schedule, spec), state, devices=2)
+    one_teacher = {"teacher": distill.TeacherSpec(block=spec.teacher_block)}
+    run = exact.step_runner(distill.make_distill_step(graphdef, tgraph, rec, schedule, spec, one_teacher), state, devices=2)
     new, step_metrics = run(state, batch, rng)
     grads = torch_named(graphdef, new["opt"], state["consts"])
 
     # One step of the trainer's optimizer.
     params = state["params"]
-    frozen = ts.distill_frozen_patterns(spec, params)
+    frozen = distill.distill_frozen_patterns(spec, params)
     _, _, state = ts.init_state(student, tx, teachers={"teacher": teacher})
-    run = exact.step_runner(ts.make_distill_step(graphdef, tgraph, tx, schedule, spec), state, devices=2)
+    run = exact.step_runner(distill.make_distill_step(graphdef, tgraph, tx, schedule, spec, one_teacher), state, devices=2)
     after, adamw_metrics = run(state, batch, rng)
     frozen_flags = jax.tree_util.tree_map_with_path(
         lambda p, x: np.full(x.shape, float(optim.match(frozen, optim.path_name(p)))), params)
@@ -155,7 +156,7 @@ def test_no_gradient_where_the_reference_has_none(ours, ref):
   assert "pos_embed" in none and "pos_embed" not in ours["trainable"]
   for name in none - {"pos_embed"}:
     assert ours["grads"][name].dtype == np.float64 and not np.any(ours["grads"][name]), name
-  # The trainer's frozen rules (ts.distill_frozen_patterns) name exactly these parameters.
+  # The trainer's frozen rules (distill.distill_frozen_patterns) name exactly these parameters.
   assert ours["frozen_names"] == none - {"pos_embed"}
 
 

@@ -15,6 +15,7 @@ from tinymim_jax import builders, config_base, convert, create_model, losses, ma
 from tinymim_jax import train_steps as ts
 from tinymim_jax.study import load_config_module
 from tinymim_jax.models.variants import IMAGENET_NORM, OPENAI_CLIP_NORM
+from tinymim_jax.objectives import distill
 
 REG = "vit_small_patch14_reg4_dinov2"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,9 +25,9 @@ def test_teacher_input_renormalises_to_the_teachers_statistics_and_resizes():
   pixels = np.random.RandomState(0).rand(2, 8, 8, 3).astype(np.float32)
   (vm, vs), (m, s) = (np.asarray(a, np.float32) for a in IMAGENET_NORM), (np.asarray(a, np.float32)
                                                                             for a in OPENAI_CLIP_NORM)
-  ti = ts.TeacherInput(img_size=None, view_norm=IMAGENET_NORM, norm=OPENAI_CLIP_NORM)
+  ti = distill.TeacherInput(img_size=None, view_norm=IMAGENET_NORM, norm=OPENAI_CLIP_NORM)
   np.testing.assert_allclose(ti(jnp.asarray((pixels - vm) / vs)), (pixels - m) / s, rtol=1e-5, atol=1e-5)
-  out = ts.TeacherInput(img_size=14)(jnp.asarray(pixels))
+  out = distill.TeacherInput(img_size=14)(jnp.asarray(pixels))
   assert out.shape == (2, 14, 14, 3)
   np.testing.assert_allclose(out, jax.image.resize(pixels, (2, 14, 14, 3), "bicubic"), atol=1e-6)
 
@@ -41,14 +42,13 @@ def reg_config():
 
 def test_relation_maps_exclude_register_tokens():
   c = reg_config()
-  assert builders.teacher_img_size(c) == 56  # 4 x 4 patches of 14 px
+  assert distill.teacher_img_size(c) == 56  # 4 x 4 patches of 14 px
   student, extras = builders.make_trainable(c)
-  teacher = builders.make_teacher(c)
-  spec = builders.distill_spec(c)
-  tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student, extras)[1], total_steps=10, warmup_steps=1,
-                                            spec=spec)
+  teacher = distill.make_teacher(c)
+  spec = distill.distill_spec(c)
+  tx, schedule, _ = distill.make_optimizer(c, ts.split_model(student, extras)[1], total_steps=10, warmup_steps=1)
   modeldef, tdefs, state = ts.init_state(student, tx, teachers={"teacher": teacher}, extras=extras)
-  step = jax.jit(ts.make_distill_step(modeldef, tdefs, tx, schedule, spec, builders.teacher_specs(c)))
+  step = jax.jit(distill.make_distill_step(modeldef, tdefs, tx, schedule, spec, distill.teacher_specs(c)))
   x = tiny.images(4)
   _, metrics = step(state, {"teacher": x, "student": x}, jax.random.PRNGKey(0))
   # By hand: the teacher's 1 + 4 + 16 tokens; the maps keep CLS (0) and the patches (5..20), not the registers.
@@ -102,7 +102,7 @@ def _grads_and_metrics(c, teachers, specs, x):
   student, extras = builders.make_trainable(c)
   rec = exact.grad_recorder()
   modeldef, tdefs, state = ts.init_state(student, rec, teachers=teachers, extras=extras)
-  step = jax.jit(ts.make_distill_step(modeldef, tdefs, rec, optax_constant, builders.distill_spec(c), specs))
+  step = jax.jit(distill.make_distill_step(modeldef, tdefs, rec, optax_constant, distill.distill_spec(c), specs))
   new, metrics = step(state, {"teacher": x, "student": x}, jax.random.PRNGKey(0))
   return new["opt"], metrics
 
@@ -113,7 +113,7 @@ def optax_constant(step):
 
 def test_two_teachers_give_the_weighted_sum_of_their_losses_and_gradients():
   c = two_teacher_config()
-  teachers, specs = builders.make_teachers(c), builders.teacher_specs(c)
+  teachers, specs = distill.make_teachers(c), distill.teacher_specs(c)
   # Each teacher is built, and runs, only up to its own block.
   assert {n: len(t.blocks) for n, t in teachers.items()} == {"teacher": 2, "teacher2": 1}
   assert (specs["teacher"].block, specs["teacher2"].block, specs["teacher2"].input.reg_tokens) == (2, 1, 4)
@@ -122,7 +122,7 @@ def test_two_teachers_give_the_weighted_sum_of_their_losses_and_gradients():
   alone = {}
   for name in teachers:  # the same student, each teacher alone with weight 1
     one = dict(specs[name].__dict__, weight=1.0, extras=None)
-    alone[name] = _grads_and_metrics(c, {name: teachers[name]}, {name: ts.TeacherSpec(**one)}, x)
+    alone[name] = _grads_and_metrics(c, {name: teachers[name]}, {name: distill.TeacherSpec(**one)}, x)
   want = 2.0 * alone["teacher"][1]["loss"] + 0.5 * alone["teacher2"][1]["loss"]
   np.testing.assert_allclose(metrics["loss"], want, rtol=1e-6)
   for name in teachers:
@@ -139,10 +139,10 @@ def test_feature_target_trains_one_width_projection_per_teacher():
   student, extras = builders.make_trainable(c)
   assert {k: v.linear.kernel.shape for k, v in extras.items()} == {"distill_proj": (48, 64),
                                                                    "distill_proj_teacher2": (48, 96)}
-  specs = builders.teacher_specs(c)
+  specs = distill.teacher_specs(c)
   assert (specs["teacher"].extras, specs["teacher2"].extras) == ((("distill_proj", "distill_proj"),),
                                                                   (("distill_proj", "distill_proj_teacher2"),))
-  _, metrics = _grads_and_metrics(c, builders.make_teachers(c), specs, tiny.images(4))
+  _, metrics = _grads_and_metrics(c, distill.make_teachers(c), specs, tiny.images(4))
   np.testing.assert_allclose(metrics["loss"], 2.0 * metrics["loss_teacher"] + 0.5 * metrics["loss_teacher2"],
                              rtol=1e-6)
 
@@ -159,7 +159,7 @@ def test_teacher_sections_are_checked():
   c = two_teacher_config()
   c.teacher2.block = 3
   with pytest.raises(ValueError, match=r"config.teacher2.block=3, but config.teacher2 .* has blocks 1..2"):
-    builders.make_teachers(c)
+    distill.make_teachers(c)
   c = two_teacher_config()
   c.teacher2.num_heads = 8  # 8 heads against the first teacher's 4: per-head maps cannot be matched
   with pytest.raises(ValueError, match="relation_heads"):

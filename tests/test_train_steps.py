@@ -15,6 +15,7 @@ from flax import nnx
 from tests.helpers import exact, tiny
 from tinymim_jax import create_model, optim, sharding as sh, train_steps as ts
 from tinymim_jax.features import FeatureSpec
+from tinymim_jax.objectives import distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -198,10 +199,11 @@ def _float64_step(objective):
   # Feature distillation through the width projection (student D 32 -> teacher D 48).
   student = create_model("vit_tiny_patch16", drop_path=0.1, drop_path_mode="constant", **F64)
   teacher = create_model("vit_tiny_patch16", seed=1, **{**F64, "embed_dim": 48, "num_heads": 4})
-  extras = ts.TARGETS["feature"].extra_layers(student.config, teacher.config, nnx.Rngs(0))
+  extras = distill.TARGETS["feature"].extra_layers(student.config, teacher.config, nnx.Rngs(0))
   graphdef, tgraph, state = ts.init_state(student, rec, teachers={"teacher": teacher}, extras=extras)
-  step = ts.make_distill_step(graphdef, tgraph, rec, schedule, ts.DistillSpec(target="feature", teacher_block=2,
-                                                                                student_block=2))
+  step = distill.make_distill_step(graphdef, tgraph, rec, schedule, distill.DistillSpec(target="feature", teacher_block=2,
+                                                                                student_block=2),
+                              {"teacher": distill.TeacherSpec(block=2)})
   return step, state, {"teacher": x, "student": x * 0.9}
 
 

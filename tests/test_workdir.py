@@ -10,14 +10,24 @@ import time
 import pytest
 
 from tinymim_jax import config_base, workdir
+from tinymim_jax import lock as lock_lib
+from tinymim_jax import config_identity
 
 
 def _holder(tmp_path, **fields):
   info = {"host": "somehost", "pid": 12345, "pid_start": "1", "start": "2026-01-01T00:00:00+00:00",
           "run_id": "feedbeef", **fields}
-  path = tmp_path / workdir.LOCK_FILE
+  path = tmp_path / workdir.LOCK
   path.write_text(json.dumps(info))
   return path
+
+
+def _assert_taken_over(tmp_path, lock):
+  """The lock file now names `lock`'s run (this process), and releasing it removes it."""
+  held = json.loads((tmp_path / workdir.LOCK).read_text())
+  assert (held["run_id"], held["pid"]) == (lock.info["run_id"], os.getpid()) != ("feedbeef", 12345)
+  lock.release()
+  assert not (tmp_path / workdir.LOCK).exists()
 
 
 def _dead_pid():
@@ -30,12 +40,12 @@ def _dead_pid():
 # Lock.
 # ---------------------------------------------------------------------------------------------------------
 def test_second_run_stops_at_once_naming_the_holder(tmp_path):
-  first = workdir.LocalFileLock(str(tmp_path))
+  first = lock_lib.LocalFileLock(str(tmp_path))
   first.acquire()
   try:
-    held = json.loads((tmp_path / workdir.LOCK_FILE).read_text())
+    held = json.loads((tmp_path / workdir.LOCK).read_text())
     assert held["pid"] == os.getpid() and held["run_id"] == first.info["run_id"] and held["host"]
-    second = workdir.LocalFileLock(str(tmp_path))
+    second = lock_lib.LocalFileLock(str(tmp_path))
     t = time.time()
     with pytest.raises(workdir.WorkdirLockedError) as e:
       second.acquire()
@@ -45,19 +55,19 @@ def test_second_run_stops_at_once_naming_the_holder(tmp_path):
       assert part in msg, msg
   finally:
     first.release()
-  assert not (tmp_path / workdir.LOCK_FILE).exists()
+  assert not (tmp_path / workdir.LOCK).exists()
   first.release()  # idempotent
 
 
 def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
   import socket
   _holder(tmp_path, host=socket.gethostname(), pid=_dead_pid())
-  lock = workdir.LocalFileLock(str(tmp_path))
+  lock = lock_lib.LocalFileLock(str(tmp_path))
   with caplog.at_level(logging.WARNING):
     lock.acquire()
   try:
     assert "taking over the lock" in caplog.text and "is gone" in caplog.text
-    assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["run_id"] == lock.info["run_id"]
+    assert json.loads((tmp_path / workdir.LOCK).read_text())["run_id"] == lock.info["run_id"]
   finally:
     lock.release()
 
@@ -65,35 +75,38 @@ def test_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path, caplog):
 def test_reused_pid_is_not_a_live_holder(tmp_path):
   import socket
   _holder(tmp_path, host=socket.gethostname(), pid=os.getppid(), pid_start="not its start time")
-  lock = workdir.LocalFileLock(str(tmp_path))
+  lock = lock_lib.LocalFileLock(str(tmp_path))
   lock.acquire()
-  lock.release()
+  _assert_taken_over(tmp_path, lock)
 
 
 def test_other_host_lock_is_stale_only_without_heartbeat(tmp_path):
   path = _holder(tmp_path, host="elsewhere")
-  lock = workdir.LocalFileLock(str(tmp_path), stale_after_s=60)
+  lock = lock_lib.LocalFileLock(str(tmp_path), stale_after_s=60)
   with pytest.raises(workdir.WorkdirLockedError, match="host elsewhere, pid 12345"):
     lock.acquire()  # fresh heartbeat: alive
   old = time.time() - 120
   os.utime(path, (old, old))
   lock.acquire()  # 120 s without a heartbeat: taken over
-  lock.release()
+  _assert_taken_over(tmp_path, lock)
 
 
 def test_requeued_slurm_job_takes_over_its_own_lock(tmp_path, monkeypatch):
   _holder(tmp_path, host="node7", slurm_job="4242", slurm_restart=0)
   monkeypatch.setenv("SLURM_JOB_ID", "4242")
+  monkeypatch.setenv("SLURM_RESTART_COUNT", "0")  # the same incarnation (another task of it): still held
+  with pytest.raises(workdir.WorkdirLockedError, match="SLURM job 4242"):
+    lock_lib.LocalFileLock(str(tmp_path)).acquire()
   monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-  lock = workdir.LocalFileLock(str(tmp_path))
+  lock = lock_lib.LocalFileLock(str(tmp_path))
   lock.acquire()
-  lock.release()
+  _assert_taken_over(tmp_path, lock)
 
 
 def test_heartbeat_refreshes_the_lock_and_release_removes_it(tmp_path):
-  lock = workdir.LocalFileLock(str(tmp_path), heartbeat_s=0.05)
+  lock = lock_lib.LocalFileLock(str(tmp_path), heartbeat_s=0.05)
   lock.acquire()
-  path = tmp_path / workdir.LOCK_FILE
+  path = tmp_path / workdir.LOCK
   old = time.time() - 1000
   os.utime(path, (old, old))
   time.sleep(0.5)
@@ -104,13 +117,13 @@ def test_heartbeat_refreshes_the_lock_and_release_removes_it(tmp_path):
 
 def test_only_process_zero_takes_the_lock(tmp_path):
   agreed = []
-  assert workdir.acquire_for_job(str(tmp_path), process_index=1, agree=lambda ok: agreed.append(ok) or True) is None
-  assert agreed == [True] and not (tmp_path / workdir.LOCK_FILE).exists()
+  assert lock_lib.acquire_for_job(str(tmp_path), process_index=1, agree=lambda ok: agreed.append(ok) or True) is None
+  assert agreed == [True] and not (tmp_path / workdir.LOCK).exists()
   _holder(tmp_path, host="elsewhere")  # process 0 fails: every process raises
   with pytest.raises(workdir.WorkdirLockedError):
-    workdir.acquire_for_job(str(tmp_path), process_index=1, agree=lambda ok: False)
+    lock_lib.acquire_for_job(str(tmp_path), process_index=1, agree=lambda ok: False)
   with pytest.raises(workdir.WorkdirLockedError, match="elsewhere"):
-    workdir.acquire_for_job(str(tmp_path), process_index=0, agree=lambda ok: ok)
+    lock_lib.acquire_for_job(str(tmp_path), process_index=0, agree=lambda ok: ok)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -135,9 +148,9 @@ def test_changes_to_the_model_or_checkpoint_meaning_are_an_error():
     old = json.loads(_config(objective=objective).to_json_best_effort())
     new = _config(**{"objective": objective, field: value})
     with pytest.raises(workdir.ConfigChangeError) as e:
-      workdir.check_config_change(old, new)
+      config_identity.check_config_change(old, new)
     assert field in str(e.value) and repr(value) in str(e.value) and "--config.allow_config_change=True" in str(e.value)
-    assert workdir.check_config_change(old, new, allow=True) == workdir.config_changes(old, new)
+    assert config_identity.check_config_change(old, new, allow=True) == config_identity.config_changes(old, new)
   # Every teacher section a distillation names is fixed, and so is the list.
   def two(**fields):
     c = _config()
@@ -149,12 +162,12 @@ def test_changes_to_the_model_or_checkpoint_meaning_are_an_error():
   old = json.loads(two().to_json_best_effort())
   for field, value in [("block", 12), ("weight", 0.5), ("source", "other.safetensors")]:
     with pytest.raises(workdir.ConfigChangeError, match=rf"teacher2.{field}: "):
-      workdir.check_config_change(old, two(**{field: value}))
+      config_identity.check_config_change(old, two(**{field: value}))
   with pytest.raises(workdir.ConfigChangeError, match="teachers: "):
-    workdir.check_config_change(old, _config())
+    config_identity.check_config_change(old, _config())
   # The teacher and the distillation target belong to a distillation run only.
   mae = json.loads(_config(objective="mae_pretrain").to_json_best_effort())
-  assert set(workdir.check_config_change(mae, _config(**{"objective": "mae_pretrain", "teacher.source": "x.pth",
+  assert set(config_identity.check_config_change(mae, _config(**{"objective": "mae_pretrain", "teacher.source": "x.pth",
                                                          "distill.teacher_block": 9}))) == {"teacher.source",
                                                                                           "distill.teacher_block"}
 
@@ -163,12 +176,12 @@ def test_other_changes_are_allowed_and_recorded(tmp_path):
   old = json.loads(_config().to_json_best_effort())
   new = _config(**{"optim.base_lr": 1e-3, "batch_size": 64, "total_steps": 10, "log_every_steps": 5,
                    "eval_every_steps": 0, "ckpt_every_steps": 7, "seed": 3, "allow_config_change": True})
-  changes = workdir.check_config_change(old, new)
+  changes = config_identity.check_config_change(old, new)
   assert set(changes) == {"optim.base_lr", "batch_size", "total_steps", "log_every_steps", "eval_every_steps",
                           "ckpt_every_steps", "seed"}  # allow_config_change is not part of the identity
   assert changes["optim.base_lr"] == (1.5e-4, 1e-3)
-  workdir.record_config_change(str(tmp_path), new, changes, step=12)
-  (rec,) = [json.loads(line) for line in (tmp_path / workdir.HISTORY_FILE).read_text().splitlines()]
+  config_identity.record_config_change(str(tmp_path), new, changes, step=12)
+  (rec,) = [json.loads(line) for line in (tmp_path / workdir.HISTORY).read_text().splitlines()]
   assert rec["step"] == 12 and rec["changes"]["batch_size"] == [4096, 64] and rec["forced"] == []
   assert json.loads((tmp_path / "config.json").read_text())["optim"]["base_lr"] == 1e-3
 
@@ -176,16 +189,16 @@ def test_other_changes_are_allowed_and_recorded(tmp_path):
 def test_a_field_added_to_the_schema_since_is_not_a_change():
   old = json.loads(_config().to_json_best_effort())
   del old["model"]["attention"], old["data"]["max_image_pixels"]  # as saved before these fields existed
-  assert workdir.check_config_change(old, _config()) == {}
-  changes = workdir.config_changes(old, _config(**{"data.max_image_pixels": 1000}))
+  assert config_identity.check_config_change(old, _config()) == {}
+  changes = config_identity.config_changes(old, _config(**{"data.max_image_pixels": 1000}))
   assert changes == {"data.max_image_pixels": (None, 1000)}
   with pytest.raises(workdir.ConfigChangeError, match="model.attention"):
-    workdir.check_config_change(old, _config(**{"model.attention": "xla"}))
+    config_identity.check_config_change(old, _config(**{"model.attention": "xla"}))
 
 
 def test_a_field_left_to_the_variant_equals_the_variants_value():
   old = json.loads(_config().to_json_best_effort())
   old["model"]["img_size"], old["model"]["pos_embed"] = 224, "sincos"  # saved when these were not placeholders
-  assert workdir.check_config_change(old, _config()) == {}  # None: the variant's 224 / 'sincos'
+  assert config_identity.check_config_change(old, _config()) == {}  # None: the variant's 224 / 'sincos'
   with pytest.raises(workdir.ConfigChangeError, match="model.pos_embed"):
-    workdir.check_config_change(old, _config(**{"model.pos_embed": "learn"}))
+    config_identity.check_config_change(old, _config(**{"model.pos_embed": "learn"}))

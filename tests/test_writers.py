@@ -20,14 +20,14 @@ from PIL import Image
 sys.modules.setdefault("tensorboard.compat.notf", types.ModuleType("tensorboard.compat.notf"))
 from tensorboard.backend.event_processing import event_accumulator  # noqa: E402
 
-from tinymim_jax import writers  # noqa: E402
+from tinymim_jax import workdir as workdir_lib, writers  # noqa: E402
 
 
 def _read_records(workdir):
   """Scalar (tag, step, value) from the raw event files: the TFRecord framing parsed by hand, no TensorFlow."""
   from tensorboard.compat.proto import event_pb2
   out = []
-  tb = os.path.join(workdir, writers.TB_DIR)
+  tb = os.path.join(workdir, workdir_lib.TENSORBOARD)
   for name in sorted(os.listdir(tb)):
     data = open(os.path.join(tb, name), "rb").read()
     pos = 0
@@ -41,7 +41,7 @@ def _read_records(workdir):
 
 def _scalars(workdir):
   """The same through TensorBoard's own reader (which also applies the purge of orphaned steps)."""
-  acc = event_accumulator.EventAccumulator(os.path.join(workdir, writers.TB_DIR),
+  acc = event_accumulator.EventAccumulator(os.path.join(workdir, workdir_lib.TENSORBOARD),
                                            size_guidance={event_accumulator.SCALARS: 0})
   acc.Reload()
   return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
@@ -57,7 +57,7 @@ def test_jsonl_tensorboard_png(tmp_path):
   assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 5]
   assert recs[1]["train/loss"] == pytest.approx(0.5) and recs[-1]["eval/knn_top1"] == 0.25
   assert all(abs(r["time"] - time.time()) < 60 for r in recs)
-  with open(os.path.join(wd, writers.METRICS_FILE)) as f:
+  with open(os.path.join(wd, workdir_lib.METRICS)) as f:
     assert all(json.loads(line) for line in f)  # one object per line
 
   raw = _read_records(wd)
@@ -68,7 +68,7 @@ def test_jsonl_tensorboard_png(tmp_path):
   np.testing.assert_allclose([v for _, v in sc["train/loss"]], [1, 1 / 2, 1 / 3, 1 / 4, 1 / 5], rtol=1e-6)
   assert sc["eval/knn_top1"] == [(5, 0.25)]
 
-  png = os.path.join(wd, writers.PLOT_FILE)
+  png = os.path.join(wd, workdir_lib.PLOT)
   with Image.open(png) as im:
     assert im.format == "PNG" and im.size == (1200, 450)
   assert not [f for f in os.listdir(wd) if f.endswith(".tmp")]  # atomic writes leave no temp files
@@ -78,7 +78,7 @@ def test_plot_throttled(tmp_path):
   wd = str(tmp_path)
   w = writers.MetricWriter(wd, plot_every_s=3600)
   w.write(1, {"train/loss": 1.0})  # the first write draws
-  png = os.path.join(wd, writers.PLOT_FILE)
+  png = os.path.join(wd, workdir_lib.PLOT)
   first = os.path.getmtime(png)
   os.utime(png, (first - 100, first - 100))
   w.write(2, {"train/loss": 0.5})  # within plot_every_s: not re-drawn
@@ -105,7 +105,7 @@ def test_resume_truncates_and_appends(tmp_path):
     for s in range(1, 11):
       w.write(s * 10, {"train/loss": 1.0 / s})
   # A crash after the checkpoint at step 50 while a line was half written.
-  with open(os.path.join(wd, writers.METRICS_FILE), "a") as f:
+  with open(os.path.join(wd, workdir_lib.METRICS), "a") as f:
     f.write('{"step": 110, "train/lo')
   with writers.MetricWriter(wd, resume_step=50) as w:
     assert [r["step"] for r in writers.read_metrics(wd)] == [10, 20, 30, 40, 50]
@@ -123,7 +123,7 @@ def test_resume_without_step_keeps_everything(tmp_path):
   wd = str(tmp_path)
   with writers.MetricWriter(wd) as w:
     w.write(1, {"train/loss": 1.0})
-  with open(os.path.join(wd, writers.METRICS_FILE), "a") as f:
+  with open(os.path.join(wd, workdir_lib.METRICS), "a") as f:
     f.write('{"step": 2')  # torn line, no newline: the next record must still start on its own line
   with writers.MetricWriter(wd) as w:
     w.write(3, {"train/loss": 0.5})

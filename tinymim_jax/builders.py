@@ -1,4 +1,4 @@
-"""From a config to what a run needs: models, the teacher, weights, the optimizer, a finished run's model.
+"""From a config to what a run needs: models, weights, the optimizer, a finished run's model.
 
 The one place each of these is built, shared by the trainer, the converter CLI, the benchmarks and the tests.
 """
@@ -17,9 +17,10 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tinymim_jax import checkpoint, convert, features, optim, paths
+from tinymim_jax import checkpoint, convert, features, objectives, optim, paths
+from tinymim_jax import workdir as workdir_lib
 from tinymim_jax import train_steps as ts
-from tinymim_jax.models import MAE_PREFIX, ViTConfig, create_model, vit_config
+from tinymim_jax.models import ViTConfig, create_model
 
 
 def vit_kwargs(mc) -> dict:
@@ -27,141 +28,43 @@ def vit_kwargs(mc) -> dict:
   return {f.name: mc[f.name] for f in dataclasses.fields(ViTConfig) if f.name in mc and mc[f.name] is not None}
 
 
-def teacher_vit_config(config, name: str = "teacher") -> ViTConfig:
-  """The full ViTConfig of the teacher in section config.<name> (before make_teacher truncates it)."""
-  return vit_config(config[name].name, **vit_kwargs(config[name]))
-
-
-def teacher_block(config, name: str = "teacher") -> int:
-  """The 1-based block of teacher `name` that the target reads: config.<name>.block, else distill.teacher_block.
-  Raises ValueError naming the field when the teacher has no such block."""
-  section = config[name]
-  block = config.distill.teacher_block if section.block is None else section.block
-  depth = teacher_vit_config(config, name).depth
-  if not 1 <= block <= depth:
-    field = "distill.teacher_block" if section.block is None else f"{name}.block"
-    raise ValueError(f"config.{field}={block}, but config.{name} ({section.name}) has blocks 1..{depth}")
-  return block
-
-
-def distill_spec(config) -> ts.DistillSpec:
-  """config.distill as the train step reads it (the fields of ts.DistillSpec)."""
-  return ts.DistillSpec(**{f.name: config.distill[f.name] for f in dataclasses.fields(ts.DistillSpec)})
-
-
 # --------------------------------------------------------------------------------------------------------
 # Models.
 # --------------------------------------------------------------------------------------------------------
-def make_model(config, *, num_classes: int | None = None, seed: int | None = None) -> nnx.Module:
-  """The model a run trains: an MAE, a TinyMIM student, or a classifier."""
-  seed = config.seed if seed is None else seed
+def make_classifier(config, *, num_classes: int | None = None, seed: int | None = None) -> nnx.Module:
+  """The ViT config.model describes, with a `num_classes` head unless config.model.num_classes sets one."""
   kw = vit_kwargs(config.model)
-  if config.objective == "mae_pretrain":
-    m = config.mae
-    return create_model(MAE_PREFIX + config.model.name, seed=seed, decoder=dict(
-        embed_dim=m.decoder_embed_dim, depth=m.decoder_depth, num_heads=m.decoder_num_heads), **kw)
-  if config.objective == "distill":
-    # The relation block uses the teachers' head count and no drop path (docs/method.md sections 2, 3).
-    kw["head_overrides"] = {config.distill.student_block: relation_heads(config)}
-    kw["drop_path_overrides"] = {config.distill.student_block: 0.0}
-    return create_model(config.model.name, seed=seed, **kw)
   if num_classes and not kw.get("num_classes"):
     kw["num_classes"] = num_classes
-  return create_model(config.model.name, seed=seed, **kw)
+  return create_model(config.model.name, seed=config.seed if seed is None else seed, **kw)
 
 
-def relation_heads(config) -> int:
-  """The head count of the student's relation block: distill.relation_heads, else the teachers' at their blocks.
-  With a relation target, teachers whose heads differ there are a ValueError (their maps cannot be compared)."""
-  heads = {name: teacher_vit_config(config, name).block_heads(teacher_block(config, name))
-           for name in config.teachers}
-  if config.distill.target == "relation" and config.distill.relation_heads is None and len(set(heads.values())) > 1:
-    raise ValueError(f"the teachers' blocks have {heads} heads: relation maps per head need one count; set "
-                     f"--config.distill.relation_heads or pick blocks with equal head counts")
-  return config.distill.relation_heads or heads[config.teachers[0]]
+def make_trainable(config, *, num_classes: int | None = None, seed: int | None = None
+                   ) -> tuple[nnx.Module, dict[str, nnx.Module]]:
+  """-> (the model a run of config.objective trains, {name: extra layers trained beside it}), as that objective
+  builds them (objectives.Objective.build: an MAE, a TinyMIM student and its target's layers, a classifier)."""
+  return objectives.get(config.objective).build(config, num_classes=num_classes, seed=seed)
 
 
-def make_trainable(config, *, num_classes: int | None = None) -> tuple[nnx.Module, dict[str, nnx.Module]]:
-  """-> (the model a run trains, {name: extra layers trained beside it}): a distillation target's extra layers
-  (ts.TARGETS), e.g. the feature target's width projection, one set per teacher (teacher_specs names them);
-  none for the other objectives."""
-  model = make_model(config, num_classes=num_classes)
-  if config.objective != "distill":
-    return model, {}
-  target, extras = ts.TARGETS[config.distill.target], {}
-  for i, name in enumerate(config.teachers):
-    own = target.extra_layers(model.config, teacher_vit_config(config, name), nnx.Rngs(config.seed + i))
-    extras.update({_extra_name(k, name, i): layer for k, layer in own.items()})
-  return model, extras
-
-
-def _extra_name(key: str, teacher: str, index: int) -> str:
-  """A target's extra layer `key` for the teacher at `index` of config.teachers: its own name for the first
-  (a single-teacher run's names), '<key>_<teacher>' for the others."""
-  return key if index == 0 else f"{key}_{teacher}"
-
-
-def make_teachers(config) -> dict[str, nnx.Module]:
-  """{name: make_teacher(config, name)} over config.teachers (models only; load_teacher loads each)."""
-  return {name: make_teacher(config, name) for name in config.teachers}
-
-
-def make_teacher(config, name: str = "teacher") -> nnx.Module:
-  """The frozen teacher of section config.<name>: only what it runs, the embeddings and blocks 1..its block
-  (teacher_block; eval mode, CLS layout; its final norm is built but never run)."""
-  kw = vit_kwargs(config[name])
-  kw.update(drop_path=0.0, num_classes=0, pooling="cls", depth=teacher_block(config, name),
-            img_size=teacher_img_size(config, name))
-  return create_model(config[name].name, seed=0, **kw)
-
-
-def teacher_img_size(config, name: str = "teacher") -> int:
-  """The teacher's input resolution: the student's patch grid times the teacher's patch size, so that both see
-  the same grid (196 px for a patch-14 teacher beside a 224 px patch-16 student)."""
-  student, teacher = vit_config(config.model.name, **vit_kwargs(config.model)), teacher_vit_config(config, name)
-  return (student.img_size // student.patch_size) * teacher.patch_size
-
-
-def teacher_input(config, name: str = "teacher") -> ts.TeacherInput:
-  """How teacher `name` reads the data's teacher view: its resolution (teacher_img_size), its input statistics
-  (models.variants.INPUT_NORM by its variant name; the view comes normalised with config.data.teacher_norm),
-  and the register tokens dropped from the relation maps."""
-  from tinymim_jax.models.variants import INPUT_NORM, IMAGENET_NORM
-  t = teacher_vit_config(config, name)
-  return ts.TeacherInput(img_size=teacher_img_size(config, name),
-                         view_norm=tuple(map(tuple, config.data.teacher_norm)),
-                         norm=INPUT_NORM.get(config[name].name, IMAGENET_NORM), reg_tokens=t.reg_tokens)
-
-
-def teacher_specs(config) -> dict[str, ts.TeacherSpec]:
-  """{name: ts.TeacherSpec} over config.teachers: its block, weight, input, and (several teachers) the names
-  of its own extra layers among make_trainable's."""
-  student, target = vit_config(config.model.name, **vit_kwargs(config.model)), ts.TARGETS[config.distill.target]
-  specs = {}
-  for i, name in enumerate(config.teachers):
-    own = None
-    if len(config.teachers) > 1:
-      keys = nnx.eval_shape(lambda n=name: target.extra_layers(student, teacher_vit_config(config, n), nnx.Rngs(0)))
-      own = tuple((k, _extra_name(k, name, i)) for k in keys)
-    specs[name] = ts.TeacherSpec(block=teacher_block(config, name), weight=float(config[name].weight),
-                                 input=teacher_input(config, name), extras=own)
-  return specs
+def make_model(config, *, num_classes: int | None = None, seed: int | None = None) -> nnx.Module:
+  """The model a run of config.objective trains (make_trainable's, without the extra layers)."""
+  return make_trainable(config, num_classes=num_classes, seed=seed)[0]
 
 
 # --------------------------------------------------------------------------------------------------------
 # Optimizer.
 # --------------------------------------------------------------------------------------------------------
-def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec: ts.DistillSpec | None = None
+def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, frozen: tuple[str, ...] = ()
                    ) -> tuple[optax.GradientTransformation, optax.Schedule, str]:
   """AdamW with MAE's lr schedule and config.optim's rules over `params` (arrays or ShapeDtypeStructs, as
-  ts.split_model gives them); with a distillation `spec`, the params its target leaves untrained are frozen.
+  ts.split_model gives them); `frozen`: regexes of params the objective leaves untrained, beside config.optim's.
 
   Returns (tx, schedule, a table of the rules for the log).
   """
   o = config.optim
   schedule = optim.lr_schedule(base_lr=o.base_lr, global_batch_size=config.batch_size, total_steps=total_steps,
                                warmup_steps=warmup_steps, min_lr=o.min_lr, lr_scaling_batch=o.lr_scaling_batch)
-  frozen = tuple(o.frozen) + (ts.distill_frozen_patterns(spec, params) if spec is not None else ())
+  frozen = tuple(o.frozen) + tuple(frozen)
   rules = dict(no_decay=tuple(o.no_decay), frozen=frozen, layer_decay=o.layer_decay,
                depth=len(params["blocks"]) if "blocks" in params else None)
   tx = optim.make_optimizer(params, schedule=schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
@@ -174,8 +77,8 @@ def make_optimizer(config, params, *, total_steps: int, warmup_steps: int, spec:
 # --------------------------------------------------------------------------------------------------------
 def _open_run(workdir: str) -> checkpoint.Checkpointer:
   """A finished or running run's checkpoints, read-only: nothing is created in a directory that is not one."""
-  if not paths.isdir(os.path.join(workdir, checkpoint.CKPT_DIR)):
-    raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {checkpoint.CKPT_DIR}/ "
+  if not paths.isdir(os.path.join(workdir, workdir_lib.CHECKPOINTS)):
+    raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {workdir_lib.CHECKPOINTS}/ "
                                      f"directory")
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if ckpt.latest_step() is None:
@@ -184,14 +87,51 @@ def _open_run(workdir: str) -> checkpoint.Checkpointer:
   return ckpt
 
 
-def _saved_trainable(meta: dict):
-  config = ml_collections.ConfigDict(meta["config"])
-  return nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+MODEL_KEY = "model"  # the checkpoint metadata's record of the model it holds (model_record)
+
+
+def model_record(model: nnx.Module, extras: dict | None = None) -> dict:
+  """What a checkpoint records of the model it holds, so that restoring it needs no objective code.
+
+  -> {'architecture': convert.architecture(model) (the fields of an export's `<name>.config.json`), 'extras':
+  {name: {param path ('linear/kernel'): [shape, dtype name]}}: the extra layers trained beside the model
+  (objectives.Objective.build; their params sit beside the model's, train_steps.split_model)}.
+  """
+  rec = {}
+  for name, module in (extras or {}).items():
+    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(module, nnx.Param)))[0]
+    rec[name] = {"/".join(str(k.key) for k in path): [list(x.shape), np.dtype(x.dtype).name] for path, x in flat}
+  return {"architecture": convert.architecture(model), "extras": rec}
+
+
+def _saved_trainable(meta: dict) -> tuple[nnx.Module, dict]:
+  """-> (the abstract model a checkpoint holds, {name: abstract params of each extra layer}).
+
+  From the checkpoint's model_record; a checkpoint written before it records its model (no MODEL_KEY) is
+  rebuilt from its saved config by its objective (builders.make_trainable)."""
+  rec = meta.get(MODEL_KEY)
+  if rec is None:
+    config = ml_collections.ConfigDict(meta["config"])
+    model, extras = nnx.eval_shape(lambda: make_trainable(config, num_classes=meta.get("num_classes")))
+    return model, {name: ts.split_model(layer)[1] for name, layer in extras.items()}
+  name, overrides, decoder = convert.sidecar_model(rec["architecture"])
+  model = nnx.eval_shape(lambda: create_model(name, decoder=decoder, **overrides))
+  extras = {}
+  for layer, leaves in rec.get("extras", {}).items():
+    tree = extras[layer] = {}
+    for path, (shape, dtype) in leaves.items():
+      *parents, leaf = path.split("/")
+      node = tree
+      for key in parents:
+        node = node.setdefault(key, {})
+      node[leaf] = jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+  return model, extras
 
 
 def restore_model(workdir: str) -> nnx.Module:
   """The trained model of a tinymim-jax run (its newest intact checkpoint, without a target's extra layers),
-  rebuilt from the config it saved, on this process's first device whatever mesh saved it. Reads only.
+  built from the architecture the checkpoint records (model_record; an older checkpoint: from the config it
+  saved), on this process's first device whatever mesh saved it. Reads only.
 
   Raises convert.MissingSourceError (a FileNotFoundError) when `workdir` holds no checkpoint,
   checkpoint.NoIntactCheckpointError when every checkpoint is damaged (a damaged one is skipped with a warning,
@@ -208,26 +148,32 @@ def _restore(workdir: str) -> tuple[nnx.Module, dict]:
     built = {}
 
     def abstract_model(meta):
-      built["modeldef"], params, consts = ts.split_model(*_saved_trainable(meta))
-      target = {"params": params, "consts": consts}
+      model, extras = _saved_trainable(meta)
+      built["modeldef"], params, consts = ts.split_model(model)
+      built["extras"] = set(extras)
+      target = {"params": {**params, **extras}, "consts": consts}
       return {"model": checkpoint.abstract(target, jax.tree.map(lambda _: local, target))}
 
     _, restored, meta = ckpt.restore_intact(abstract_model)
   finally:
     ckpt.close()
-  return ts.merge_model(built["modeldef"], restored["model"]["params"], restored["model"]["consts"]), meta
+  params = {k: v for k, v in restored["model"]["params"].items() if k not in built["extras"]}
+  return ts.merge_model(built["modeldef"], params, restored["model"]["consts"]), meta
 
 
 def source_architecture(source: str) -> tuple[dict, str] | None:
   """-> (convert.architecture of the model `source` holds, where it was read) or None when nothing records it:
-  a workdir's saved config, or the `<name>.config.json` beside a weight file."""
+  a workdir's checkpoint (model_record, or the config an older one saved), or the `<name>.config.json` beside a
+  weight file."""
   if paths.isdir(source):
     ckpt = _open_run(source)
     try:
-      model, _ = _saved_trainable(ckpt.restore_meta())
+      meta = ckpt.restore_meta()
     finally:
       ckpt.close()
-    return convert.architecture(model), f"the config saved in {source}"
+    if MODEL_KEY in meta:
+      return meta[MODEL_KEY]["architecture"], f"the checkpoint in {source}"
+    return convert.architecture(_saved_trainable(meta)[0]), f"the config saved in {source}"
   if paths.isfile(source):
     side = convert.read_sidecar(source)
     return (side, os.path.basename(convert.sidecar_path(source))) if side is not None else None
@@ -254,30 +200,18 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
 # How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
 INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix"}
 
-def teacher_options(name: str = "teacher") -> dict[str, str]:
-  return {k: f"{name}.{k}" for k in ("skip", "ema", "prefix")}
-
-
 def load_init(model: nnx.Module, config) -> convert.LoadReport:
   """config.init into the model a run trains. Fine-tuning starts from a pretrained / distilled encoder: a fresh
-  fc_norm + head, the file's `norm` dropped; objective 'eval' needs every key."""
+  fc_norm + head, the file's `norm` dropped (a frozen model for evals is read strictly: frozen_model)."""
   return load_weights(model, config.init, skip=config.init_skip, ema=config.init_ema, prefix=config.init_prefix,
-                      allow_missing=(r"fc_norm\..*", r"head\..*") if config.objective != "eval" else (),
-                      hint_context=INIT_OPTIONS)
+                      allow_missing=(r"fc_norm\..*", r"head\..*"), hint_context=INIT_OPTIONS)
 
 
-def load_teacher(teacher: nnx.Module, config, name: str = "teacher") -> convert.LoadReport:
-  """config.<name>.source into make_teacher's model: exactly what the teacher runs (the embeddings and blocks
-  1..teacher_block) is required and loaded; the rest of the file is reported as not run."""
-  t = config[name]
-  return load_weights(teacher, t.source, skip=t.skip, ema=t.ema, prefix=t.prefix,
-                      depth=teacher_block(config, name), hint_context=teacher_options(name))
-
-
-def resolve_source_heads(config) -> list[str]:
+def resolve_source_heads(config, teachers=()) -> list[str]:
   """Takes the head counts the sources record where the config leaves them to the variant; -> log lines.
 
-  A state dict does not store head counts. Where a teacher's source (each of config.teachers) / config.init
+  A state dict does not store head counts. Where a teacher's source (the sections named in `teachers`, the
+  run's objective's: objectives.Objective.teacher_sections) / config.init
   records its model (source_architecture) and that section's num_heads is None (the variant's), the recorded
   count is written into the config, so the run is built, saved and restored with it. An explicit teacher
   num_heads that differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
@@ -286,7 +220,6 @@ def resolve_source_heads(config) -> list[str]:
   builders set the relation block's heads from config.distill.
   """
   notes = []
-  teachers = config.teachers if config.objective == "distill" else ()
   sections = [(name, config[name].source) for name in teachers if config[name].source]
   sections += [("model", config.init)] if config.init else []
   for field, source in sections:

@@ -48,8 +48,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from tinymim_jax import optim, paths
+from tinymim_jax import sharding as sh
+from tinymim_jax import workdir as workdir_lib
 
-CKPT_DIR = "checkpoints"
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
 _COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a complete step on an object store (a directory without it
                                      # in checkpoints/ is deleted as unfinished when the next run starts)
@@ -165,9 +166,7 @@ def array_checksums(tree: Any) -> dict[str, str]:
   with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # numpy releases the GIL
     partial = np.stack(list(pool.map(_leaf_partial, [x for _, x in flat]))).astype(np.uint64)
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    gathered = np.asarray(multihost_utils.process_allgather(partial.astype(np.uint32)), np.uint64)
-    partial = gathered.reshape((-1,) + partial.shape).sum(0)
+    partial = sh.allgather(partial.astype(np.uint32)).astype(np.uint64).sum(0)
   sums = partial % 2**32
   return {_key_name(path): f"{int(a):08x}{int(b):08x}" for (path, _), (a, b) in zip(flat, sums)}
 
@@ -215,20 +214,6 @@ def _quiet_unraisable():
     sys.unraisablehook = old
 
 
-def _all_processes(flag: bool) -> bool:
-  """Whether `flag` holds on every process (a collective in multi-process runs)."""
-  if jax.process_count() == 1:
-    return flag
-  from jax.experimental import multihost_utils
-  return bool(np.asarray(multihost_utils.process_allgather(np.asarray(flag))).all())
-
-
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
-
-
 # -----------------------------------------------------------------------------------------------------
 # The checkpointer.
 # -----------------------------------------------------------------------------------------------------
@@ -248,7 +233,7 @@ class Checkpointer:
       options = ocp.CheckpointManagerOptions(max_to_keep=keep, keep_period=keep_every, create=True,
                                              enable_async_checkpointing=async_save,
                                              cleanup_tmp_directories=True)
-    self.directory = os.path.join(paths.abspath(workdir), CKPT_DIR)
+    self.directory = os.path.join(paths.abspath(workdir), workdir_lib.CHECKPOINTS)
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -390,7 +375,7 @@ class Checkpointer:
         raise
       except Exception as e:  # pylint: disable=broad-except  (any unreadable checkpoint is damaged)
         problem = _summary(e)
-      if _all_processes(problem is None):
+      if sh.all_processes(problem is None):
         for s, p in found:  # only once an intact one exists: a systematic failure leaves everything in place
           where = self._move_aside(s) if move_aside else None
           logging.warning("checkpoint step %d in %s is damaged (%s)%s", s, self.directory, p,
@@ -455,7 +440,7 @@ class Checkpointer:
       except OSError as e:
         logging.warning("could not move the damaged checkpoint %s aside: %s", src, e)
         dst = src
-    _barrier(f"tinymim_move_aside_{step}")
+    sh.barrier(f"tinymim_move_aside_{step}")
     self.mngr.reload()
     return dst
 
@@ -471,7 +456,7 @@ class Checkpointer:
 
 def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a finalised checkpoint (without opening Orbax)."""
-  d = os.path.join(workdir, CKPT_DIR)
+  d = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   return paths.isdir(d) and any(name.isdigit() and _finalized(os.path.join(d, name)) for name in paths.listdir(d))
 
 

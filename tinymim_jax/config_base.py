@@ -15,9 +15,6 @@ from ml_collections import config_dict
 
 from tinymim_jax.fewshot import DEFAULT_L2
 
-OBJECTIVES = ("distill", "mae_pretrain", "finetune", "linprobe", "eval")
-
-
 # ViTConfig fields the builders set from other sections (the relation block's heads and drop path).
 _BUILDER_SET = ("head_overrides", "drop_path_overrides")
 
@@ -276,8 +273,9 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Raises ConfigError (a ValueError) naming the field: a value outside its range (RANGES, VIT_RANGES, the data
   fields' checks in data/config.py), an unknown objective, a missing teacher / init, inconsistent lengths.
   """
-  if c.objective not in OBJECTIVES:
-    raise ConfigError(f"config.objective must be one of {OBJECTIVES}, got {c.objective!r}")
+  from tinymim_jax import objectives  # the registry (its modules load the builders, not this module)
+  if c.objective not in objectives.names():
+    raise ConfigError(f"config.objective must be one of {objectives.names()}, got {c.objective!r}")
   _check_teachers(c)
   if c.objective in ("eval", "linprobe") and not c.init:
     raise ConfigError(f"config.init is empty: objective {c.objective!r} needs weights to evaluate (a .pth / "

@@ -51,23 +51,16 @@ def vit_of(model):
   return getattr(model, "encoder", model)
 
 
-def default_block(run_config: Mapping | None, depth: int) -> int:
-  """The block whose output a model's features are, from the config of the run that trained it (or None)."""
-  if run_config is not None and run_config.get("objective") == "distill":
-    d = run_config["distill"]
-    return int(d["student_block"]) - (1 if d.get("target", "relation") == "relation" else 0)
-  return depth
-
-
 def resolve(overrides: Mapping | None, *, depth: int, recorded: Mapping | None = None,
-            run_config: Mapping | None = None) -> FeatureSpec:
+            default_block: int | None = None) -> FeatureSpec:
   """The spec an eval uses: each field from `overrides` (config.eval.feature; None = not set), else from
-  `recorded` (the spec a workdir recorded), else the default of a model trained by `run_config`.
+  `recorded` (the spec a workdir recorded), else the default: block `default_block` (the objective that trained
+  the model decides it, objectives.default_feature_block; None = the last block, `depth`), mean pooling, norm.
 
   Raises ValueError when the block is not in 0..depth.
   """
   overrides, recorded = dict(overrides or {}), dict(recorded or {})
-  default = {"block": default_block(run_config, depth), "pool": "mean", "norm": True}
+  default = {"block": depth if default_block is None else default_block, "pool": "mean", "norm": True}
   fields = {}
   for k in default:
     v = overrides.get(k)

@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from tinymim_jax import features as feat_lib
+from tinymim_jax import periodic
 from tinymim_jax import train_steps as ts
 
 BN_EPS = 1e-6
@@ -130,7 +131,7 @@ def make_step(encoder_graphdef, tx, schedule, spec: feat_lib.FeatureSpec | None 
       return loss, (consts, topk_correct(logits, labels, 1).mean())
 
     (loss, (consts, top1)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    new, metrics = ts._finish(state, grads, loss, {"train_top1": top1}, tx, schedule)  # the trainer's NaN guard
+    new, metrics = ts.apply_guarded_update(state, grads, loss, {"train_top1": top1}, tx, schedule)  # the trainer's NaN guard
     ok = metrics["nonfinite"] == 0
     new["consts"] = jax.tree.map(lambda a, b: jnp.where(ok, a, b), consts, state["consts"])
     return new, metrics
@@ -174,7 +175,9 @@ class CacheIterator:
     self.local = global_batch_size // pc
     self.offset = pi * self.local
     self.batch = global_batch_size
-    self.steps_per_epoch = steps_per_epoch or self.num_rows // global_batch_size
+    # Every process holds every row: one share of all of them.
+    self.steps_per_epoch = steps_per_epoch or periodic.steps_per_epoch(self.num_rows, global_batch_size,
+                                                                       name="the cached features")
     self.seed, self.step, self.skipped = seed, start_step, 0
     self._epoch, self._perm = None, None
 

@@ -125,3 +125,32 @@ def tree_sharding(tree, mesh: Mesh, rules=DEFAULT_RULES):
     m = root.search(name) if root else None
     return NamedSharding(mesh, spec_for(m.group(1) if m else name, shape, mesh, rules))
   return jax.tree_util.tree_map_with_path(one, tree)
+
+
+# -----------------------------------------------------------------------------------------------------
+# Agreement across processes (collectives: every process must call them; free in a single-process run).
+# -----------------------------------------------------------------------------------------------------
+def allgather(x: np.ndarray) -> np.ndarray:
+  """(processes, *x.shape): every process's `x`, stacked in process order; x[None] in a single-process run."""
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+  return np.asarray(multihost_utils.process_allgather(x)).reshape((jax.process_count(),) + x.shape)
+
+
+def all_processes(flag: bool) -> bool:
+  """Whether `flag` holds on every process."""
+  return bool(allgather(np.asarray(flag)).all())
+
+
+def any_process(*flags: bool) -> tuple[bool, ...]:
+  """Each flag, True where it holds on any process."""
+  return tuple(bool(f) for f in allgather(np.asarray(flags, bool)).any(0))
+
+
+def barrier(name: str) -> None:
+  """Waits until every process has reached the barrier `name`."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)

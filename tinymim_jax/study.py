@@ -30,13 +30,14 @@ import json
 import logging
 import math
 import os
-import platform
 import subprocess
 import sys
 import time
 from typing import NamedTuple, Sequence
 
 import numpy as np
+
+from tinymim_jax import environment, periodic, workdir as workdir_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMES = "study_times.json"    # run name -> {wall_s, cpu_s} of the invocation that finished it
@@ -56,15 +57,21 @@ TEACHER_EVAL = "teacher_eval"  # the run (if planned) that scores the teacher's 
 
 
 def load_config_module(path: str):
+  """A config file (configs/*.py) as a module: the one loader of the study runner, the demo, tests and
+  benchmarks. FileNotFoundError names a missing file."""
   if not os.path.exists(path):
-    raise FileNotFoundError(f"study config {path} not found")
+    raise FileNotFoundError(f"config {path} not found")
   spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
+  return module
+
+
+def _check_runnable(module) -> None:
   for name in ("plan", "get_config"):
     if not hasattr(module, name):
-      raise AttributeError(f"study config {path} lacks {name} (see tinymim_jax/study.py)")
-  return module
+      raise AttributeError(f"study config {getattr(module, '__file__', module)} lacks {name}: a study config gives "
+                           "plan(quick) and get_config(arg) (see tinymim_jax/study.py)")
 
 
 def _check_reportable(module) -> None:
@@ -102,13 +109,14 @@ def _write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> bool:
   """Runs every unfinished run of the plan in order; True when all have finished (False: preempted)."""
+  _check_runnable(module)
   from tinymim_jax import config_base, floors, main as trainer
   os.makedirs(root, exist_ok=True)
   times_path = os.path.join(root, TIMES)
   runs = module.plan(quick)
   for i, (name, run_arg) in enumerate(runs):
     workdir = os.path.join(root, name)
-    if os.path.exists(os.path.join(workdir, trainer.DONE)):
+    if os.path.exists(os.path.join(workdir, workdir_lib.DONE)):
       print(f"== [{i + 1}/{len(runs)}] {name}: finished earlier", flush=True)
       continue
     config = module.get_config(_arg(base_arg, run_arg, root, quick))
@@ -307,17 +315,6 @@ def _git(*args) -> str:
     return ""
 
 
-def machine() -> str:
-  model = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      model = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "")
-  except OSError:
-    pass
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return f"{model or platform.processor() or platform.machine()}, {cores} cores ({platform.system()})"
-
-
 def _design(module) -> str:
   """The config's DESIGN text (runs, arms, hyper-parameters, the gate), written before the runs."""
   return getattr(module, "DESIGN", "(the config gives no DESIGN)").strip()
@@ -363,7 +360,7 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
   L += [f"Produced by `{command or 'python -m tinymim_jax.study'}` (config `{config_path}`) on "
         f"{datetime.date.today().isoformat()}; commit `{_git('rev-parse', 'HEAD') or 'unknown'}`"
         f"{' (with uncommitted changes)' if dirty else ''}; "
-        f"machine: {machine()}.", ""]
+        f"machine: {environment.machine()}.", ""]
   if quick:
     L += ["**Quick mode: a few dozen steps per run, one seed. These numbers only show that the pipeline runs; "
           "they say nothing about the method.**", ""]
@@ -553,10 +550,10 @@ class CpuSampler:
 
 
 def _full_steps(c, num_train: int) -> int:
-  """Train steps of a run, as main counts them (0 for 'eval')."""
+  """Train steps of a run, as the trainer counts them (0 for 'eval')."""
   if c.objective == "eval":
     return 0
-  return c.total_steps if c.total_steps is not None else int(c.total_epochs * max(num_train // c.batch_size, 1))
+  return periodic.run_length(c, periodic.steps_per_epoch(num_train, c.batch_size))[0]
 
 
 def time_stages(module, root: str, steps: int, *, base_arg: str = "") -> dict:
@@ -612,7 +609,7 @@ def time_stages(module, root: str, steps: int, *, base_arg: str = "") -> dict:
     runs[kind] = runs.get(kind, 0) + 1
   out = {"measured": measured, "runs": runs, "projected_wall_s": wall, "projected_cpu_s": cpu,
          "projected_total_wall_s": sum(wall.values()), "projected_total_cpu_s": sum(cpu.values()),
-         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "machine": machine()}
+         "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None, "machine": environment.machine()}
   _write_json(os.path.join(root, "timing.json"), out)
   for kind in runs:
     print(f"projected {kind}: {runs[kind]} runs, {_fmt_time(wall[kind])} at this load, {_fmt_time(cpu[kind])} of CPU")
@@ -630,7 +627,7 @@ def _speed_settings(root: str, *, cpu_devices: int | None, cache: bool) -> None:
   runs (every seed of a stage compiles the same programs)."""
   import jax
   if cpu_devices is None:
-    cpu_devices = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cpu_devices = environment.cores()
   if cpu_devices > 0 and "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
     jax.config.update("jax_num_cpu_devices", cpu_devices)  # only the CPU backend; a GPU / TPU run is unchanged
   if cache:

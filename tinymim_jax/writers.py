@@ -29,10 +29,8 @@ import time
 from typing import Any, Mapping
 
 from tinymim_jax import paths
+from tinymim_jax import workdir as workdir_lib
 
-METRICS_FILE = "metrics.jsonl"
-PLOT_FILE = "curves.png"
-TB_DIR = "tensorboard"
 
 
 def write_config(workdir: str, config: Any) -> None:
@@ -41,13 +39,13 @@ def write_config(workdir: str, config: Any) -> None:
     js = config.to_json_best_effort(indent=2)
   else:
     js = json.dumps(config, indent=2, default=str)
-  paths.write_atomic(os.path.join(workdir, "config.json"), js + "\n")
-  paths.write_atomic(os.path.join(workdir, "config.txt"), str(config) + "\n")
+  paths.write_atomic(os.path.join(workdir, workdir_lib.CONFIG), js + "\n")
+  paths.write_atomic(os.path.join(workdir, workdir_lib.CONFIG_TEXT), str(config) + "\n")
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
   """All records of workdir/metrics.jsonl, in file order. A torn last line (crash mid-write) is skipped."""
-  path = os.path.join(workdir, METRICS_FILE)
+  path = os.path.join(workdir, workdir_lib.METRICS)
   return _parse_metrics(paths.read_text(path)) if paths.exists(path) else []
 
 
@@ -142,12 +140,12 @@ class MetricWriter:
     if not enabled:
       return
     paths.makedirs(workdir)
-    path = os.path.join(workdir, METRICS_FILE)
+    path = os.path.join(workdir, workdir_lib.METRICS)
     if paths.exists(path):
       self._resume(path, resume_step)
     if not self._remote:
       self._file = open(path, "a")
-    self._tb = _EventFile(os.path.join(workdir, TB_DIR))
+    self._tb = _EventFile(os.path.join(workdir, workdir_lib.TENSORBOARD))
     if resume_step is not None:
       # A SessionLog.START at step s makes TensorBoard drop the events with step >= s that it read from the
       # older event files. s = resume_step + 1: metrics logged at the checkpoint's own step are kept.
@@ -210,7 +208,7 @@ class MetricWriter:
     if not self.enabled or not self._remote or self._closed:
       return
     self._last_flush = time.monotonic()
-    paths.write_atomic(os.path.join(self.workdir, METRICS_FILE), "".join(self._lines))
+    paths.write_atomic(os.path.join(self.workdir, workdir_lib.METRICS), "".join(self._lines))
     self._tb.flush()
 
   def write_config(self, config: Any) -> None:
@@ -226,7 +224,7 @@ class MetricWriter:
     if not self._dirty:
       return
     self._dirty = False
-    paths.write_atomic(os.path.join(self.workdir, PLOT_FILE), _plot_png(self._series))
+    paths.write_atomic(os.path.join(self.workdir, workdir_lib.PLOT), _plot_png(self._series))
 
   def close(self) -> None:
     if not self.enabled or self._closed:

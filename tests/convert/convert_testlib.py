@@ -33,7 +33,8 @@ def as_torch(weights):
 
 
 def assert_same(a, b):
-  assert list(a) == list(b) or set(a) == set(b)
+  """Two state dicts hold the same names (in any order: order is checked where it is meant) and equal arrays."""
+  assert set(a) == set(b), f"only in the first: {sorted(set(a) - set(b))}; only in the second: {sorted(set(b) - set(a))}"
   for k in a:
     np.testing.assert_array_equal(np.asarray(a[k]), np.asarray(b[k]), err_msg=k)
 

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from convert_testlib import assert_same, random_weights, timm_vit, tiny, torch_resample
 from tinymim_jax import convert, create_model
-from tinymim_jax.convert import cli
+from tinymim_jax import convert_cli as cli
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from timm.layers import resample_abs_pos_embed
 from convert_testlib import (MAE_DECODER, TINY, as_torch, assert_close, assert_same, forward, images, nchw,
                              random_weights, timm_vit, tiny, torch_resample)
 from tinymim_jax import convert, create_model
-from tinymim_jax.convert import cli
+from tinymim_jax import convert_cli as cli
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -462,7 +462,7 @@ def test_two_models_in_one_file_are_chosen_by_name(tmp_path):
 def test_depth_loads_only_what_runs_and_still_needs_all_of_it():
   ft = {k: v.numpy() for k, v in timm_vit(pooling="avg", num_classes=10, seed=4).state_dict().items()}
   assert "norm.weight" not in ft  # a fine-tuned tail: fc_norm + head, no final norm
-  teacher = tiny(depth=1)  # what builders.make_teacher builds for teacher_block 1
+  teacher = tiny(depth=1)  # what objectives.distill.make_teacher builds for teacher_block 1
   before = convert.export_pytorch_weights(teacher)
   report = convert.load_pytorch_weights(teacher, ft, depth=1)
   unused = {k for k in ft if k.startswith(("blocks.1.", "fc_norm.", "head."))}

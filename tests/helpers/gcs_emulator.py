@@ -3,7 +3,7 @@
 gcp-storage-emulator (2026.7.19) lacks two things of GCS that the project's clients rely on, added here:
   - request preconditions (https://cloud.google.com/storage/docs/request-preconditions): it ignores them, so an
     upload with ifGenerationMatch=0 of an object that exists overwrites it where GCS answers 412 Precondition
-    Failed. The workdir lock (tinymim_jax.workdir.GcsLock) and TensorStore's OCDBT manifest updates depend on
+    Failed. The workdir lock (tinymim_jax.lock.GcsLock) and TensorStore's OCDBT manifest updates depend on
     them. ifGenerationMatch / ifGenerationNotMatch / ifMetagenerationMatch / ifMetagenerationNotMatch are
     checked on every object request (an upload's object named by its `name` query or metadata) before the
     emulator's handler runs: a failed one is 412, or 304 Not Modified for a read with a *NotMatch condition, as

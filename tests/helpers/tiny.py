@@ -7,6 +7,7 @@ import jax
 import numpy as np
 
 from tinymim_jax import builders, config_base, train_steps as ts
+from tinymim_jax.objectives import distill
 
 IMG, PATCH = 32, 8
 
@@ -30,11 +31,11 @@ def distill_setup(*, warmup=2, **config_kw):
   """-> (step_fn, state, tx) of a tiny distillation run (200 steps, `warmup` warmup steps)."""
   c = distill_config(**config_kw)
   student, extras = builders.make_trainable(c)
-  spec = builders.distill_spec(c)
-  tx, schedule, _ = builders.make_optimizer(c, ts.split_model(student, extras)[1], total_steps=200,
-                                            warmup_steps=warmup, spec=spec)
-  modeldef, teacher_graphdefs, state = ts.init_state(student, tx, teachers=builders.make_teachers(c), extras=extras)
-  return ts.make_distill_step(modeldef, teacher_graphdefs, tx, schedule, spec, builders.teacher_specs(c)), state, tx
+  spec = distill.distill_spec(c)
+  tx, schedule, _ = distill.make_optimizer(c, ts.split_model(student, extras)[1], total_steps=200,
+                                           warmup_steps=warmup)
+  modeldef, teacher_graphdefs, state = ts.init_state(student, tx, teachers=distill.make_teachers(c), extras=extras)
+  return distill.make_distill_step(modeldef, teacher_graphdefs, tx, schedule, spec, distill.teacher_specs(c)), state, tx
 
 
 def images(n=16, seed=0):

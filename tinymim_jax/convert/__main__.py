@@ -1,7 +1,8 @@
-"""python -m tinymim_jax.convert: see tinymim_jax/convert/cli.py."""
+"""python -m tinymim_jax.convert: the converter's command line (an entry point; it lives in
+tinymim_jax/convert_cli.py, outside the library package)."""
 
 import sys
 
-from tinymim_jax.convert.cli import main
+from tinymim_jax.convert_cli import main
 
 sys.exit(main())

@@ -28,6 +28,7 @@ import sys
 from absl import logging
 import numpy as np
 
+from tinymim_jax import periodic
 from tinymim_jax.data import config as config_lib
 from tinymim_jax.data import randaug
 from tinymim_jax.data import sources
@@ -227,12 +228,8 @@ class EvalIterator:
 
 
 def _steps_per_epoch(name, num_examples, global_batch_size, process_count):
-  batch = _local_batch(global_batch_size, process_count)
-  fewest = num_examples // process_count  # Shares differ by at most one example (sources.Split.shares).
-  if fewest < batch:
-    raise ValueError(f'{name} has {num_examples} examples, {fewest} per process: fewer than '
-                     f'one local batch of {batch} (global_batch_size={global_batch_size}).')
-  return fewest // batch
+  _local_batch(global_batch_size, process_count)  # a batch that does not divide over the processes is an error
+  return periodic.steps_per_epoch(num_examples, global_batch_size, process_count=process_count, name=name)
 
 
 def steps_per_epoch(cfg, *, global_batch_size, process_count=None):
@@ -328,9 +325,6 @@ class DatasetInfo:
   num_train: int
   num_eval: int
   image_size: int
-
-  def __getitem__(self, field):
-    return getattr(self, field)
 
 
 def dataset_info(cfg):

@@ -12,8 +12,8 @@ import numpy as np
 
 from tinymim_jax import builders
 from tinymim_jax import convert
-from tinymim_jax.convert import (FLOAT_DTYPES, ConvertError, _describe_model, _load, _sort_key, _square_grid,
-                                 detect_layout, dtype_summary, read_checkpoint, save_pytorch_weights)
+from tinymim_jax.convert import (FLOAT_DTYPES, ConvertError, describe_model, detect_layout, dtype_summary,
+                                 read_checkpoint, save_pytorch_weights, square_grid, state_dict_order)
 from tinymim_jax.models import MAE_PREFIX, VARIANTS, create_model
 
 
@@ -34,7 +34,7 @@ def _guess_variant(weights: Mapping[str, np.ndarray]) -> str:
   depth = len({k.split(".")[1] for k in weights if k.startswith("blocks.")})
   text = f"{_variant(weights) or 'custom'} (D {d}, depth {depth}, patch {p}"
   if "pos_embed" in weights:
-    g = _square_grid(weights["pos_embed"].shape[1] - 1)
+    g = square_grid(weights["pos_embed"].shape[1] - 1)
     text += f", grid {g}x{g} = img {g * p}" if g else ""
   if "head.weight" in weights:
     text += f", {weights['head.weight'].shape[0]} classes"
@@ -68,7 +68,7 @@ def _cmd_inspect(args):
     print(line)
   for k, reason in extras.items():
     print(f"entry:  {k} ({reason})")
-  for k in sorted(weights, key=_sort_key):
+  for k in sorted(weights, key=state_dict_order):
     print(f"  {k:48s} {str(tuple(weights[k].shape)):20s} {weights[k].dtype}")
   return 0
 
@@ -102,7 +102,8 @@ def _cmd_import(args):
   make = lambda: create_model(name, decoder=decoder, **overrides)
   # Everything comes from the file unless keys may be missing: skip the random init (ViT-H: 630M values).
   model = make() if args.allow_missing else nnx.eval_shape(make)
-  report = _load(model, ckpt, skip=args.skip, allow_missing=args.allow_missing, strict=True, hint_context="cli")
+  report = convert.load_pytorch_weights(model, ckpt, skip=args.skip, allow_missing=args.allow_missing,
+                                       hint_context="cli")
   print(report)
   exported = convert.export_pytorch_weights(model)  # in the model's parameter dtype
   if args.dtype is not None:
@@ -114,7 +115,7 @@ def _cmd_import(args):
       print(f"  note: the model holds {exported[rounded[0]].dtype.name}: {len(rounded)} {weights[rounded[0]].dtype} "
             f"tensors were rounded to it before being written back as {weights[rounded[0]].dtype}")
   save_pytorch_weights(written, args.out, sidecar=convert.architecture(model))
-  print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {_describe_model(model)}) to {args.out} "
+  print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {describe_model(model)}) to {args.out} "
         f"(+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
 
@@ -146,7 +147,7 @@ def _cmd_export(args):
     return 0
   model = builders.restore_model(args.workdir)
   written = save_pytorch_weights(model, args.out, dtype=args.dtype)
-  print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {_describe_model(model)}) from "
+  print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {describe_model(model)}) from "
         f"{args.workdir} to {args.out} (+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
 

@@ -1,0 +1,298 @@
+"""Loading a read checkpoint into a model, all or nothing, and its report."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from tinymim_jax.convert.errors import HintContext, WeightMismatchError, render_fix, short_list
+from tinymim_jax.convert.files import Checkpoint, read_checkpoint
+from tinymim_jax.convert.dtypes import dtype_summary
+from tinymim_jax.convert.sidecar import architecture, heads_text, model_configs, sidecar_configs
+from tinymim_jax.convert.names import DECODER_RE, detect_layout, from_torch_layout, torch_names, torch_shape
+from tinymim_jax.convert.resample import resample_grids, resample_pos_embed
+
+
+@dataclasses.dataclass
+class LoadReport:
+  """What load_pytorch_weights did. All names are PyTorch names."""
+  source: str
+  layout: str
+  loaded: list[str] = dataclasses.field(default_factory=list)
+  skipped: dict[str, str] = dataclasses.field(default_factory=dict)  # key -> reason
+  missing_kept_init: list[str] = dataclasses.field(default_factory=list)
+  resampled: dict[str, tuple[tuple[int, int], tuple[int, int]]] = dataclasses.field(default_factory=dict)
+  notes: list[str] = dataclasses.field(default_factory=list)
+  unused_kept_init: list[str] = dataclasses.field(default_factory=list)  # model params the job never runs
+  dtypes: str = ""          # the file's dtype(s) -> the model's, e.g. 'bfloat16 -> float32'
+  info: list[str] = dataclasses.field(default_factory=list)  # which copy / prefix was read, the heads assumed
+
+  def __str__(self):
+    dtypes = f" ({self.dtypes})" if self.dtypes else ""
+    lines = [f"loaded {len(self.loaded)} tensors{dtypes} from {self.source} [{self.layout}]"]
+    lines += [f"  {line}" for line in self.info]
+    for name, (old, new) in self.resampled.items():
+      lines.append(f"  resampled {name}: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]} (bicubic, prefix kept)")
+    by_reason = collections.defaultdict(list)
+    for key, reason in self.skipped.items():
+      by_reason[reason].append(key)
+    for reason, keys in by_reason.items():
+      lines.append(f"  skipped {len(keys)} ({reason}): {short_list(keys)}")
+    if self.missing_kept_init:
+      lines.append(f"  not in file, kept at init ({len(self.missing_kept_init)}): "
+                   f"{short_list(self.missing_kept_init)}")
+    if self.unused_kept_init:
+      lines.append(f"  not run by this job, kept at init ({len(self.unused_kept_init)}): "
+                   f"{short_list(self.unused_kept_init)}")
+    lines += [f"  note: {n}" for n in self.notes]
+    return "\n".join(lines)
+
+
+def _heads_line(model, ckpt: Checkpoint) -> str:
+  enc, dec = model_configs(model)
+  mine = [enc.block_heads(i) for i in range(1, enc.depth + 1)]
+  text = heads_text(mine) + (f", decoder {dec.num_heads}" if dec is not None else "")
+  if ckpt.sidecar is None:
+    return f"heads: not stored in the file; assumed the model's {text}"
+  s_enc, s_dec = sidecar_configs(ckpt.sidecar)
+  theirs = [s_enc.block_heads(i) for i in range(1, min(enc.depth, s_enc.depth) + 1)]
+  same = theirs == mine[:len(theirs)] and (dec is None or s_dec is None or s_dec.num_heads == dec.num_heads)
+  if same:
+    return f"heads: {text}, as {ckpt.sidecar_label} records (a state dict alone does not store them)"
+  s_text = heads_text(theirs) + (f", decoder {s_dec.num_heads}" if s_dec is not None and dec is not None else "")
+  return (f"heads: the model's {text}, but {ckpt.sidecar_label} records {s_text}: the same weights split into other "
+          f"heads (docs/method.md 2.3), so the outputs differ from the exporting model's")
+
+
+def describe_model(model) -> str:
+  cfg = model.config[0] if isinstance(model.config, tuple) else model.config
+  what = type(model).__name__
+  return (f"{what}(img {cfg.img_size}, patch {cfg.patch_size}, D {cfg.embed_dim}, depth {cfg.depth}, "
+          f"pooling {cfg.pooling!r}, num_classes {cfg.num_classes})")
+
+
+def _first_match(patterns, name):
+  return next((p for p in patterns if re.search(p, name)), None)
+
+
+def load_pytorch_weights(model, source, *, skip: Sequence[str] = (), allow_missing: Sequence[str] = (),
+                         strict: bool = True, ema: bool = True, prefix: str | None = None, depth: int | None = None,
+                         hint_context: HintContext = "api") -> LoadReport:
+  """Loads a PyTorch checkpoint into a ViT or MAE model, all or nothing.
+
+  Args:
+    model: a tinymim_jax ViT or MAE (nnx.Module); updated in place only if the whole load succeeds. It
+      may be abstract (nnx.eval_shape(lambda: create_model(...))): that skips the random init of a big
+      teacher, and then every parameter must come from the file.
+    source: a .pth / .pt / .bin / .safetensors path, an in-memory state dict (name -> tensor / array),
+      optionally a training checkpoint {'model': ..., 'optimizer': ..., 'args': ...}, or a Checkpoint.
+    skip: regexes (re.search on PyTorch names) of file keys to ignore; reported as skipped.
+    allow_missing: regexes of model parameters the file may lack; they keep their init and are reported.
+      E.g. ('^fc_norm\\.', '^head\\.') to start fine-tuning from a pretrain file; then the file's final
+      `norm` has no place in the 'avg' layout and is reported as skipped.
+    strict: False turns missing keys into kept-init ones and unexpected keys into skipped ones (both still
+      reported). Shape mismatches always raise.
+    ema: read a training checkpoint's EMA copy where it has one (timm's default); False: the raw weights.
+    prefix: the wrapper prefix of the model to read (read_checkpoint); None finds it.
+    depth: the caller runs only the embeddings and blocks 1..depth (a distillation teacher: ViT(..., depth=k)).
+      The later blocks, the final norm / fc_norm / head and an MAE decoder are then unused: not taken from the
+      file (reported as skipped), not required, and kept at init in the model (reported). The rest is strict.
+    hint_context: how hints in errors and the report spell options: 'api', 'cli', or {option: config field}.
+
+  Values are cast to each parameter's dtype. Returns a LoadReport (which copy / prefix was read, the heads the
+  model assumes or the sidecar records). Raises WeightMismatchError listing every problem, and the errors of
+  read_checkpoint.
+  """
+  ckpt = read_checkpoint(source, ema=ema, prefix=prefix, hint_context=hint_context)
+  return _load(model, ckpt, skip=skip, allow_missing=allow_missing, strict=strict, depth=depth,
+               hint_context=hint_context)
+
+
+def _runs(name: str, depth: int | None) -> bool:
+  """Whether a job that runs a ViT to block `depth` (1-based) uses the PyTorch-named parameter `name`."""
+  if depth is None:
+    return True
+  m = re.match(r"blocks\.(\d+)\.", name)
+  if m:
+    return int(m[1]) < depth
+  # After the blocks: the final norm, the fine-tuned tail, an MAE decoder. Anything else (the embeddings, or a
+  # part this ViT does not know, e.g. DeiT's dist_token) is taken as run: loaded, or unexpected.
+  return not (name.split(".")[0] in ("norm", "fc_norm", "head") or DECODER_RE.match(name))
+
+
+def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
+          hint_context: HintContext = "api") -> LoadReport:
+  weights, label = ckpt.weights, ckpt.label
+  report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
+  report.skipped.update(ckpt.extras)
+  report.info += ckpt.describe(hint_context)
+  target = torch_names(model)
+  is_vit_only = not any(DECODER_RE.match(k) for k in target)
+  # The prefix tokens' rows of pos_embed (CLS, registers; none with no_embed_class) are kept as they are when the
+  # grid is resampled (timm's resample_abs_pos_embed(num_prefix_tokens=0 if no_embed_class else ...)).
+  enc = model_configs(model)[0]
+  prefix = 0 if enc.no_embed_class else enc.num_prefix_tokens
+  unused = f"not run: this job runs blocks 1..{depth} only"
+
+  missing, unexpected, mismatched = [], [], []
+  missing_names, mismatched_names = [], []
+  for name, (path, value) in target.items():
+    if not _runs(name, depth):
+      report.unused_kept_init.append(name)
+      continue
+    if name in weights:
+      continue
+    pattern = _first_match(allow_missing, name)
+    if pattern is not None or not strict:
+      report.missing_kept_init.append(name)
+    else:
+      missing.append(f"{name} {torch_shape(path, value.shape)}")
+      missing_names.append(name)
+  # The pretrained final norm has no counterpart in the 'avg' layout, whose fc_norm starts fresh (MAE's
+  # fine-tuning start); only accepted when the caller allowed fc_norm to be missing.
+  fresh_fc_norm = any(k.startswith("fc_norm.") for k in report.missing_kept_init)
+
+  new_values, rounded = {}, []
+  for name, arr in weights.items():
+    skip_pattern = _first_match(skip, name)
+    if not _runs(name, depth):
+      report.skipped[name] = unused
+      continue
+    if name not in target:
+      if skip_pattern is not None:
+        report.skipped[name] = f"matches skip pattern {skip_pattern!r}"
+      elif is_vit_only and DECODER_RE.match(name):
+        report.skipped[name] = "MAE decoder (the target is an encoder-only ViT)"
+      elif fresh_fc_norm and name.startswith("norm."):
+        report.skipped[name] = "pretrain final norm (the 'avg' layout starts a fresh fc_norm)"
+      elif not strict:
+        report.skipped[name] = "not in the model (strict=False)"
+      else:
+        unexpected.append(f"{name} {tuple(arr.shape)}")
+      continue
+    path, value = target[name]
+    want = torch_shape(path, value.shape)
+    if skip_pattern is not None:  # a key the model has: skipping it makes it missing
+      report.skipped[name] = f"matches skip pattern {skip_pattern!r}"
+      if _first_match(allow_missing, name) is not None or not strict:
+        report.missing_kept_init.append(name)
+      else:
+        missing.append(f"{name} {want} (skipped by {skip_pattern!r} but not allowed missing)")
+        missing_names.append(name)
+      continue
+    if name.endswith("pos_embed") and tuple(arr.shape) != want:
+      grids = resample_grids(arr.shape, want, prefix)
+      if grids is not None:
+        arr = resample_pos_embed(arr, grids[1][0], prefix)
+        report.resampled[name] = grids
+    if tuple(arr.shape) != want:
+      mismatched.append(f"{name}: file {tuple(arr.shape)}, model expects {want}")
+      mismatched_names.append(name)
+      continue
+    new_values[path] = np.asarray(from_torch_layout(path, arr), dtype=value.dtype)
+    report.loaded.append(name)
+    if arr.dtype.kind == "f" and np.dtype(value.dtype).itemsize < arr.dtype.itemsize:
+      rounded.append(f"{name} ({arr.dtype} -> {np.dtype(value.dtype)})")
+  if rounded:  # as intended (a float64 file into a float32 model), but said
+    report.notes.append(f"{len(rounded)} tensor(s) rounded to the model's param_dtype: {short_list(rounded, 3)}")
+
+  if _is_abstract_model(target) and (report.missing_kept_init or report.unused_kept_init):
+    # An nnx.eval_shape model has no init to keep: every parameter has to come from the file.
+    missing += [f"{name} {torch_shape(target[name][0], target[name][1].shape)} (the model is abstract: "
+                f"no init to keep)"
+                for name in report.missing_kept_init + report.unused_kept_init]
+  if missing or unexpected or mismatched:
+    lines = [f"cannot load {label} [{report.layout}] into {describe_model(model)}: "
+             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} mis-shaped key(s); "
+             f"nothing was written to the model."]
+    lines += [f"  {line}" for line in report.info]
+    for title, items in (("missing from the file", missing), ("unexpected in the file", unexpected),
+                         ("shape mismatch", mismatched)):
+      if items:
+        lines.append(f"  {title} ({len(items)}):")
+        lines += [f"    {item}" for item in items]
+    parts = {n.split(".")[0] for n in target}
+    lines += [f"  hint: {h}" for h in _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing,
+                                                      hint_context, parts)]
+    raise WeightMismatchError("\n".join(lines))
+
+  if report.loaded:
+    file_dtypes = dtype_summary({n: weights[n] for n in report.loaded})
+    model_dtypes = " + ".join(sorted({np.dtype(target[n][1].dtype).name for n in report.loaded}))
+    report.dtypes = file_dtypes if file_dtypes == model_dtypes else f"{file_dtypes} -> {model_dtypes}"
+  report.info.append(_heads_line(model, ckpt))
+  _check_fixed_tables(model, target, new_values, report)
+  _write(model, new_values)
+  return report
+
+
+def _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing, context, model_parts
+                    ) -> list[str]:
+  """The fixes of a failed load, spelt for where the user is; a fix that cannot be set there is left out."""
+  hints = []
+  tails = [t for t in ("fc_norm", "head") if any(n.startswith(t + ".") for n in missing_names)]
+  if tails:
+    fix = render_fix(context, allow_missing=[rf"^{t}\." for t in tails])
+    if fix:
+      hints.append(f"to start fine-tuning from a pretrain file (a fresh {' + '.join(tails)}): {fix}")
+  if any(u.startswith("head.") for u in unexpected):
+    fix = render_fix(context, skip=[r"^head\."])
+    if fix:
+      hints.append(f"to drop the file's classifier head: {fix}")
+  # Parts the model does not have at all (e.g. DeiT's dist_token): skip them by their top-level name. (A part the
+  # model has, e.g. a deeper file's extra blocks, is a different architecture: no hint.)
+  others = sorted({u.split()[0].split(".")[0] for u in unexpected} - set(model_parts) - {"head"})
+  if others and len(others) <= 4:
+    fix = render_fix(context, skip=[rf"^{re.escape(o)}\." if any(u.startswith(o + ".") for u in unexpected)
+                                    else rf"^{re.escape(o)}$" for o in others])
+    if fix:
+      hints.append(f"to ignore the file's {', '.join(others)} (the model has no such part): {fix}")
+  if any(n.startswith("head.") for n in mismatched_names):
+    options = {"skip": [r"^head\."]}
+    if _first_match(allow_missing, "head.weight") is None:
+      options["allow_missing"] = [r"^head\."]
+    fix = render_fix(context, **options)
+    if fix:
+      hints.append(f"the file's classifier has another number of classes; to start a fresh head: {fix}")
+  return hints
+
+
+def _is_abstract(value) -> bool:
+  import jax
+  return isinstance(value, jax.ShapeDtypeStruct)
+
+
+def _is_abstract_model(target) -> bool:
+  return any(_is_abstract(value) for _, value in target.values())
+
+
+def _check_fixed_tables(model, target, new_values, report):
+  """Notes when a fixed (Constant) table gets values other than the sin-cos table it was built with."""
+  from flax import nnx
+  from tinymim_jax.models.vit import Constant
+
+  flat = {tuple(p): v for p, v in nnx.to_flat_state(nnx.state(model, Constant))}
+  for name, (path, value) in target.items():
+    if path in flat and path in new_values and not _is_abstract(value):
+      err = float(np.max(np.abs(new_values[path] - np.asarray(value))))
+      if err > 1e-6:
+        report.notes.append(f"{name} differs from the model's fixed sin-cos table (max abs {err:.3g}): the "
+                            f"file's table is loaded and stays frozen")
+
+
+def _write(model, new_values: Mapping[tuple, np.ndarray]):
+  import jax
+  from flax import nnx, traverse_util
+
+  state = nnx.state(model)
+  old = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  new = {}
+  for path, arr in new_values.items():
+    sharding = getattr(old[path], "sharding", None)
+    new[path] = jax.device_put(arr, sharding) if sharding is not None else jax.numpy.asarray(arr)
+  nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict(new))
+  nnx.update(model, state)

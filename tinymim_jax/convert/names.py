@@ -1,0 +1,111 @@
+"""The one table of names and layouts: our nnx state paths <-> PyTorch (timm / MAE) names (docs/method.md section 7)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from tinymim_jax.convert.dtypes import cast_weights
+
+
+DECODER_RE = re.compile(r"^(mask_token$|decoder_)")
+
+
+def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
+  """A human-readable guess of which kind of checkpoint these keys come from."""
+  names = set(names)
+  if any(DECODER_RE.match(k) for k in names):
+    kind = "MAE pretrain (encoder + decoder)"
+  elif "fc_norm.weight" in names:
+    kind = "fine-tuned, global-avg pool (MAE fine-tune / timm global_pool='avg': fc_norm + head)"
+  elif "norm.weight" in names and "head.weight" in names:
+    kind = "timm, CLS pool + head (global_pool='token')"
+  elif "norm.weight" in names:
+    kind = "ViT encoder, pretrain layout (TinyMIM / MAE encoder / timm num_classes=0)"
+  else:
+    kind = "unknown"
+  extras = set(extras)
+  if {"optimizer", "args"} & extras:
+    kind = f"training checkpoint: {kind}"
+  return kind
+
+
+def flat_state(model) -> dict[tuple, Any]:
+  from flax import nnx, traverse_util
+
+  return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
+
+
+def _torch_name(path: tuple) -> str:
+  parts = [str(p) for p in path]
+  if parts[0] == "encoder":  # MAE: encoder keys sit at the top level of the PyTorch state dict
+    parts = parts[1:]
+  *mod, leaf = parts
+  if mod == ["patch_embed"]:
+    mod = ["patch_embed", "proj"]
+  if leaf in ("kernel", "scale"):
+    leaf = "weight"
+  return ".".join(mod + [leaf])
+
+
+def to_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel" and x.ndim == 2:
+    return x.T  # Linear: (in, out) -> (out, in)
+  if path[-1] == "kernel" and x.ndim == 4:
+    return x.transpose(3, 2, 0, 1)  # Conv: (p, p, 3, D) -> (D, 3, p, p)
+  return x
+
+
+def from_torch_layout(path: tuple, x: np.ndarray) -> np.ndarray:
+  if path[-1] == "kernel" and x.ndim == 2:
+    return x.T
+  if path[-1] == "kernel" and x.ndim == 4:
+    return x.transpose(2, 3, 1, 0)  # (D, 3, p, p) -> (p, p, 3, D)
+  return x
+
+
+def torch_shape(path: tuple, shape: tuple) -> tuple:
+  if path[-1] == "kernel" and len(shape) == 2:
+    return shape[::-1]
+  if path[-1] == "kernel" and len(shape) == 4:
+    return (shape[3], shape[2], shape[0], shape[1])
+  return tuple(shape)
+
+
+# PyTorch's state_dict order (a module's own parameters, then its children in definition order) for timm's
+# VisionTransformer and MAE's MaskedAutoencoderViT; one ranking serves every level of the name.
+_ORDER = {n: i for i, n in enumerate([
+    "cls_token", "reg_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre", "blocks",
+    "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn",
+    "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
+
+
+def state_dict_order(name: str):
+  return tuple((int(p), "") if p.isdigit() else (_ORDER.get(p, len(_ORDER)), p) for p in name.split("."))
+
+
+def torch_names(model) -> dict[str, tuple[tuple, Any]]:
+  """{PyTorch name: (our state path, our value)} in timm order."""
+  flat = flat_state(model)
+  out = {_torch_name(path): (path, value) for path, value in flat.items()}
+  if len(out) != len(flat):
+    raise AssertionError("two model parameters map to one PyTorch name")
+  return dict(sorted(out.items(), key=lambda kv: state_dict_order(kv[0])))
+
+
+def export_pytorch_weights(model, dtype=None) -> dict[str, np.ndarray]:
+  """{timm / MAE name: C-contiguous array} of a ViT or MAE model, in timm's order, in the parameters' dtype
+  (float32, or float64 for a param_dtype float64 model: nothing is rounded on the way out) or, for the floating
+  ones, `dtype` ('float16' / 'bfloat16' / 'float32' / 'float64').
+
+  A 'cls'-layout ViT loads into timm VisionTransformer(global_pool='token', num_classes=0) (plus a head if
+  it has one), an 'avg'-layout ViT into VisionTransformer(global_pool='avg', fc_norm=True), an MAE model
+  into MAE's MaskedAutoencoderViT -- all with load_state_dict(strict=True).
+  """
+  out = {}
+  for name, (path, value) in torch_names(model).items():
+    # A copy: writable (torch.from_numpy warns on the read-only views of jax arrays) and C-contiguous.
+    out[name] = np.array(to_torch_layout(path, np.asarray(value)), order="C")
+  return cast_weights(out, dtype) if dtype is not None else out

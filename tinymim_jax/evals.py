@@ -1,0 +1,133 @@
+"""The evals of a run on its held-out split: the head's top-1 (or a linear probe's), and the evals on frozen
+features (FEATURE_EVALS: k-NN and few-shot top-1, knn.py, fewshot.py; config.eval), every eval_every_steps and at
+the end. What they read is the objective's predict function (objectives.Setup.predict:
+train_steps.make_predict_fn for a model with its head, linprobe.make_predict_fn for a probe on a frozen encoder)."""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+from tinymim_jax import data, fewshot, knn, linprobe
+from tinymim_jax import sharding as sh
+
+
+class Evaluator:
+  """The evals of a run, every eval_every_steps and at the end: the top-1 of the model's head (`head='top1'`:
+  eval/top1) or of a linear probe (`head='linprobe'`: eval/linprobe_top1, eval/linprobe_top5) on the held-out
+  split, and k-NN and few-shot on frozen features (config.eval; up to eval.max_train train images).
+
+  predict(sub_state, images) -> {'feature', 'logits' (optional)} reads the state entries named in `keys`.
+  After cache_features() (a probe on fixed features) both splits come from the cache and only the probe runs.
+  """
+
+  def __init__(self, config, predict, state_sharding, keys, mesh, info, *, head: str = "top1"):
+    self.config, self.mesh, self.info, self.keys, self.head = config, mesh, info, tuple(keys), head
+    sub = {k: state_sharding[k] for k in self.keys}
+
+    def fn(state, batch):  # labels and masks ride along so every process sees the global batch
+      return {**predict(state, batch["image"]), "label": batch["label"], "mask": batch["mask"]}
+
+    self.predict = jax.jit(fn, in_shardings=(sub, sh.batch_sharding(mesh)), out_shardings=sh.replicated(mesh))
+    self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
+  def features(self, state, split: str, limit: int | None = None):
+    """-> (features (n, D), logits (n, C) or None, labels (n,)) of the first `limit` examples of `split`."""
+    sub = {k: state[k] for k in self.keys}
+    outs = []
+    seen = 0
+    for batch in data.make_eval_iterator(self.config.data, split=split, global_batch_size=self.config.batch_size):
+      batch = data.to_global(batch, self.mesh, jax.sharding.PartitionSpec(sh.BATCH_AXES))
+      out = jax.device_get(self.predict(sub, batch))
+      mask = np.asarray(out.pop("mask"), bool)
+      outs.append({k: v[mask] for k, v in out.items()})
+      seen += int(mask.sum())
+      if limit and seen >= limit:
+        break
+    cat = {k: np.concatenate([o[k] for o in outs])[:limit] for k in outs[0]}
+    return cat["feature"], cat.get("logits"), cat["label"]
+
+  def cache_features(self, state) -> tuple[np.ndarray, np.ndarray]:
+    """Features of both splits, computed once and kept; -> the train split's (features, labels)."""
+    for split in ("train", "test"):
+      f, _, y = self.features(state, split)
+      self.cache[split] = (f, y.astype(np.int32))
+    return self.cache["train"]
+
+  def __call__(self, state, *, cached_probe: bool = False) -> dict[str, float]:
+    """The metrics; `cached_probe` (the eval objective) adds a linear probe on cached features of the whole
+    train split (config.linprobe's recipe, no augmentation)."""
+    t0 = time.time()
+    e = self.config.eval
+    res: dict[str, float] = {}
+    if "test" in self.cache:
+      f_test, y_test = self.cache["test"]
+      logits = linprobe.predict_on_cache(*_host((state["params"], state["consts"])), f_test)
+    else:
+      f_test, logits, y_test = self.features(state, "test")
+    if logits is not None:
+      res.update(_head_metrics(logits, y_test, self.head))
+    if _enabled(e) or cached_probe:
+      if "train" in self.cache:
+        f_train, y_train = self.cache["train"]
+      else:
+        f_train, _, y_train = self.features(state, "train", None if cached_probe else e.max_train)
+      res.update(_frozen_feature_metrics(e, f_train[:e.max_train], y_train[:e.max_train], f_test, y_test,
+                                         self.info.num_classes))
+      if cached_probe:
+        lp = self.config.linprobe
+        params, consts = linprobe.fit_on_cache(
+            f_train, y_train, num_classes=self.info.num_classes, batch_size=lp.batch_size, epochs=lp.epochs,
+            warmup_epochs=lp.warmup_epochs, base_lr=lp.base_lr, weight_decay=lp.weight_decay,
+            momentum=lp.momentum, trust_coefficient=lp.trust_coefficient, seed=self.config.seed,
+            lr_scaling_batch=self.config.optim.lr_scaling_batch, min_lr=self.config.optim.min_lr)
+        res.update(_head_metrics(linprobe.predict_on_cache(params, consts, f_test), y_test, "linprobe"))
+    res["time/eval_seconds"] = time.time() - t0
+    return res
+
+
+def _host(tree):
+  """A replicated (possibly multi-process) pytree as numpy."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+def _head_metrics(logits, labels, head: str) -> dict[str, float]:
+  if head == "top1":
+    return {"eval/top1": linprobe.topk_accuracy(logits, labels, 1)}
+  return {f"eval/{head}_top1": linprobe.topk_accuracy(logits, labels, 1),
+          f"eval/{head}_top5": linprobe.topk_accuracy(logits, labels, 5)}
+
+
+def _knn(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """Weighted k-NN top-1 (knn.py; config.eval.knn: k, temperature)."""
+  return {"eval/knn_top1": knn.knn_top1(f_train, y_train, f_test, y_test, k=min(section.k, len(y_train)),
+                                       temperature=section.temperature, num_classes=num_classes)}
+
+
+def _fewshot(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """big_vision's closed-form few-shot top-1 per shot count (fewshot.py; config.eval.fewshot)."""
+  accs = fewshot.fewshot_top1(f_train, y_train, f_test, y_test, num_classes=num_classes, shots=tuple(section.shots),
+                              draws=section.draws, val_per_class=section.val_per_class,
+                              l2_regs=tuple(section.l2_regs))
+  return {f"eval/fewshot_{k}shot_top1": v for k, v in accs.items()}
+
+
+# The evals on frozen features of the train and test splits, by their section of config.eval: each runs when its
+# section's `enabled` is set. fn(section, f_train (n, D), y_train (n,), f_test, y_test, num_classes) -> metrics.
+# A new one (a teacher's k-NN, a dense eval) is one entry here and its section in config_base.base_config().eval.
+FEATURE_EVALS: dict[str, Callable[..., dict[str, float]]] = {"knn": _knn, "fewshot": _fewshot}
+
+
+def _enabled(e) -> list[str]:
+  return [name for name in FEATURE_EVALS if e[name].enabled]
+
+
+def _frozen_feature_metrics(e, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """The enabled FEATURE_EVALS (config.eval) of train -> test features."""
+  res = {}
+  for name in _enabled(e):
+    res.update(FEATURE_EVALS[name](e[name], f_train, y_train, f_test, y_test, num_classes))
+  return res
