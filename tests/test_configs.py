@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from tinymim_jax import builders, config_base, optim, train_steps as ts
+from tinymim_jax.models import vit_config
 from tinymim_jax.objectives import distill
 from tinymim_jax.study import load_config_module
 
@@ -90,7 +91,7 @@ def test_distill_configs_match_spec(student, name, heads, rel_heads, teacher, tb
   assert model.config.block_heads(12) == rel_heads and all(model.config.block_heads(i) == heads for i in range(1, 12))
   assert model.config.embed_dim // rel_heads == {"tiny": 16, "small": 32, "base": 48}[student]
   assert [model.config.block_drop_path(i) for i in (1, 11, 12)] == [0.1, 0.1, 0.0]
-  student = builders.vit_config(c.model.name, **builders.vit_kwargs(c.model))  # None fields: the variant's
+  student = vit_config(c.model.name, **builders.vit_kwargs(c.model))  # None fields: the variant's
   assert (student.img_size, student.pos_embed, distill.teacher_vit_config(c).img_size) == (224, "sincos", 224)
   assert (c.batch_size, c.total_epochs, c.warmup_epochs) == (4096, 300.0, 15.0)
   o = c.optim

@@ -117,7 +117,7 @@ def test_checkpoints_on_gcs_unfinished_and_damaged_steps(gcs, caplog):
   for step in (1, 2, 3):
     ckpt.save(step, _tiny_state(step), {"step": step})
   ckpt.close()
-  d = f"{wd}/{checkpoint.CKPT_DIR}"
+  d = f"{wd}/{workdir.CHECKPOINTS}"
   assert sorted(paths.listdir(d)) == ["1", "2", "3"] and checkpoint.has_checkpoint(wd)
   # A step without Orbax's commit file (a save cut short) is not a checkpoint, and goes when a run opens the dir.
   paths.write_atomic(f"{d}/4/model/_METADATA", "{}")

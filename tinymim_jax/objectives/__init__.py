@@ -1,9 +1,10 @@
 """Objectives: what a run trains and how, one module each, one registry entry each (REGISTRY).
 
 The trainer (main.py) runs any objective the same way and never asks which one it runs: it resolves the run's
-description once (resolve_run: the objective's recipe and frozen models' resolution), checks the data with it, asks it for a `Setup` (the train state, the step, what the evals
-read, what is exported) and then restores, trains, evaluates and exports by that Setup alone (timm's
-TrainingTask, big_vision's flat trainer).
+description once (resolve_run: the sources' head counts, the objective's recipe, a frozen model's resolution),
+checks the data with it, asks it for a `Setup` (the train state, the step, what the evals read, what is
+exported) and then restores, trains, evaluates and exports by that Setup alone (timm's TrainingTask, big_vision's
+flat trainer).
 
 An objective (a subclass of `Objective`, registered under its `name`, the config's `objective`) owns:
   data_mode       the train pipeline's mode (data.MODES): which views and labels a batch holds
@@ -13,7 +14,7 @@ An objective (a subclass of `Objective`, registered under its `name`, the config
   fixed           config fields (fnmatch patterns) that make a workdir's identity beside config_identity.FIXED:
                   a resumed run may not change them (`fixed_fields` adds sections named by the config, e.g. the
                   teacher sections of config.teachers)
-  teacher_sections the config sections of the frozen teachers it reads
+  teacher_sections  the config sections of the frozen teachers it reads
   resolve         what it derives into the run's description (a linear probe's batch size, epochs and lr; a
                   frozen encoder's resolution), before anything is built
   check_data      data that can only give garbage for it (a class count that differs, one class)
