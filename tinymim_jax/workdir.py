@@ -43,6 +43,11 @@ class ConfigChangeError(WorkdirError):
   pass
 
 
+class WorkdirLockLostError(WorkdirError):
+  """Another run took over this run's lock (this one was paused past the staleness limit): it must not write
+  into the workdir again."""
+
+
 def saved_config(workdir: str) -> dict | None:
   """The config.json of `workdir` as a dict, or None where there is none."""
   path = os.path.join(workdir, CONFIG)
