@@ -448,7 +448,7 @@ class GcsLock(_HeartbeatLock):
   def release(self) -> None:
     if not self._stop_heartbeat():
       return
-    if self.generation is not None:  # only our own generation: never another run's lock
+    if self.generation is not None and self._lost is None:  # only our own generation: never another run's lock
       try:
         self.bucket.blob(self.name).delete(if_generation_match=self.generation)
       except Exception as e:  # pylint: disable=broad-except

@@ -14,8 +14,8 @@ cached features, plus the head's top-1 if it has one.
 
 Exit statuses: 0 finished (or finished earlier); 75 (EX_TEMPFAIL) stopped by SIGTERM after saving a checkpoint:
 rerun the same command to resume (launch/slurm.sbatch requeues on it); 1 failed (a one-line reason for a bad
-config, a busy workdir, a forbidden config change, damaged checkpoints, a failed save, a NaN/Inf loss or a
-weights source that cannot be read).
+config, a busy workdir, a lost workdir lock, a forbidden config change (incl. a source whose weights changed),
+damaged checkpoints, a failed save or export, a NaN/Inf loss or a weights source that cannot be read).
 """
 
 from __future__ import annotations
@@ -108,9 +108,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _config_changes(config, workdir: str) -> dict:
   """How `config` differs from the one the workdir's checkpoints were trained with ({} for a fresh run); raises
   workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (config_identity.FIXED and the objective's fixed fields)."""
-  saved = workdir_lib.saved_config(workdir)
-  if saved is None or not objectives.get(config.objective).trains or not checkpoint.has_checkpoint(workdir):
+  if not objectives.get(config.objective).trains or not checkpoint.has_checkpoint(workdir):
     return {}
+  saved = workdir_lib.saved_config(workdir)
+  if saved is None:  # config.json deleted: every checkpoint records the config it was trained with
+    saved = checkpoint.saved_config(workdir)
+    if saved is None:
+      raise checkpoint.NoIntactCheckpointError(
+          f"{workdir} has checkpoints but neither {workdir_lib.CONFIG} nor a checkpoint that records its config: "
+          "its identity cannot be checked. Use a new workdir.")
+    logging.warning("%s: no %s; checking the config against the one its newest checkpoint records", workdir,
+                    workdir_lib.CONFIG)
   return config_identity.check_config_change(saved, config, allow=config.allow_config_change)
 
 
@@ -170,14 +178,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   saved = lambda tree: {k: v for k, v in tree.items() if k not in run.frozen}
   if ckpt.all_steps():  # damaged ones are moved aside with a warning
     restored, saved_meta = ckpt.restore(checkpoint.abstract(saved(state), saved(state_sharding)))
-    for name, prior in saved_meta.get("teachers", {}).items():
-      if prior.get("sha256") != meta.get("teachers", {}).get(name, {}).get("sha256"):
-        logging.warning("teacher %r: its weights differ from the ones this run started with (%s)", name,
-                        prior["source"])
+    config_identity.check_source_change(saved_meta, meta, allow=config.allow_config_change)
     state.update(restored)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     if is_main:
       config_identity.record_config_change(workdir, config, config_changes, step=int(state["step"]))
+      if workdir_lib.saved_config(workdir) is None:  # deleted: the identity came from the checkpoint
+        writers.write_config(workdir, config)
   state = jax.device_put(state, state_sharding)
   start_step = int(state["step"])
   meta["config"] = json.loads(config.to_json_best_effort())
@@ -292,15 +299,23 @@ def _final_evals(config, run, workdir, mesh, meta, info, lock=None):
 def _finish_run(config, workdir, model, final: dict, lock=None) -> dict:
   _check_lock(lock)  # a run that lost its lock exports nothing
   if jax.process_index() == 0:
-    if model is not None and config.export:
-      path = os.path.join(workdir, workdir_lib.EXPORT)
-      # The feature spec rides in the header, so that evals of the exported file read the same features; the
-      # architecture (heads, pooling, ...) goes beside it, in model.config.json.
-      convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
-      final["export"] = path
-    if lock is not None:
-      lock.verify()
-    paths.write_atomic(os.path.join(workdir, workdir_lib.DONE), json.dumps(final, indent=2))  # last: the run is complete
+    path = target = os.path.join(workdir, workdir_lib.EXPORT)
+    try:
+      if model is not None and config.export:
+        # The feature spec rides in the header, so that evals of the exported file read the same features; the
+        # architecture (heads, pooling, ...) goes beside it, in model.config.json. Written as new files: a failed
+        # write leaves an earlier export whole.
+        convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
+        final["export"] = path
+      if lock is not None:
+        lock.verify()
+      target = os.path.join(workdir, workdir_lib.DONE)
+      paths.write_atomic(target, json.dumps(final, indent=2))  # last: the run is complete
+    except OSError as e:
+      raise workdir_lib.ExportError(
+          f"writing the finished run to {workdir} failed ({target}: [Errno {e.errno}] {e.strerror}). The checkpoints "
+          "and any earlier export are intact: free the space / fix the problem and rerun the same command (it "
+          "exports again from the last checkpoint).") from None
   return final
 
 

@@ -11,6 +11,8 @@ t-intervals and the paper's prediction for each comparison, plus two plots) is w
 after a failed or interrupted run, from whatever has finished: to --results (default
 <workdir>/RESULTS.md), or to the repository's RESULTS.md with --write-results; plots go to results/ beside it.
 --time N runs each kind of stage for N steps in --workdir and projects the full study's compute time.
+On SIGTERM the run in progress saves (or finishes, if past its last step), the runner stops after it and exits
+75, as the main job does: rerun the same command to resume.
 
 A study config module provides: plan(quick) -> [(run name, config argument)], get_config(arg) (arguments
 stage, arm, seed, root, quick, plus any the user gives after ':'), ARMS {name: (label, prediction

@@ -43,6 +43,10 @@ class ConfigChangeError(WorkdirError):
   pass
 
 
+class ExportError(WorkdirError):
+  """Writing the trained model (or done.json) failed: the checkpoints and any earlier export are intact."""
+
+
 class WorkdirLockLostError(WorkdirError):
   """Another run took over this run's lock (this one was paused past the staleness limit): it must not write
   into the workdir again."""
