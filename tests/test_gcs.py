@@ -237,6 +237,19 @@ def test_gcs_lock_takeover_of_stale_locks_and_a_lost_lock(gcs, caplog):
   assert _lock_object(f"{wd}/{workdir.LOCK}")[0]["run_id"] == "newholder"
 
 
+def test_gcs_holder_that_lost_its_lock_is_stopped_by_verify(gcs):
+  wd = f"{gcs}/lost"
+  lock = lock_lib.GcsLock(wd, heartbeat_s=3600)
+  lock.acquire()
+  lock.verify()  # held
+  _plant_lock(f"{wd}/{workdir.LOCK}", host="elsewhere", run_id="newholder")  # taken over while it was paused
+  with pytest.raises(workdir.WorkdirLockLostError, match="is now held by host elsewhere"):
+    lock.verify()
+  lock.heartbeat()  # no rewrite of the new holder's lock
+  lock.release()
+  assert _lock_object(f"{wd}/{workdir.LOCK}")[0]["run_id"] == "newholder"
+
+
 # -----------------------------------------------------------------------------------------------------------
 # The main job on GCS. Two self-contained tests (each worker of the xdist run has its own server).
 # -----------------------------------------------------------------------------------------------------------

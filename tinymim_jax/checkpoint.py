@@ -34,6 +34,7 @@ import contextlib
 import datetime
 import gc
 import glob
+import json
 import logging
 import os
 import re
@@ -365,7 +366,7 @@ class Checkpointer:
       try:
         meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         abstract = abstract_fn(meta)
-        self._check_fits(step, abstract)
+        self._check_fits(step, abstract, (meta or {}).get("checksums"))
         with _quiet_unraisable():
           r = self.mngr.restore(step, args=ocp.args.Composite(
               **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
@@ -392,8 +393,10 @@ class Checkpointer:
         + "\nNothing was moved or deleted. Start a new workdir, or move the checkpoints directory away to restart "
         "this run from step 0.")
 
-  def _check_fits(self, step: int, abstract: dict[str, Any]) -> None:
-    """Raises CheckpointMismatchError if the saved arrays' names / shapes differ from `abstract`'s."""
+  def _check_fits(self, step: int, abstract: dict[str, Any], checksums: dict | None = None) -> None:
+    """Raises CheckpointMismatchError if the saved arrays' names / shapes differ from `abstract`'s; raises
+    ValueError (damaged) if an item's metadata does not list the arrays the checkpoint's own checksums (`checksums`,
+    written with it) say it saved: the metadata no longer reads as written, which is no change of config."""
     meta = self.mngr.item_metadata(step)
     diffs = []
     for item, tree in abstract.items():
@@ -402,6 +405,11 @@ class Checkpointer:
                                 f"({os.path.join(self.directory, str(step), item)})")
       saved = {_key_name(p): (tuple(m.shape), np.dtype(m.dtype)) for p, m in
                jax.tree_util.tree_flatten_with_path(meta[item].tree)[0] if hasattr(m, "shape")}
+      written = set((checksums or {}).get(item, ()))
+      if written and set(saved) != written:
+        lost, extra = sorted(written - set(saved)), sorted(set(saved) - written)
+        raise ValueError(f"the metadata of item {item!r} does not list what was saved with it (missing: "
+                         f"{', '.join(lost[:3]) or 'none'}; not saved: {', '.join(extra[:3]) or 'none'})")
       want = {_key_name(p): (tuple(x.shape), np.dtype(x.dtype)) for p, x in
               jax.tree_util.tree_flatten_with_path(tree)[0]}
       for name in sorted(set(saved) | set(want)):
@@ -452,6 +460,23 @@ class Checkpointer:
       self.wait()
     finally:
       self.mngr.close()
+
+
+def saved_config(workdir: str) -> dict | None:
+  """The config the newest readable checkpoint of `workdir` records in its meta item (the run's identity when
+  config.json is gone), or None. Reads JSON only (no arrays, nothing moved)."""
+  d = os.path.join(workdir, workdir_lib.CHECKPOINTS)
+  if not paths.isdir(d):
+    return None
+  for step in sorted((int(n) for n in paths.listdir(d) if n.isdigit()), reverse=True):
+    path = os.path.join(d, str(step), "meta", "metadata")  # Orbax's JsonCheckpointHandler file of the meta item
+    try:
+      config = json.loads(paths.read_text(path)).get("config")
+    except (OSError, ValueError, AttributeError):
+      continue
+    if isinstance(config, dict) and _finalized(os.path.join(d, str(step))):
+      return config
+  return None
 
 
 def has_checkpoint(workdir: str) -> bool:

@@ -4,7 +4,10 @@ Config identity. `workdir/config.json` (written when the run starts) is what the
 run lists the differences to it: the ones that change the model or the meaning of the checkpoint (FIXED, and
 the fixed fields of the run's objective, objectives.Objective.fixed_fields) are a ConfigChangeError unless `config.allow_config_change=True`; the others are
 logged, appended to `workdir/config_history.jsonl` ({"step", "time", "changes": {field: [old, new]}, "forced":
-[...]}) and config.json is rewritten with the new values.
+[...]}) and config.json is rewritten with the new values. The weights a run reads from its sources are part of
+the identity too (check_source_change): a teacher or a probe's frozen encoder whose weights hash differs from the
+one the checkpoints recorded (the source changed on disk, or its newest checkpoint is damaged and an older one was
+read) is a ConfigChangeError unless forced the same way.
 """
 
 from __future__ import annotations
@@ -104,6 +107,34 @@ def check_config_change(old: dict, new, *, allow: bool = False) -> dict[str, tup
         f"the checkpoint means:\n{lines}\nUse a new workdir, undo the change, or pass "
         "--config.allow_config_change=True to resume anyway.")
   return changes
+
+
+def source_hashes(meta: dict) -> dict[str, tuple[str | None, str | None]]:
+  """{'teacher <name>' / 'encoder': (source, sha256)} of the frozen sources a run's metadata records (the teachers'
+  and a probe's encoder: objectives' Setup.meta)."""
+  out = {f"teacher {name!r}": (t.get("source"), t.get("sha256")) for name, t in (meta.get("teachers") or {}).items()}
+  if meta.get("encoder"):
+    out["encoder"] = (meta["encoder"].get("source"), meta["encoder"].get("sha256"))
+  return out
+
+
+def check_source_change(saved_meta: dict, meta: dict, *, allow: bool = False) -> None:
+  """Raises ConfigChangeError if a source's weights differ from the ones the checkpoint `saved_meta` was trained
+  with (unless `allow`: then a warning). Sources the checkpoint does not record (older runs) are not compared."""
+  before, now = source_hashes(saved_meta), source_hashes(meta)
+  changed = {k: (before[k], now.get(k, (None, None))) for k in before
+             if before[k][1] is not None and before[k][1] != now.get(k, (None, None))[1]}
+  if not changed:
+    return
+  lines = "\n".join(f"  {k} ({new[0]}): sha256 {old[1][:12]} -> {str(new[1])[:12]}"
+                     for k, (old, new) in changed.items())
+  if allow:
+    logging.warning("resuming with sources whose weights changed (forced):\n%s", lines)
+    return
+  raise ConfigChangeError(
+      f"this workdir's checkpoints were trained with other weights from these sources:\n{lines}\nThe source "
+      "changed on disk, or its newest checkpoint is damaged and an older one was read. Restore it, use a new "
+      "workdir, or pass --config.allow_config_change=True to resume anyway.")
 
 
 def record_config_change(workdir: str, config, changes: dict[str, tuple[Any, Any]], *, step: int) -> None:

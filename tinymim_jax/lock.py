@@ -9,7 +9,10 @@ warning, when its holder is gone:
   - another host: the heartbeat is older than STALE_AFTER_S, measured against the shared filesystem's own
     clock (the mtime of a file this process touches next to the lock), so clock skew between hosts does not
     matter.
-Otherwise the second run stops at once with WorkdirLockedError naming the holder. `Lock` is the interface;
+Otherwise the second run stops at once with WorkdirLockedError naming the holder. A holder that was paused past
+the staleness limit (a stopped VM, a long GC) may wake up after another run took its lock over: it finds out at its
+next heartbeat (a warning) and at the latest from `verify()`, which the trainer calls before every checkpoint save,
+export and metrics write, and which raises WorkdirLockLostError, so that nothing it writes after that lands. `Lock` is the interface;
 `LocalFileLock` implements it for local and mounted shared filesystems, `GcsLock` for a gs:// workdir: the same
 rules, with the lock an object created with the precondition ifGenerationMatch=0 (GCS creates it for one request
 only; the others get 412 Precondition Failed), a heartbeat that rewrites it with ifGenerationMatch=<its generation>
@@ -30,7 +33,7 @@ import time
 import uuid
 from typing import Any, Callable, Protocol
 
-from tinymim_jax.workdir import LOCK as LOCK_FILE, WorkdirError, WorkdirLockedError
+from tinymim_jax.workdir import LOCK as LOCK_FILE, WorkdirError, WorkdirLockedError, WorkdirLockLostError
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
@@ -38,10 +41,11 @@ STALE_AFTER_S = 300.0
 
 class Lock(Protocol):
   """One writer per workdir. acquire() raises WorkdirLockedError naming a live holder; heartbeat() proves the
-  holder alive; release() is idempotent."""
+  holder alive; verify() raises WorkdirLockLostError once the lock is another run's; release() is idempotent."""
 
   def acquire(self) -> None: ...
   def heartbeat(self) -> None: ...
+  def verify(self) -> None: ...
   def release(self) -> None: ...
 
 
@@ -111,11 +115,37 @@ class _HeartbeatLock:
     self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
     self.info = _holder_info()
     self._held = False
+    self._lost: str | None = None  # why this run no longer holds the lock it took
     self._stop = threading.Event()
     self._thread = None
 
   def heartbeat(self) -> None:
     raise NotImplementedError
+
+  def _current_holder(self) -> dict | None:
+    """The holder the lock names now (None: no lock, or not our JSON)."""
+    raise NotImplementedError
+
+  def _lose(self, holder: dict | None) -> str:
+    """Records (once, with a warning) that another run holds the lock now; -> the error line."""
+    if self._lost is None:
+      workdir = os.path.dirname(self.path) if "://" not in self.path else self.path[:-len(LOCK_FILE) - 1]
+      now = f"it is now held by {describe_holder(holder)}" if holder else "it is gone"
+      self._lost = (
+          f"this run lost the lock of {workdir} ({now}): it was paused or cut off for longer than the "
+          f"{self.stale_after_s:.0f}s staleness limit and another run took the workdir over. Stopped without "
+          f"writing anything more into it; that run's results are the workdir's now.")
+      logging.warning("%s", self._lost)
+    return self._lost
+
+  def verify(self) -> None:
+    """Raises WorkdirLockLostError if the lock is no longer this run's (read from the storage, not cached)."""
+    if self._lost is None and self._held:
+      holder = self._current_holder()
+      if (holder or {}).get("run_id") != self.info["run_id"]:
+        self._lose(holder)
+    if self._lost is not None:
+      raise WorkdirLockLostError(self._lost)
 
   def _start_heartbeat(self) -> None:
     self._held = True
@@ -249,12 +279,24 @@ class LocalFileLock(_HeartbeatLock):
     except (OSError, json.JSONDecodeError, AttributeError):
       return False
 
+  def _current_holder(self) -> dict | None:
+    try:
+      with open(self.path) as f:
+        holder = json.load(f)
+    except (OSError, json.JSONDecodeError):
+      return None
+    return holder if isinstance(holder, dict) else None
+
   def heartbeat(self) -> None:
-    if self._held and self._owns():
-      try:
-        os.utime(self.path)
-      except OSError as e:  # e.g. a full disk: the next beat tries again
-        logging.warning("could not refresh the workdir lock %s: %s", self.path, e)
+    if not self._held or self._lost is not None:
+      return
+    if not self._owns():
+      self._lose(self._current_holder())
+      return
+    try:
+      os.utime(self.path)
+    except OSError as e:  # e.g. a full disk: the next beat tries again
+      logging.warning("could not refresh the workdir lock %s: %s", self.path, e)
 
   def release(self) -> None:
     if not self._stop_heartbeat():
@@ -381,9 +423,17 @@ class GcsLock(_HeartbeatLock):
     return True
 
   # -- heartbeat / release --------------------------------------------------------------------------------
+  def _current_holder(self) -> dict | None:
+    holder, _, generation = self._read()
+    if generation is not None and generation == self.generation:
+      return dict(self.info)
+    if (holder or {}).get("run_id") == self.info["run_id"]:  # our JSON in another generation: not our upload
+      return None
+    return holder
+
   def heartbeat(self) -> None:
     """Rewrites the lock (a new generation, a new `updated` time) if it is still ours."""
-    if not self._held or self.generation is None:
+    if not self._held or self.generation is None or self._lost is not None:
       return
     ex = self._exceptions()
     try:
@@ -391,13 +441,14 @@ class GcsLock(_HeartbeatLock):
     except ex.PreconditionFailed:
       logging.warning("the workdir lock %s was taken over by another run: this run no longer holds it", self.path)
       self.generation = None
+      self._lose(self._read()[0])
     except Exception as e:  # pylint: disable=broad-except  (a network error: the next beat tries again)
       logging.warning("could not refresh the workdir lock %s: %s", self.path, e)
 
   def release(self) -> None:
     if not self._stop_heartbeat():
       return
-    if self.generation is not None:  # only our own generation: never another run's lock
+    if self.generation is not None and self._lost is None:  # only our own generation: never another run's lock
       try:
         self.bucket.blob(self.name).delete(if_generation_match=self.generation)
       except Exception as e:  # pylint: disable=broad-except

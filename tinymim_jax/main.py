@@ -14,8 +14,8 @@ cached features, plus the head's top-1 if it has one.
 
 Exit statuses: 0 finished (or finished earlier); 75 (EX_TEMPFAIL) stopped by SIGTERM after saving a checkpoint:
 rerun the same command to resume (launch/slurm.sbatch requeues on it); 1 failed (a one-line reason for a bad
-config, a busy workdir, a forbidden config change, damaged checkpoints, a failed save, a NaN/Inf loss or a
-weights source that cannot be read).
+config, a busy workdir, a lost workdir lock, a forbidden config change (incl. a source whose weights changed),
+damaged checkpoints, a failed save or export, a NaN/Inf loss or a weights source that cannot be read).
 """
 
 from __future__ import annotations
@@ -48,7 +48,9 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Preemption:
-  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly."""
+  """SIGTERM sets a flag; the loop saves at the next step boundary and exits cleanly. A Python handler that was in
+  place before (an application running several runs, e.g. the study) is called too, so that it stops after this
+  run."""
 
   def __init__(self):
     self.requested = False
@@ -58,8 +60,9 @@ class _Preemption:
       self._old = None
 
   def _handler(self, signum, frame):
-    del signum, frame
     self.requested = True
+    if callable(self._old):
+      self._old(signum, frame)
 
   def check(self, save_failed: bool = False) -> tuple[bool, bool]:
     """-> (SIGTERM seen, a checkpoint save failed), each on any process."""
@@ -91,7 +94,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     lock = lock_lib.acquire_for_job(workdir, process_index=jax.process_index(),
                                        agree=sh.all_processes if jax.process_count() > 1 else None)
     config = objectives.resolve_run(config)  # the run's description: nothing changes it from here on
-    res = _train_and_evaluate(config, workdir, preemption, _config_changes(config, workdir))
+    res = _train_and_evaluate(config, workdir, preemption, _config_changes(config, workdir), lock)
     if lock is not None:
       lock.release()
     sh.barrier("tinymim_workdir_released")  # no process exits (and a launcher stops the others) before the lock is free
@@ -105,9 +108,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 def _config_changes(config, workdir: str) -> dict:
   """How `config` differs from the one the workdir's checkpoints were trained with ({} for a fresh run); raises
   workdir.ConfigChangeError for a change to the model or the checkpoint's meaning (config_identity.FIXED and the objective's fixed fields)."""
-  saved = workdir_lib.saved_config(workdir)
-  if saved is None or not objectives.get(config.objective).trains or not checkpoint.has_checkpoint(workdir):
+  if not objectives.get(config.objective).trains or not checkpoint.has_checkpoint(workdir):
     return {}
+  saved = workdir_lib.saved_config(workdir)
+  if saved is None:  # config.json deleted: every checkpoint records the config it was trained with
+    saved = checkpoint.saved_config(workdir)
+    if saved is None:
+      raise checkpoint.NoIntactCheckpointError(
+          f"{workdir} has checkpoints but neither {workdir_lib.CONFIG} nor a checkpoint that records its config: "
+          "its identity cannot be checked. Use a new workdir.")
+    logging.warning("%s: no %s; checking the config against the one its newest checkpoint records", workdir,
+                    workdir_lib.CONFIG)
   return config_identity.check_config_change(saved, config, allow=config.allow_config_change)
 
 
@@ -122,8 +133,24 @@ def _check_data(objective, config, info) -> None:
         "k-NN): for data.name='folder' add <folder>/val/<class>/*")
 
 
-def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_changes: dict) -> dict[str, Any]:
+def _check_lock(lock) -> None:
+  """Raises workdir.WorkdirLockLostError on every process once process 0's lock is another run's (a holder paused
+  past the staleness limit, taken over meanwhile): called before every checkpoint save, so that none lands."""
+  error = None
+  if lock is not None:
+    try:
+      lock.verify()
+    except workdir_lib.WorkdirLockLostError as e:
+      error = e
+  if sh.any_process(error is not None)[0]:
+    raise error or workdir_lib.WorkdirLockLostError("process 0 lost the workdir's lock to another run (its log "
+                                                    "says which); stopped without writing anything more")
+
+
+def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_changes: dict,
+                        lock=None) -> dict[str, Any]:
   is_main = jax.process_index() == 0
+  guard = lock.verify if lock is not None else None  # before every write into the workdir
   objective = objectives.get(config.objective)
 
   # Mesh (processes were started by main() through sharding.initialize_distributed()), data, schedule.
@@ -143,7 +170,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   if run.record is not None:
     meta[builders.MODEL_KEY] = run.record
   if run.step is None:
-    return _final_evals(config, run, workdir, mesh, meta, info)
+    return _final_evals(config, run, workdir, mesh, meta, info, lock)
 
   # Checkpoint: resume from the newest intact one, onto this mesh.
   state_sharding = sh.tree_sharding(state, mesh)
@@ -151,14 +178,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   saved = lambda tree: {k: v for k, v in tree.items() if k not in run.frozen}
   if ckpt.all_steps():  # damaged ones are moved aside with a warning
     restored, saved_meta = ckpt.restore(checkpoint.abstract(saved(state), saved(state_sharding)))
-    for name, prior in saved_meta.get("teachers", {}).items():
-      if prior.get("sha256") != meta.get("teachers", {}).get(name, {}).get("sha256"):
-        logging.warning("teacher %r: its weights differ from the ones this run started with (%s)", name,
-                        prior["source"])
+    config_identity.check_source_change(saved_meta, meta, allow=config.allow_config_change)
     state.update(restored)
     logging.info("resumed from %s at step %d", ckpt.directory, int(state["step"]))
     if is_main:
       config_identity.record_config_change(workdir, config, config_changes, step=int(state["step"]))
+      if workdir_lib.saved_config(workdir) is None:  # deleted: the identity came from the checkpoint
+        writers.write_config(workdir, config)
   state = jax.device_put(state, state_sharding)
   start_step = int(state["step"])
   meta["config"] = json.loads(config.to_json_best_effort())
@@ -167,7 +193,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   rng = jax.random.PRNGKey(config.seed)
 
   # Loop.
-  writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step)
+  writer = writers.MetricWriter(workdir, enabled=is_main, resume_step=start_step, guard=guard)
   if is_main and start_step == 0:
     writer.write_config(config)
     paths.write_atomic(os.path.join(workdir, workdir_lib.RUN),
@@ -211,6 +237,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         if pending is not None:  # the NaN guard sees every step before it is saved
           buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
           pending = None
+        _check_lock(lock)
         writer.flush()  # an object store's metrics.jsonl holds every record up to the checkpoint
         ckpt.save(step, saved(state), {**meta, "step": step})
         last_saved = step
@@ -229,7 +256,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   writer.close()
   ckpt.close()
   model = run.export(state) if run.export is not None else None
-  return _finish_run(config, workdir, model, {**final, "step": total_steps, "feature": meta["feature"]})
+  return _finish_run(config, workdir, model, {**final, "step": total_steps, "feature": meta["feature"]}, lock)
 
 
 def _poll_saves(ckpt) -> checkpoint.CheckpointSaveError | None:
@@ -253,29 +280,42 @@ def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
   return metrics
 
 
-def _final_evals(config, run, workdir, mesh, meta, info):
+def _final_evals(config, run, workdir, mesh, meta, info, lock=None):
   """An objective that trains nothing (eval): every eval of its frozen model, written as step 0."""
   shardings = sh.tree_sharding(run.state, mesh)
   state = jax.device_put(run.state, shardings)
   evaluator = evals.Evaluator(config, run.predict, shardings, run.predict_keys, mesh, info, head=run.head)
   res = evaluator(state, cached_probe=config.eval.cached_probe)
+  _check_lock(lock)
   if jax.process_index() == 0:
     paths.write_atomic(os.path.join(workdir, workdir_lib.RUN), json.dumps(meta, indent=2))
-  with writers.MetricWriter(workdir, enabled=jax.process_index() == 0) as w:
+  with writers.MetricWriter(workdir, enabled=jax.process_index() == 0,
+                            guard=lock.verify if lock is not None else None) as w:
     w.write_config(config)
     w.write(0, res)
-  return _finish_run(config, workdir, None, {**res, "step": 0, "feature": meta["feature"]})
+  return _finish_run(config, workdir, None, {**res, "step": 0, "feature": meta["feature"]}, lock)
 
 
-def _finish_run(config, workdir, model, final: dict) -> dict:
+def _finish_run(config, workdir, model, final: dict, lock=None) -> dict:
+  _check_lock(lock)  # a run that lost its lock exports nothing
   if jax.process_index() == 0:
-    if model is not None and config.export:
-      path = os.path.join(workdir, workdir_lib.EXPORT)
-      # The feature spec rides in the header, so that evals of the exported file read the same features; the
-      # architecture (heads, pooling, ...) goes beside it, in model.config.json.
-      convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
-      final["export"] = path
-    paths.write_atomic(os.path.join(workdir, workdir_lib.DONE), json.dumps(final, indent=2))  # last: the run is complete
+    path = target = os.path.join(workdir, workdir_lib.EXPORT)
+    try:
+      if model is not None and config.export:
+        # The feature spec rides in the header, so that evals of the exported file read the same features; the
+        # architecture (heads, pooling, ...) goes beside it, in model.config.json. Written as new files: a failed
+        # write leaves an earlier export whole.
+        convert.save_pytorch_weights(model, path, metadata={features.METADATA_KEY: json.dumps(final["feature"])})
+        final["export"] = path
+      if lock is not None:
+        lock.verify()
+      target = os.path.join(workdir, workdir_lib.DONE)
+      paths.write_atomic(target, json.dumps(final, indent=2))  # last: the run is complete
+    except OSError as e:
+      raise workdir_lib.ExportError(
+          f"writing the finished run to {workdir} failed ({target}: [Errno {e.errno}] {e.strerror}). The checkpoints "
+          "and any earlier export are intact: free the space / fix the problem and rerun the same command (it "
+          "exports again from the last checkpoint).") from None
   return final
 
 

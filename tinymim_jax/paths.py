@@ -9,7 +9,7 @@ writes it with TensorStore.
 An object store has no atomic rename and no append, and has no directories (a "directory" is a name prefix). The
 write patterns here are the ones that stay correct there:
   write_atomic   readers see the old or the new content whole: local, a temporary file in the same directory +
-                 os.replace; object store, one upload (GCS makes an object visible only once its upload completed,
+                 os.replace (a link at the path is replaced, never written through); object store, one upload (GCS makes an object visible only once its upload completed,
                  and replaces the old one at once).
   append_text    local, an append; object store, the file read and rewritten whole (one upload): only for small
                  files that one process writes (the workdir's lock holder), e.g. config_history.jsonl.
@@ -22,6 +22,7 @@ README.md, section "Cloud storage (gs://)", lists which guarantee holds where.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import functools
 import glob as glob_lib
 import os
@@ -147,6 +148,25 @@ def write_atomic(path, data: str | bytes) -> None:
     with os.fdopen(fd, "wb") as f:
       f.write(data)
     os.chmod(tmp, 0o644)  # mkstemp makes 0600; these files are for everyone who can read the workdir
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+@contextlib.contextmanager
+def new_local_file(path) -> Iterator[str]:
+  """A temporary path in `path`'s directory for a writer that needs a file name (safetensors, torch.save); on
+  success it is renamed to `path` (replacing a file or a link there, never writing through one), on failure
+  removed: `path` keeps its old content whole either way. Local paths only."""
+  d = os.path.dirname(os.path.abspath(path))
+  os.makedirs(d, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=d, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
+  os.close(fd)
+  try:
+    yield tmp
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

@@ -11,6 +11,8 @@ t-intervals and the paper's prediction for each comparison, plus two plots) is w
 after a failed or interrupted run, from whatever has finished: to --results (default
 <workdir>/RESULTS.md), or to the repository's RESULTS.md with --write-results; plots go to results/ beside it.
 --time N runs each kind of stage for N steps in --workdir and projects the full study's compute time.
+On SIGTERM the run in progress saves (or finishes, if past its last step), the runner stops after it and exits
+75, as the main job does: rerun the same command to resume.
 
 A study config module provides plan(quick) -> [(run name, config argument)] and get_config(arg) (arguments
 stage, arm, seed, root, quick, plus any the user gives after ':'); that is enough for the runner (the digits demo,
@@ -30,6 +32,7 @@ import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -107,14 +110,46 @@ def _write_json(path: str, obj) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # Running.
 # ---------------------------------------------------------------------------------------------------------
+class _Sigterm:
+  """Notes a SIGTERM while the plan runs (the main job's own handler forwards it here): the run in progress saves
+  and stops, or finishes if it is past its last step, and the plan stops after it."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._old = signal.signal(signal.SIGTERM, self._handler)
+    except ValueError:  # not the main thread: no handler
+      self._old = None
+
+  def _handler(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
+
+
 def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> bool:
-  """Runs every unfinished run of the plan in order; True when all have finished (False: preempted)."""
+  """Runs every unfinished run of the plan in order; True when all have finished (False: stopped by SIGTERM after
+  the run in progress saved or finished; a rerun resumes)."""
   _check_runnable(module)
+  sigterm = _Sigterm()
+  try:
+    return _run_plan(module, root, sigterm, base_arg=base_arg, quick=quick)
+  finally:
+    sigterm.restore()
+
+
+def _run_plan(module, root: str, sigterm: _Sigterm, *, base_arg: str, quick: bool) -> bool:
   from tinymim_jax import config_base, floors, main as trainer
   os.makedirs(root, exist_ok=True)
   times_path = os.path.join(root, TIMES)
   runs = module.plan(quick)
   for i, (name, run_arg) in enumerate(runs):
+    if sigterm.requested:
+      print(f"SIGTERM: stopped before {name}; rerun the same command to resume", flush=True)
+      return False
     workdir = os.path.join(root, name)
     if os.path.exists(os.path.join(workdir, workdir_lib.DONE)):
       print(f"== [{i + 1}/{len(runs)}] {name}: finished earlier", flush=True)
@@ -130,7 +165,7 @@ def run_plan(module, root: str, *, base_arg: str = "", quick: bool = False) -> b
             f"{config.model.depth} blocks)", flush=True)
       res = trainer.train_and_evaluate(config, workdir)
     if res.get("preempted"):
-      print(f"stopped during {name}; rerun the same command to resume", flush=True)
+      print(f"SIGTERM: stopped during {name} (saved); rerun the same command to resume", flush=True)
       return False
     seconds = time.time() - t
     times = _read_json(times_path, {})
@@ -677,7 +712,7 @@ def main(argv=None) -> int:
       print(f"report: {results}", flush=True)
     except Exception:  # pylint: disable=broad-except  (must not hide the run's own error)
       logging.exception("could not write the report %s", results)
-  return 0 if finished or args.aggregate_only else 1
+  return 0 if finished or args.aggregate_only else os.EX_TEMPFAIL  # 75, as the main job: rerun to resume
 
 
 if __name__ == "__main__":

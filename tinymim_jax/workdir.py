@@ -43,6 +43,15 @@ class ConfigChangeError(WorkdirError):
   pass
 
 
+class ExportError(WorkdirError):
+  """Writing the trained model (or done.json) failed: the checkpoints and any earlier export are intact."""
+
+
+class WorkdirLockLostError(WorkdirError):
+  """Another run took over this run's lock (this one was paused past the staleness limit): it must not write
+  into the workdir again."""
+
+
 def saved_config(workdir: str) -> dict | None:
   """The config.json of `workdir` as a dict, or None where there is none."""
   path = os.path.join(workdir, CONFIG)

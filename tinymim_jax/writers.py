@@ -26,7 +26,7 @@ import re
 import socket
 import sys
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from tinymim_jax import paths
 from tinymim_jax import workdir as workdir_lib
@@ -119,11 +119,14 @@ class MetricWriter:
   too, so the curves have no duplicated stretch.
   flush_every_s: on an object store, the longest time between two uploads of metrics.jsonl and the event file
   (each rewritten whole); a local workdir's files are flushed at every write.
+  guard: called before anything is written into the workdir (a record, an upload, the plot); it raises to stop
+  the writes (the trainer's: lock.Lock.verify, so that a run that lost its workdir's lock writes nothing more).
   """
 
   def __init__(self, workdir: str, *, enabled: bool = True, plot_every_s: float | None = 30,
-               resume_step: int | None = None, flush_every_s: float = 30):
+               resume_step: int | None = None, flush_every_s: float = 30, guard: Callable[[], None] | None = None):
     self.workdir = workdir
+    self._guard = guard or (lambda: None)
     self.enabled = enabled
     self.plot_every_s = plot_every_s
     self.flush_every_s = flush_every_s
@@ -185,6 +188,7 @@ class MetricWriter:
     metrics = {k: float(v) for k, v in metrics.items()}
     # JSON has no NaN/inf, but Python's json reads and writes them; a NaN loss is worth keeping visible.
     line = json.dumps({"step": step, "time": time.time(), **metrics}) + "\n"
+    self._guard()
     if self._remote:
       self._lines.append(line)
     else:
@@ -207,6 +211,7 @@ class MetricWriter:
     object store, uploads metrics.jsonl and the event file whole."""
     if not self.enabled or not self._remote or self._closed:
       return
+    self._guard()
     self._last_flush = time.monotonic()
     paths.write_atomic(os.path.join(self.workdir, workdir_lib.METRICS), "".join(self._lines))
     self._tb.flush()
@@ -214,6 +219,7 @@ class MetricWriter:
   def write_config(self, config: Any) -> None:
     """Saves the resolved config as config.json and config.txt (a ConfigDict or a plain dict)."""
     if self.enabled:
+      self._guard()
       write_config(self.workdir, config)
 
   def plot(self) -> None:
@@ -223,6 +229,7 @@ class MetricWriter:
     self._last_plot = time.monotonic()
     if not self._dirty:
       return
+    self._guard()
     self._dirty = False
     paths.write_atomic(os.path.join(self.workdir, workdir_lib.PLOT), _plot_png(self._series))
 

@@ -220,3 +220,38 @@ def test_an_image_above_the_pixel_limit_is_refused_before_decoding():
   assert transforms.decode_and_crop(small, transforms.full_window, 600).shape == (20, 30, 3)
   with pytest.raises(tf.errors.InvalidArgumentError):
     transforms.decode_and_crop(small, transforms.full_window, 599)
+
+
+def _gif_with_a_frame_larger_than_its_screen(screen=(16, 16), frame=(12000, 12000)):
+  """A GIF89a whose logical screen is `screen` (w, h) and whose one frame is `frame`: what the header says is not
+  what giflib allocates (a raster of every frame's size)."""
+  import struct
+  head = b'GIF89a' + struct.pack('<HH', *screen) + bytes([0x80, 0, 0]) + b'\x00\x00\x00\xff\xff\xff'
+  comment = b'\x21\xfe' + b'\x03abc' + b'\x00'  # an extension block on the way
+  image = b'\x2c' + struct.pack('<HHHH', 0, 0, *frame) + b'\x00' + b'\x02' + b'\x02\x4c\x01' + b'\x00'
+  return head + comment + image + b'\x3b'
+
+
+def test_the_pixel_limit_counts_every_gif_frame_and_16_bit_depth():
+  raw = tf.constant(_gif_with_a_frame_larger_than_its_screen())
+  assert [int(v) for v in transforms.image_size(raw)] == [16, 16]  # the logical screen
+  assert int(transforms.decoded_pixels(raw)) == 12000 * 12000
+  with pytest.raises(tf.errors.InvalidArgumentError, match='larger than data.max_image_pixels=89478485'):
+    transforms.decode_and_crop(raw, transforms.full_window, 89_478_485)
+  # An ordinary animated GIF: the sum of its frames (PIL writes each frame's changed box only).
+  frames = [Image.fromarray(np.full((20, 30, 3), 40 * k, np.uint8)) for k in range(3)]
+  buffer = io.BytesIO()
+  frames[0].save(buffer, 'GIF', save_all=True, append_images=frames[1:], comment=b'x' * 600)
+  gif = tf.constant(buffer.getvalue())
+  assert int(transforms.decoded_pixels(gif)) == 3 * 600
+  assert transforms.decode_and_crop(gif, transforms.full_window, 1800).shape == (20, 30, 3)
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    transforms.decode_and_crop(gif, transforms.full_window, 1799)
+  # A 16-bit PNG decodes at 16 bits: its pixels count twice.
+  buffer = io.BytesIO()
+  Image.fromarray(np.full((20, 30), 1000, np.uint16)).save(buffer, 'PNG')
+  png16 = tf.constant(buffer.getvalue())
+  assert int(transforms.decoded_pixels(png16)) == 2 * 600
+  assert transforms.decode_and_crop(png16, transforms.full_window, 1200).shape == (20, 30, 3)
+  with pytest.raises(tf.errors.InvalidArgumentError):
+    transforms.decode_and_crop(png16, transforms.full_window, 1199)

@@ -327,25 +327,31 @@ def save_pytorch_weights(model_or_dict, path, *, dtype=None, sidecar: dict | boo
   if sidecar is None:
     sidecar = architecture(model_or_dict) if is_model else False
   path = os.fspath(path)
-  remote = paths.is_remote(path)  # an object store: each file is one upload (it appears whole, or not at all)
+  # Every file is written as a new file: locally a temporary file renamed into place (a link at the path is
+  # replaced, not followed; a failed write leaves the old file whole), on an object store one upload.
+  remote = paths.is_remote(path)
   if path.endswith(".safetensors"):
-    from safetensors.numpy import save, save_file
+    from safetensors.numpy import save
     header = {**(metadata or {}), "format": "pt"}  # 'pt': timm / HF read it as torch
     if remote:
       paths.write_atomic(path, save(weights, metadata=header))
     else:
-      save_file(weights, path, metadata=header)
+      with paths.new_local_file(path) as tmp, open(tmp, "wb") as f:  # (Python's write: a full disk is an OSError)
+        f.write(save(weights, metadata=header))
   elif path.endswith((".pth", ".pt")):
     import torch
-    buffer = io.BytesIO() if remote else path
-    torch.save({"model": {k: _as_torch(v) for k, v in weights.items()}}, buffer)
+    state = {"model": {k: _as_torch(v) for k, v in weights.items()}}
     if remote:
+      buffer = io.BytesIO()
+      torch.save(state, buffer)
       paths.write_atomic(path, buffer.getvalue())
+    else:
+      with paths.new_local_file(path) as tmp:
+        torch.save(state, tmp)
   else:
     raise ConvertError(f"unknown weight file type {path!r}: use .safetensors or .pth")
   if sidecar:
-    with paths.open(sidecar_path(path), "w") as f:
-      json.dump(sidecar, f, indent=2)
+    paths.write_atomic(sidecar_path(path), json.dumps(sidecar, indent=2))
   return weights
 
 

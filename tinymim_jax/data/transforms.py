@@ -98,13 +98,67 @@ def image_size(raw):
   ], default=unknown, exclusive=False)
 
 
+def _gif_frames_pixels(raw):
+  """int64 sum of width x height over every frame (image descriptor) of a GIF, read by walking its blocks
+  (GIF89a spec: header 13 bytes + global colour table; blocks 0x2C image (descriptor 9 bytes, local colour table,
+  LZW code size, data sub-blocks), 0x21 extension (label, sub-blocks), 0x3B trailer). giflib allocates a raster
+  of each frame's size, whatever the logical screen says. One loop iteration per block or data sub-block."""
+  n = tf.cast(tf.strings.length(raw), tf.int64)
+  data = tf.strings.join([raw, tf.constant(b'\x00' * 16)])  # reads past the end see zeros, not an error
+
+  def table(flags):  # a colour table follows when bit 7 is set: 3 * 2^(size + 1) bytes
+    return tf.where(flags >= 128, 3 * tf.bitwise.left_shift(tf.constant(2, tf.int64), flags % 8), 0)
+
+  pos0 = 13 + table(_bytes(data, 10, 1)[0])
+
+  def body(pos, in_blocks, total):
+    b = _bytes(data, pos, 10)
+
+    def block():  # pos at a block's introducer
+      image = tf.equal(b[0], 0x2C)
+      area = _le(b, 5, 2) * _le(b, 7, 2)
+      next_image = pos + 10 + table(b[9]) + 1  # descriptor, local table, LZW minimum code size
+      return (tf.where(image, next_image, pos + 2),  # an extension: introducer + label
+              tf.constant(True), total + tf.where(image, area, 0))
+
+    def sub_block():  # pos at a data sub-block's size byte; 0 ends the chain
+      return pos + 1 + b[0], tf.not_equal(b[0], 0), total
+
+    pos, in_blocks, total = tf.cond(in_blocks, sub_block, block)
+    return pos, in_blocks, total
+
+  def more(pos, in_blocks, total):
+    del total
+    at = _bytes(data, pos, 1)[0]
+    return (pos < n) & (in_blocks | tf.equal(at, 0x2C) | tf.equal(at, 0x21))  # the trailer (or junk) ends it
+
+  _, _, total = tf.while_loop(more, body, (pos0, tf.constant(False), tf.constant(0, tf.int64)))
+  return total
+
+
+def decoded_pixels(raw):
+  """int64: the pixels the decoder allocates for an encoded image, from its headers, without decoding it: height x
+  width of the header (image_size), except a GIF's largest of its logical screen and the sum of its frames' sizes
+  (giflib reads every frame; a frame may be larger than the screen), and a 16-bit PNG's pixels twice (it decodes
+  at 16 bits before the conversion to 8)."""
+  height, width = image_size(raw)
+  pixels = height * width
+  is_png = tf.equal(tf.strings.substr(raw, 0, 4), b'\x89PNG')
+  depth = tf.cond(is_png, lambda: _bytes(tf.strings.join([raw, tf.constant(b'\x00' * 32)]), 24, 1)[0],
+                  lambda: tf.constant(8, tf.int64))
+  pixels = tf.where(depth > 8, 2 * pixels, pixels)
+  is_gif = tf.equal(tf.strings.substr(raw, 0, 3), b'GIF')
+  return tf.cond(is_gif, lambda: tf.maximum(pixels, _gif_frames_pixels(raw)), lambda: pixels)
+
+
 def decode_and_crop(raw, window_fn, max_pixels=None):
   """Decodes `raw` and crops window_fn(height, width) -> (y, x, h, w) out of it (uint8, 3 channels).
 
   `raw` is either encoded bytes (any format tf.io.decode_image reads; grayscale and CMYK JPEGs come out
   RGB) or an already decoded uint8 image. A JPEG only decodes the crop window (decode_and_crop_jpeg).
-  max_pixels: an encoded image whose header says height * width > max_pixels raises InvalidArgument before
-  anything is decoded (no memory is spent on it).
+  max_pixels: an encoded image whose headers say it decodes to more than max_pixels pixels (decoded_pixels: every
+  frame of a GIF, a 16-bit PNG twice) raises InvalidArgument before anything is decoded (no memory is spent on
+  it).
   """
   if raw.dtype != tf.string:
     shape = tf.shape(raw)
@@ -112,10 +166,10 @@ def decode_and_crop(raw, window_fn, max_pixels=None):
     return raw[y:y + h, x:x + w]
 
   if max_pixels is not None:
-    height, width = image_size(raw)
     check = tf.debugging.assert_less_equal(
-        height * width, tf.constant(max_pixels, tf.int64),
-        message=f'image larger than data.max_image_pixels={max_pixels} (height x width from its header)')
+        decoded_pixels(raw), tf.constant(max_pixels, tf.int64),
+        message=f'image larger than data.max_image_pixels={max_pixels} (pixels from its headers: height x width, '
+        'every GIF frame, 16-bit PNGs twice)')
     with tf.control_dependencies([check]):  # the decoders below only start once the check passed
       raw = tf.identity(raw)
 

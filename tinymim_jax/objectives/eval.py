@@ -13,7 +13,8 @@ from tinymim_jax.objectives.finetune import check_class_count
 
 
 def frozen_encoder(config):
-  """-> (the frozen model of config.init (builders.frozen_model), its feature spec, metadata). The spec:
+  """-> (the frozen model of config.init (builders.frozen_model), its feature spec, metadata: the init and the
+  encoder's source and weights hash, {'encoder': {'source', 'sha256'}}). The spec:
   config.eval.feature's fields, else the one the init workdir / export recorded, else the default of the run that
   trained it. Raises config_base.ConfigError when data.image_size is not the model's resolution (resolve_resolution
   sets it when the run is resolved)."""
@@ -25,7 +26,9 @@ def frozen_encoder(config):
     raise config_base.ConfigError(f"data.image_size={config.data.image_size}, but the frozen model {config.init} "
                                   f"reads {vit.config.img_size} px: set --config.data.image_size="
                                   f"{vit.config.img_size}")
-  return model, spec, {"init": paths.abspath(config.init)}
+  # The encoder's weights hash: a probe's checkpoints mean nothing on other features (config_identity).
+  return model, spec, {"init": paths.abspath(config.init),
+                       "encoder": {"source": paths.abspath(config.init), "sha256": builders.weights_hash(vit)}}
 
 
 def resolve_resolution(config) -> None:
