@@ -12,7 +12,7 @@ import numpy as np
 from tinymim_jax.convert.errors import HintContext, WeightMismatchError, render_fix, short_list
 from tinymim_jax.convert.files import Checkpoint, read_checkpoint
 from tinymim_jax.convert.dtypes import dtype_summary
-from tinymim_jax.convert.sidecar import architecture, heads_text, model_configs, sidecar_configs
+from tinymim_jax.convert.sidecar import architecture, assumed_fields, heads_text, model_configs, sidecar_configs
 from tinymim_jax.convert.names import DECODER_RE, detect_layout, from_torch_layout, torch_names, torch_shape
 from tinymim_jax.convert.resample import resample_grids, resample_pos_embed
 
@@ -58,6 +58,9 @@ def _heads_line(model, ckpt: Checkpoint) -> str:
   text = heads_text(mine) + (f", decoder {dec.num_heads}" if dec is not None else "")
   if ckpt.sidecar is None:
     return f"heads: not stored in the file; assumed the model's {text}"
+  if "num_heads" in assumed_fields(ckpt.sidecar):
+    return (f"heads: not stored in the file, and {ckpt.sidecar_label} only repeats a count its writer assumed; "
+            f"assumed the model's {text}")
   s_enc, s_dec = sidecar_configs(ckpt.sidecar)
   theirs = [s_enc.block_heads(i) for i in range(1, min(enc.depth, s_enc.depth) + 1)]
   same = theirs == mine[:len(theirs)] and (dec is None or s_dec is None or s_dec.num_heads == dec.num_heads)
