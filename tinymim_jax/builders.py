@@ -198,7 +198,7 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
 
 
 # How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
-INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix"}
+INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix", "pooling": "model.pooling"}
 
 def load_init(model: nnx.Module, config) -> convert.LoadReport:
   """config.init into the model a run trains. Fine-tuning starts from a pretrained / distilled encoder: a fresh
