@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from tinymim_jax import builders
+from tinymim_jax import builders, checkpoint, errors
 from tinymim_jax import convert
 from tinymim_jax.convert import (FLOAT_DTYPES, ConvertError, describe_model, detect_layout, dtype_summary,
                                  read_checkpoint, save_pytorch_weights, square_grid, state_dict_order)
@@ -271,6 +271,9 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (ConvertError, FileNotFoundError) as e:  # ConvertError's subclasses name the file and the fault
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  (a user's mistake is one line; anything else re-raised)
+    # ConvertError's subclasses name the file and the fault; so do the checks of our own code (errors.py).
+    if not errors.is_user_error(e, also=(ConvertError, FileNotFoundError, checkpoint.CheckpointError)):
+      raise
+    print(errors.one_line(e), file=sys.stderr)
     return 1

@@ -31,7 +31,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import builders, checkpoint, config_base, convert, data, evals, features, objectives
+from tinymim_jax import builders, checkpoint, config_base, convert, data, errors, evals, features, objectives
 from tinymim_jax import config_identity, environment, paths, periodic
 from tinymim_jax import lock as lock_lib
 from tinymim_jax import workdir as workdir_lib
@@ -317,19 +317,65 @@ def main(argv=None) -> int:
     try:
       config = config_base.finalize(flags.FLAGS.config)
       res = train_and_evaluate(config, flags.FLAGS.workdir)
-    except convert.ConvertError as e:  # a weights source that cannot be read or does not fit: the message says why
-      print(f"error: {e}", file=sys.stderr)
-      return EXIT_FAILED
-    except (config_base.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
-            NonFiniteLossError) as e:  # complete messages: no traceback
-      logging.error("%s", e)
+    except Exception as e:  # pylint: disable=broad-except  (a user's mistake is one line; anything else re-raised)
+      if not errors.is_user_error(e, also=USER_ERRORS):
+        raise
+      print(errors.one_line(e), file=sys.stderr)
       return EXIT_FAILED
     if jax.process_index() == 0:
       print(json.dumps(res, indent=2))
     return EXIT_PREEMPTED if res.get("preempted") else 0
 
-  app.run(run, argv=argv)  # exits with run's status
+  app.run(run, argv=argv, flags_parser=_parse_flags)  # exits with run's status
   return 0
+
+
+# Errors whose message is complete wherever they are raised: one line, no traceback (besides every ValueError /
+# FileNotFoundError our own code raises about its input: errors.is_user_error).
+USER_ERRORS = (config_base.ConfigError, convert.ConvertError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
+               NonFiniteLossError)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a misspelt or moved `--config.<field>` (or any other bad flag) as one error line
+  naming it, with did-you-mean, instead of ml_collections' traceback."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  (flags.Error, or KeyError / AttributeError of a path)
+    print(_unknown_override(argv) or errors.one_line(e), file=sys.stderr)
+    sys.exit(EXIT_FAILED)
+
+
+def _unknown_override(argv) -> str | None:
+  """'error: --config.knn.max_train: no such config field (moved to eval.max_train)' for the first override
+  whose field the config file does not have; None when all exist (or the config itself cannot be loaded)."""
+  from tinymim_jax.demo import load_config_module
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module = load_config_module(path)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except  (the original error says what is wrong with it)
+    return None
+  known = set(_field_paths(config))
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      field = a[len("--config."):].split("=", 1)[0]
+      if field not in known:
+        return f"error: --config.{field}: no such config field{errors.did_you_mean(field, sorted(known))}"
+  return None
+
+
+def _field_paths(config, prefix=""):
+  for key, value in config.items():
+    yield prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _field_paths(value, prefix + key + ".")
 
 
 if __name__ == "__main__":
