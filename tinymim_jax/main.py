@@ -25,7 +25,7 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
@@ -180,6 +180,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
                                   seed=config.seed, start_step=start_step)
   progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=config.objective)
   pending, buffer, last_saved = None, [], ckpt.latest_step()
+  saved_abstract = checkpoint.abstract(saved(state), saved(state_sharding))
+  verify = lambda s: ckpt.verify(s, saved_abstract)  # pylint: disable=unnecessary-lambda-assignment
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -189,13 +191,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         ts.trim_host_memory()
       # Metrics are fetched one step late so the host never waits for the device.
       if pending is not None:
-        buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
+        buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved, verify))
       pending = (step, metrics)
       progress.update(step, images_per_step=config.batch_size,  # shows the latest fetched loss / lr
                       loss=buffer[-1]["loss"] if buffer else None, lr=buffer[-1]["lr"] if buffer else None)
       last = step == total_steps
       if periodic.is_due(step, config.log_every_steps, last=last):
-        buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved))
+        buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved, verify))
         pending = None
         train = {f"train/{k}": v for k, v in _mean_metrics(buffer).items()}
         train["train/skipped_images"] = float(it.skipped)
@@ -209,7 +211,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         raise save_error or checkpoint.CheckpointSaveError("a checkpoint save failed on another process")
       if periodic.is_due(step, config.ckpt_every_steps, last=last or preempted):
         if pending is not None:  # the NaN guard sees every step before it is saved
-          buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
+          buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved, verify))
           pending = None
         writer.flush()  # an object store's metrics.jsonl holds every record up to the checkpoint
         ckpt.save(step, saved(state), {**meta, "step": step})
@@ -240,12 +242,24 @@ def _poll_saves(ckpt) -> checkpoint.CheckpointSaveError | None:
   return None
 
 
-def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
+def _check_finite(metrics: dict, step: int, last_saved: int | None,
+                  verify: Callable[[int], str | None] | None = None) -> dict:
   """Raises NonFiniteLossError if the step's loss or gradient was NaN/Inf. Every step is checked before a
-  checkpoint after it is saved, so the checkpoints on disk hold finite weights from before the blow-up."""
+  checkpoint after it is saved, so the checkpoints this run saved hold finite weights from before the blow-up;
+  the one the message names is verified against its checksums first (`verify(step)`: None when intact, else
+  what is wrong; Checkpointer.verify), since a blow-up may come from damaged weights it was resumed from."""
   if metrics.pop("nonfinite", 0):
-    resume = (f"a rerun resumes from checkpoint step {last_saved}, saved before it (finite weights)"
-              if last_saved is not None else "no checkpoint was saved before it, so a rerun starts from step 0")
+    problem = verify(last_saved) if last_saved is not None and verify is not None else None
+    if last_saved is None:
+      resume = "no checkpoint was saved before it, so a rerun starts from step 0"
+    elif verify is None:
+      resume = f"the newest checkpoint before it is step {last_saved} (not verified)"
+    elif problem is None:
+      resume = (f"a rerun resumes from checkpoint step {last_saved}, saved before it (verified against its "
+                f"checksums)")
+    else:
+      resume = (f"checkpoint step {last_saved}, the newest before it, does not verify ({problem}): a rerun moves "
+                f"it aside and resumes from an older intact one")
     raise NonFiniteLossError(
         f"the loss or gradient became NaN/Inf at step {step} (loss={metrics.get('loss')}, "
         f"grad_norm={metrics.get('grad_norm')}). Stopped without saving or deleting anything: {resume}. Lower "
