@@ -38,6 +38,7 @@ class Evaluator:
     # What the data can give the evals is known now: an eval that cannot run is skipped with one warning here,
     # not found out after the last step.
     self.sections, notes = plan_feature_evals(config.eval, info)
+    _WARNED.clear()  # each run says its own warnings once
     for note in notes:
       logging.warning("%s", note)
 
