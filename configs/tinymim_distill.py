@@ -17,7 +17,8 @@ Then fine-tune with configs/finetune.py (init=the workdir). Published ImageNet t
 Ablation axes, as config arguments (comma-separated key=value after the ':'):
   target=relation|feature|cls   what is distilled (relation = softmax(QK^T) + softmax(VV^T) KL; default)
   teacher_block=N               teacher layer (default: 18 for ViT-L teachers, 12 for ViT-B)
-  relation_heads=N              heads of the student's relation block (default: the teacher's)
+  relation_heads=N              heads of the student's relation block (default: the teacher's; with the
+                                relation target it must equal the teacher's count, else refused)
   mask_ratio=R                  masked student input (0 = full image, the paper's choice)
   drop_path=P                   student drop path in blocks before the relation block (default 0.1)
   teacher=base|large            the MAE teacher's size (default: large for student=base, else base)

@@ -154,3 +154,60 @@ def test_failed_save_is_one_line_with_path_and_errno_and_keeps_earlier_checkpoin
   assert "[Errno 28] No space left on device" in msg and "3.orbax-checkpoint-tmp" in msg and "\n" not in msg
   assert _steps(str(tmp_path)) == [2] and not glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))
   ckpt.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A checkpoint that lost its checksums; the NaN stop names a checkpoint only after verifying it.
+# ---------------------------------------------------------------------------------------------------------
+def _drop_checksums(wd, step):
+  import json
+  (path,) = [p for p in glob.glob(os.path.join(wd, "checkpoints", str(step), "meta", "*")) if os.path.isfile(p)
+             and "checksums" in open(p).read()]
+  meta = json.load(open(path))
+  del meta["checksums"]
+  json.dump(meta, open(path, "w"))
+
+
+def test_a_checkpoint_that_lost_its_checksums_is_damaged(tmp_path, caplog):
+  ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+  for step in (2, 3):
+    ckpt.save(step, _tiny_state(step), {"step": step})
+  ckpt.close()
+  _drop_checksums(str(tmp_path), 3)
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  with caplog.at_level(logging.WARNING):
+    state, meta = ckpt.restore(checkpoint.abstract(_tiny_state()), move_aside=False)
+  assert meta["step"] == 2 and float(state["params"]["w"][0, 0]) == 2.0
+  assert "checkpoint step 3" in caplog.text and "checksum record is missing" in caplog.text
+  abstract = checkpoint.abstract(_tiny_state())
+  assert ckpt.verify(2, abstract) is None and "checksum record is missing" in ckpt.verify(3, abstract)
+  ckpt.close()
+
+
+def test_the_nan_stop_names_a_checkpoint_only_after_verifying_it():
+  from tinymim_jax import main as trainer
+  nan = lambda: {"nonfinite": 1, "loss": float("nan")}  # pylint: disable=unnecessary-lambda-assignment
+  with pytest.raises(trainer.NonFiniteLossError, match=r"resumes from checkpoint step 4, saved before it "
+                                                         r"\(verified against its checksums\)"):
+    trainer._check_finite(nan(), 7, 4, verify=lambda s: None)
+  with pytest.raises(trainer.NonFiniteLossError) as e:
+    trainer._check_finite(nan(), 7, 4, verify=lambda s: "checksum mismatch in 1 array(s): model/w")
+  assert "checkpoint step 4, the newest before it, does not verify (checksum mismatch" in str(e.value)
+  assert "finite weights" not in str(e.value)
+
+
+def test_read_only_restores_and_damaged_fallbacks_log_no_library_noise(run_copy):
+  """What a user sees on stderr (absl / Python logging as a script sets it up): the warning, not Orbax's notices
+  or library tracebacks."""
+  import subprocess
+  import sys
+  damage(run_copy, 12, "truncate")
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import logging; logging.basicConfig(level=logging.INFO); from tinymim_jax import builders; "
+          f"builders.restore_model({str(run_copy)!r}); print('restored')")
+  res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=root,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": root})
+  err = res.stderr
+  assert res.returncode == 0 and "restored" in res.stdout, err[-3000:]
+  assert "read only" not in err and "Traceback" not in err, err[-3000:]
+  assert err.count("is damaged") == 1

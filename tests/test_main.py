@@ -228,8 +228,10 @@ def test_eval_and_linprobe_objectives_on_a_distilled_student(teacher_root, tmp_p
   ev = trainer.train_and_evaluate(tiny_config("student_eval", root, **recipe), os.path.join(root, "eval"))
   assert ev["feature"] == spec  # picked up from the workdir
   assert ev["eval/knn_top1"] == pytest.approx(distilled["eval/knn_top1"], abs=1e-9)  # the same features
-  for k in (1, 5, 10, 25):
-    assert ev[f"eval/fewshot_{k}shot_top1"] == pytest.approx(distilled[f"eval/fewshot_{k}shot_top1"], abs=1e-9)
+  assert "eval/fewshot_1shot_top1" in ev and "eval/fewshot_25shot_top1" not in ev  # 256 images: < 10 + 25 per class
+  for k in (1, 5, 10):
+    key = f"eval/fewshot_{k}shot_top1"
+    assert (key in ev) == (key in distilled) and ev.get(key) == pytest.approx(distilled.get(key), abs=1e-9)
   assert 0.1 < ev["eval/linprobe_top1"] <= ev["eval/linprobe_top5"] <= 1 and "eval/top1" not in ev
   assert json.load(open(os.path.join(root, "eval", "done.json")))["eval/linprobe_top1"] == ev["eval/linprobe_top1"]
   # The export carries the spec in its header: an eval of the .safetensors reads the same features.

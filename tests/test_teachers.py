@@ -160,10 +160,37 @@ def test_teacher_sections_are_checked():
   c.teacher2.block = 3
   with pytest.raises(ValueError, match=r"config.teacher2.block=3, but config.teacher2 .* has blocks 1..2"):
     distill.make_teachers(c)
+
+
+def _resolve(c):
+  from tinymim_jax import objectives
+  return objectives.resolve_run(config_base.finalize(c))
+
+
+def test_distillations_the_step_cannot_compute_are_refused_up_front_naming_the_field():
   c = two_teacher_config()
   c.teacher2.num_heads = 8  # 8 heads against the first teacher's 4: per-head maps cannot be matched
-  with pytest.raises(ValueError, match="relation_heads"):
-    builders.make_model(c)
+  with pytest.raises(config_base.ConfigError, match=r"pick blocks with equal head counts \(teacher.block, "
+                                                    r"teacher2.block\)") as e:
+    _resolve(c)
+  assert "relation_heads" not in str(e.value)  # the advice that led into a crash inside the step
+  c.distill.relation_heads = 4  # ... and following the old advice is refused as well
+  with pytest.raises(config_base.ConfigError, match="equal head counts"):
+    _resolve(c)
+  c = tiny.distill_config(teacher_depth=4, teacher_block=2, student_block=3)
+  c.distill.relation_heads = 2
+  with pytest.raises(config_base.ConfigError, match=r"config.distill.relation_heads=2, but the teacher's block has "
+                                                    r"4 heads.*set it to 4"):
+    _resolve(c)
+  c.distill.relation_heads = 4
+  assert _resolve(c).distill.relation_heads == 4
+  c.distill.update(relation_heads=2, target="feature")  # no per-head maps: any count
+  _resolve(c)
+  c = tiny.distill_config(teacher_depth=4, teacher_block=2, student_block=3)
+  c.model.reg_tokens = 4
+  with pytest.raises(config_base.ConfigError, match=r"config.model.reg_tokens=4: a distillation student has no "
+                                                    r"register tokens.*--config.model.reg_tokens=0"):
+    _resolve(c)
 
 
 def test_digits_distillation_from_two_teachers(tmp_path):

@@ -198,7 +198,7 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
 
 
 # How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
-INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix"}
+INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix", "pooling": "model.pooling"}
 
 def load_init(model: nnx.Module, config) -> convert.LoadReport:
   """config.init into the model a run trains. Fine-tuning starts from a pretrained / distilled encoder: a fresh
@@ -216,7 +216,8 @@ def resolve_source_heads(config, teachers=()) -> list[str]:
   count is written into the config, so the run is built, saved and restored with it. An explicit teacher
   num_heads that differs raises convert.ConvertError: the teacher's relations depend on its head split. An explicit
   model.num_heads that differs is kept and noted: fine-tuning regroups the same weights into the standard heads
-  (docs/method.md 2.3). Per-block overrides (a distilled student's relation block) are not carried over: the
+  (docs/method.md 2.3). A count the sidecar marks as assumed (convert import without --num-heads) is no record
+  and is ignored. Per-block overrides (a distilled student's relation block) are not carried over: the
   builders set the relation block's heads from config.distill.
   """
   notes = []
@@ -227,6 +228,8 @@ def resolve_source_heads(config, teachers=()) -> list[str]:
     if found is None:
       continue
     side, origin = found
+    if "num_heads" in convert.assumed_fields(side):  # a guess written down by its writer, not a record
+      continue
     recorded, section = int(side["model_args"]["num_heads"]), config[field]
     if section.num_heads is None:
       section.num_heads = recorded

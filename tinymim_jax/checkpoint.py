@@ -53,6 +53,10 @@ from tinymim_jax import sharding as sh
 from tinymim_jax import workdir as workdir_lib
 
 _TMP_GLOB = "*.orbax-checkpoint-tmp*"
+# Set in the meta of every checkpoint saved with checksums: one that has it and lacks 'checksums' lost them
+# (damaged), unlike one saved before checksums existed.
+CHECKSUM_FORMAT_KEY = "checksum_format"
+CHECKSUM_FORMAT = 1
 _COMMIT_FILE = "commit_success.txt"  # Orbax's mark of a complete step on an object store (a directory without it
                                      # in checkpoints/ is deleted as unfinished when the next run starts)
 
@@ -215,6 +219,47 @@ def _quiet_unraisable():
     sys.unraisablehook = old
 
 
+# Loggers that report a damaged checkpoint's failed reads once more, each with a library traceback (Orbax through
+# absl's logger, asyncio's "Task exception was never retrieved"); the restore says it in one warning instead.
+_LIBRARY_LOGGERS = ("absl", "asyncio", "orbax", "tensorstore", "jax")
+
+
+class _DropLibraryErrors(logging.Filter):
+  """Lets a record through unless it carries a traceback (or matches `drop`); those go to the debug log as one
+  line."""
+
+  def __init__(self, drop: Callable[[logging.LogRecord], bool] = lambda r: False):
+    super().__init__()
+    self.drop = drop
+
+  def filter(self, record):
+    if record.exc_info or self.drop(record):
+      logging.getLogger(__name__).debug("library log while reading checkpoints: %s",
+                                        record.getMessage().splitlines()[0][:300] if record.msg else "")
+      return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet_library_errors(drop: Callable[[logging.LogRecord], bool] = lambda r: False):
+  """While reading (possibly damaged) checkpoints: the libraries' records with tracebacks, and those `drop`
+  picks, are dropped (the reader reports what failed itself)."""
+  filt = _DropLibraryErrors(drop)
+  loggers = [logging.getLogger(name) for name in _LIBRARY_LOGGERS]
+  for lg in loggers:
+    lg.addFilter(filt)
+  try:
+    yield
+  finally:
+    for lg in loggers:
+      lg.removeFilter(filt)
+
+
+def _read_only_notice(record: logging.LogRecord) -> bool:
+  """Orbax's 'Given directory is read only=...' at every read-only open: opening to restore is what was asked."""
+  return str(record.msg).startswith("Given directory is read only")
+
+
 # -----------------------------------------------------------------------------------------------------
 # The checkpointer.
 # -----------------------------------------------------------------------------------------------------
@@ -237,7 +282,8 @@ class Checkpointer:
     self.directory = os.path.join(paths.abspath(workdir), workdir_lib.CHECKPOINTS)
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
-    self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+    with _quiet_library_errors(drop=_read_only_notice):
+      self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._pending: int | None = None  # the step of a save that may still be in flight
 
   def latest_step(self) -> int | None:
@@ -253,7 +299,8 @@ class Checkpointer:
     if self._pending is not None:  # Orbax would wait for it too; this way a failure names its own step
       self.wait()
     model = {"params": state["params"], "consts": state["consts"]}
-    meta = {**meta, "checksums": {"model": array_checksums(model), "opt": array_checksums(state["opt"])}}
+    meta = {**meta, "checksums": {"model": array_checksums(model), "opt": array_checksums(state["opt"])},
+            CHECKSUM_FORMAT_KEY: CHECKSUM_FORMAT}
     try:
       self.mngr.save(int(step), force=True, args=ocp.args.Composite(
           model=ocp.args.StandardSave(model), opt=ocp.args.StandardSave(state["opt"]),
@@ -367,7 +414,7 @@ class Checkpointer:
         meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         abstract = abstract_fn(meta)
         self._check_fits(step, abstract, (meta or {}).get("checksums"))
-        with _quiet_unraisable():
+        with _quiet_unraisable(), _quiet_library_errors():
           r = self.mngr.restore(step, args=ocp.args.Composite(
               **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
         restored = {k: r[k] for k in abstract}
@@ -424,11 +471,28 @@ class Checkpointer:
           + "\n".join(diffs[:12]) + more + "\nThe config differs from the one that saved it (see config.json / "
           "config_history.jsonl in the workdir): undo the change or use a new workdir.")
 
+  def verify(self, step: int, abstract_state: dict) -> str | None:
+    """Restores checkpoint `step` (on the shardings of `abstract_state`, as restore does) and checks it against
+    its checksums: -> None when it is intact, else what is wrong. Waits for a save in flight first."""
+    self.wait()
+    abstract = {"model": {"params": abstract_state["params"], "consts": abstract_state["consts"]},
+                "opt": abstract_state["opt"]}
+    try:
+      meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+      with _quiet_unraisable(), _quiet_library_errors():
+        r = self.mngr.restore(step, args=ocp.args.Composite(
+            **{k: ocp.args.StandardRestore(v) for k, v in abstract.items()}))
+      return self._verify(meta, {k: r[k] for k in abstract})
+    except Exception as e:  # pylint: disable=broad-except  (unreadable: damaged)
+      return _summary(e)
+
   @staticmethod
   def _verify(meta: dict, restored: dict[str, Any]) -> str | None:
     expected = (meta or {}).get("checksums")
-    if not expected:  # saved before checksums existed
-      return None
+    if not expected:
+      if (meta or {}).get(CHECKSUM_FORMAT_KEY):  # saved with checksums, which are gone: nothing vouches for it
+        return "its checksum record is missing (it was saved with one), so its arrays cannot be verified"
+      return None  # saved before checksums existed
     bad = []
     for item, tree in restored.items():
       got = array_checksums(tree)

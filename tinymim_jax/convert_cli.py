@@ -10,7 +10,7 @@ from typing import Mapping
 
 import numpy as np
 
-from tinymim_jax import builders
+from tinymim_jax import builders, checkpoint, errors
 from tinymim_jax import convert
 from tinymim_jax.convert import (FLOAT_DTYPES, ConvertError, describe_model, detect_layout, dtype_summary,
                                  read_checkpoint, save_pytorch_weights, square_grid, state_dict_order)
@@ -54,6 +54,9 @@ def _heads_line(ckpt) -> str:
   enc, dec = convert.sidecar_configs(ckpt.sidecar)
   text = convert.heads_text([enc.block_heads(i) for i in range(1, enc.depth + 1)])
   text += f", decoder {dec.num_heads}" if dec is not None else ""
+  if "num_heads" in convert.assumed_fields(ckpt.sidecar):
+    return (f"heads:  not stored in the weights; {ckpt.sidecar_label} holds {text}, a count its writer assumed "
+            f"(not a record): give the true count to a load (--num-heads, config teacher.num_heads)")
   return f"heads:  not stored in the weights; {ckpt.sidecar_label} records {text} ({ckpt.sidecar.get('architecture')})"
 
 
@@ -87,9 +90,19 @@ def _cmd_import(args):
     name = args.model
   if name is None:
     raise ConvertError(f"{ckpt.label} has no {ckpt.sidecar_label} beside it: name the model with --model")
-  for field in ("img_size", "pos_embed", "num_classes", "pooling"):
+  for field in ("img_size", "pos_embed", "num_classes", "pooling", "num_heads"):
     if getattr(args, field) is not None:
       overrides[field] = getattr(args, field)
+  if args.head_overrides:
+    overrides["head_overrides"] = _block_heads(args.head_overrides)
+  # A state dict does not store head counts: unless the user or a sidecar's record gave them, they are the
+  # variant's, and the written sidecar says so (readers then never let them override a user's count).
+  assumed = [f for f in convert.assumed_fields(ckpt.sidecar) if f not in ("num_heads", "head_overrides")]
+  if ckpt.sidecar is None or "num_heads" in convert.assumed_fields(ckpt.sidecar):
+    if args.num_heads is None:
+      assumed.append("num_heads")
+    if not args.head_overrides:
+      assumed.append("head_overrides")
   if not name.startswith(MAE_PREFIX):
     # Defaults follow the file: a fine-tuned file (fc_norm + head) gives the 'avg' layout and its classes.
     if "num_classes" not in overrides:
@@ -114,10 +127,26 @@ def _cmd_import(args):
     if rounded:
       print(f"  note: the model holds {exported[rounded[0]].dtype.name}: {len(rounded)} {weights[rounded[0]].dtype} "
             f"tensors were rounded to it before being written back as {weights[rounded[0]].dtype}")
-  save_pytorch_weights(written, args.out, sidecar=convert.architecture(model))
+  side = convert.architecture(model)
+  if assumed:
+    side[convert.ASSUMED_KEY] = assumed
+    print(f"  note: the file does not store head counts and none were given: {args.out}'s sidecar marks the "
+          f"variant's as assumed (give them with --num-heads / --head-overrides)")
+  save_pytorch_weights(written, args.out, sidecar=side)
   print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {describe_model(model)}) to {args.out} "
         f"(+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
+
+
+def _block_heads(items) -> dict[int, int]:
+  """['12:12', '4:6'] -> {12: 12, 4: 6}; raises ConvertError naming a malformed item."""
+  out = {}
+  for item in items:
+    block, _, heads = item.partition(":")
+    if not (block.isdigit() and heads.isdigit() and int(block) >= 1 and int(heads) >= 1):
+      raise ConvertError(f"--head-overrides {item!r}: expected BLOCK:HEADS with a 1-based block, e.g. 12:12")
+    out[int(block)] = int(heads)
+  return out
 
 
 def _keep_file_dtypes(exported, weights):
@@ -191,6 +220,11 @@ def _parser():
   imp.add_argument("--model", default=None,
                    help="vit_tiny_patch16 ... vit_huge_patch14, or mae_<variant> (default: SRC's .config.json)")
   imp.add_argument("--img-size", type=int, default=None, help="target resolution (default: the variant's)")
+  imp.add_argument("--num-heads", type=int, default=None,
+                   help="heads per block (a state dict does not store them; default: SRC's .config.json, else "
+                        "the variant's, marked as assumed in OUT's .config.json)")
+  imp.add_argument("--head-overrides", action="append", default=[], metavar="BLOCK:HEADS",
+                   help="another head count for one 1-based block, e.g. a TinyMIM student's relation block 12:12")
   imp.add_argument("--pos-embed", choices=("sincos", "learn"), default=None)
   imp.add_argument("--num-classes", type=int, default=None, help="default: the file's head size, or 0")
   imp.add_argument("--pooling", choices=("cls", "avg"), default=None,
@@ -237,6 +271,9 @@ def main(argv=None) -> int:
   args = _parser().parse_args(argv)
   try:
     return args.fn(args)
-  except (ConvertError, FileNotFoundError) as e:  # ConvertError's subclasses name the file and the fault
-    print(f"error: {e}", file=sys.stderr)
+  except Exception as e:  # pylint: disable=broad-except  (a user's mistake is one line; anything else re-raised)
+    # ConvertError's subclasses name the file and the fault; so do the checks of our own code (errors.py).
+    if not errors.is_user_error(e, also=(ConvertError, FileNotFoundError, checkpoint.CheckpointError)):
+      raise
+    print(errors.one_line(e), file=sys.stderr)
     return 1

@@ -5,10 +5,12 @@ train_steps.make_predict_fn for a model with its head, linprobe.make_predict_fn 
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable
 
 import jax
+import ml_collections
 import numpy as np
 
 from tinymim_jax import data, fewshot, knn, linprobe
@@ -33,6 +35,12 @@ class Evaluator:
 
     self.predict = jax.jit(fn, in_shardings=(sub, sh.batch_sharding(mesh)), out_shardings=sh.replicated(mesh))
     self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    # What the data can give the evals is known now: an eval that cannot run is skipped with one warning here,
+    # not found out after the last step.
+    self.sections, notes = plan_feature_evals(config.eval, info)
+    _WARNED.clear()  # each run says its own warnings once
+    for note in notes:
+      logging.warning("%s", note)
 
   def features(self, state, split: str, limit: int | None = None):
     """-> (features (n, D), logits (n, C) or None, labels (n,)) of the first `limit` examples of `split`."""
@@ -70,13 +78,13 @@ class Evaluator:
       f_test, logits, y_test = self.features(state, "test")
     if logits is not None:
       res.update(_head_metrics(logits, y_test, self.head))
-    if _enabled(e) or cached_probe:
+    if self.sections or cached_probe:
       if "train" in self.cache:
         f_train, y_train = self.cache["train"]
       else:
         f_train, _, y_train = self.features(state, "train", None if cached_probe else e.max_train)
-      res.update(_frozen_feature_metrics(e, f_train[:e.max_train], y_train[:e.max_train], f_test, y_test,
-                                         self.info.num_classes))
+      res.update(_frozen_feature_metrics(self.sections, f_train[:e.max_train], y_train[:e.max_train], f_test,
+                                         y_test, self.info.num_classes))
       if cached_probe:
         lp = self.config.linprobe
         params, consts = linprobe.fit_on_cache(
@@ -107,12 +115,58 @@ def _knn(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, fl
                                        temperature=section.temperature, num_classes=num_classes)}
 
 
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning("%s", message)
+
+
 def _fewshot(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
-  """big_vision's closed-form few-shot top-1 per shot count (fewshot.py; config.eval.fewshot)."""
-  accs = fewshot.fewshot_top1(f_train, y_train, f_test, y_test, num_classes=num_classes, shots=tuple(section.shots),
+  """big_vision's closed-form few-shot top-1 per shot count (fewshot.py; config.eval.fewshot). A shot count that
+  some class has too few train images for is not reported (one warning naming the class counts)."""
+  shots, problem = fewshot.supported_shots(y_train, num_classes, tuple(section.shots), section.val_per_class)
+  if problem is not None:
+    _warn_once(problem)
+  if not shots:
+    return {}
+  accs = fewshot.fewshot_top1(f_train, y_train, f_test, y_test, num_classes=num_classes, shots=shots,
                               draws=section.draws, val_per_class=section.val_per_class,
                               l2_regs=tuple(section.l2_regs))
   return {f"eval/fewshot_{k}shot_top1": v for k, v in accs.items()}
+
+
+def plan_feature_evals(e, info) -> tuple[dict[str, ml_collections.ConfigDict], list[str]]:
+  """-> ({name: section} of the enabled FEATURE_EVALS this data can give, warnings for what it cannot).
+
+  Checked from the data's sizes alone (info: num_train, num_classes), when a run starts: the evals read the first
+  min(eval.max_train, num_train) train images, so no class has more than that / num_classes of them, and a
+  k-shot needs eval.fewshot.val_per_class + k per class (fewshot.supported_shots checks the true counts at each
+  eval)."""
+  sections, notes = {}, []
+  read = min(int(e.max_train), int(info.num_train))
+  per_class = read // max(int(info.num_classes), 1)
+  for name in _enabled(e):
+    section = ml_collections.ConfigDict(e[name].to_dict())
+    if name == "fewshot":
+      need = lambda k: section.val_per_class + k  # pylint: disable=cell-var-from-loop
+      ok = tuple(k for k in section.shots if need(k) <= per_class)
+      dropped = [k for k in section.shots if k not in ok]
+      if dropped:
+        what = "skipped" if not ok else f"{', '.join(f'{k}-shot' for k in dropped)} skipped"
+        notes.append(
+            f"few-shot eval {what}: k shots need eval.fewshot.val_per_class={section.val_per_class} held-out + k "
+            f"train images in every class, and the evals read {read} train images (eval.max_train="
+            f"{e.max_train}, {info.num_train} in the data) over {info.num_classes} classes: at most {per_class} "
+            f"per class. Lower eval.fewshot.val_per_class / eval.fewshot.shots"
+            + (", or raise eval.max_train" if e.max_train < info.num_train else ", or use more train images"))
+      if not ok:
+        continue
+      section.shots = ok
+    sections[name] = section
+  return sections, notes
 
 
 # The evals on frozen features of the train and test splits, by their section of config.eval: each runs when its
@@ -125,9 +179,9 @@ def _enabled(e) -> list[str]:
   return [name for name in FEATURE_EVALS if e[name].enabled]
 
 
-def _frozen_feature_metrics(e, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
-  """The enabled FEATURE_EVALS (config.eval) of train -> test features."""
+def _frozen_feature_metrics(sections, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:
+  """The FEATURE_EVALS of `sections` ({name: section}: plan_feature_evals') of train -> test features."""
   res = {}
-  for name in _enabled(e):
-    res.update(FEATURE_EVALS[name](e[name], f_train, y_train, f_test, y_test, num_classes))
+  for name, section in sections.items():
+    res.update(FEATURE_EVALS[name](section, f_train, y_train, f_test, y_test, num_classes))
   return res

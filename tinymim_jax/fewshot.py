@@ -37,12 +37,30 @@ def draw(train_labels, num_classes: int, shots: Sequence[int], val_per_class: in
   """One draw: ({k: indices of k shots per class}, indices of the held-out images), disjoint.
 
   Each class's indices are permuted; its first `val_per_class` are held out, and the k shots are the next k
-  (all that is left if fewer), so the shot sets are nested (as big_vision's) and never meet the held-out set.
+  (all that is left if fewer: fewshot_top1 asks for no more than every class has), so the shot sets are nested (as big_vision's) and never meet the held-out set.
   """
   per_class = [rng.permutation(np.flatnonzero(train_labels == c)) for c in range(num_classes)]
   val = np.concatenate([p[:val_per_class] for p in per_class])
   picks = {k: np.concatenate([p[val_per_class:val_per_class + k] for p in per_class]) for k in shots}
   return picks, val
+
+
+def supported_shots(train_labels, num_classes: int, shots: Sequence[int], val_per_class: int
+                    ) -> tuple[tuple[int, ...], str | None]:
+  """-> (the shot counts every class has images for: val_per_class held out + k shots, a line naming the class
+  counts when some shot counts are left out, else None). A k-shot score from fewer than k shots per class would
+  be a smaller metric under k's name."""
+  counts = np.bincount(np.asarray(train_labels, np.int64), minlength=num_classes)[:num_classes]
+  fewest = int(counts.min()) if len(counts) else 0
+  ok = tuple(k for k in shots if fewest >= val_per_class + k)
+  if len(ok) == len(tuple(shots)):
+    return ok, None
+  short = [c for c in range(num_classes) if counts[c] == fewest][:5]
+  dropped = [k for k in shots if k not in ok]
+  return ok, (f"few-shot {', '.join(f'{k}-shot' for k in dropped)} not reported: k shots need {val_per_class} "
+              f"held-out + k train images in every class (eval.fewshot.val_per_class={val_per_class}); the "
+              f"{len(train_labels)} train images read have {fewest} in class(es) {short} (per class: min "
+              f"{fewest}, median {int(np.median(counts)) if len(counts) else 0}, max {int(counts.max()) if len(counts) else 0})")
 
 
 def _preprocess(x, mean, std):
@@ -80,7 +98,8 @@ def fewshot_top1(train_feats, train_labels, test_feats, test_labels, *, num_clas
   """{k: mean test top-1 in [0, 1] over `draws` draws of k shots per class} (see the module docstring).
 
   Features (n, D) float arrays; labels ints in [0, num_classes). Raises ValueError when the train features
-  leave no held-out image (val_per_class < 1) or shapes / labels do not match.
+  leave no held-out image (val_per_class < 1), when some class has fewer than val_per_class + k train images
+  for a k in `shots` (supported_shots names the class counts), or shapes / labels do not match.
   """
   train_feats, test_feats = np.asarray(train_feats), np.asarray(test_feats)
   train_labels, test_labels = np.asarray(train_labels).astype(np.int64), np.asarray(test_labels).astype(np.int64)
@@ -88,14 +107,14 @@ def fewshot_top1(train_feats, train_labels, test_feats, test_labels, *, num_clas
   if val_per_class < 1 or draws < 1:
     raise ValueError(f"few-shot needs val_per_class >= 1 held-out images per class to choose l2 and draws >= 1, "
                      f"got {val_per_class}, {draws}")
+  ok, problem = supported_shots(train_labels, num_classes, shots, val_per_class)
+  if problem is not None:
+    raise ValueError(problem)
   rng = np.random.default_rng(seed)
   acc = {k: [] for k in shots}
   for _ in range(draws):
     picks, val = draw(train_labels, num_classes, shots, val_per_class, rng)
     for k, idx in picks.items():
-      if not len(idx):
-        raise ValueError(f"no train images left for {k}-shot after holding out {val_per_class} per class "
-                         f"({len(train_labels)} train features): raise eval.max_train")
       ws, mean, std = solve(train_feats[idx], train_labels[idx], num_classes, l2_regs)
       val_acc = [_accuracy(w, mean, std, train_feats[val], train_labels[val]) for w in ws]
       best = int(np.argmax(val_acc))  # the first (smallest l2) of ties

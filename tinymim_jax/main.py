@@ -25,13 +25,13 @@ import logging
 import os
 import signal
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import builders, checkpoint, config_base, convert, data, evals, features, objectives
+from tinymim_jax import builders, checkpoint, config_base, convert, data, errors, evals, features, objectives
 from tinymim_jax import config_identity, environment, paths, periodic
 from tinymim_jax import lock as lock_lib
 from tinymim_jax import workdir as workdir_lib
@@ -206,6 +206,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
                                   seed=config.seed, start_step=start_step)
   progress = writers.Progress(total_steps, initial_step=start_step, enabled=is_main, desc=config.objective)
   pending, buffer, last_saved = None, [], ckpt.latest_step()
+  saved_abstract = checkpoint.abstract(saved(state), saved(state_sharding))
+  verify = lambda s: ckpt.verify(s, saved_abstract)  # pylint: disable=unnecessary-lambda-assignment
   step = start_step
   try:
     for step in range(start_step + 1, total_steps + 1):
@@ -215,13 +217,13 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         ts.trim_host_memory()
       # Metrics are fetched one step late so the host never waits for the device.
       if pending is not None:
-        buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
+        buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved, verify))
       pending = (step, metrics)
       progress.update(step, images_per_step=config.batch_size,  # shows the latest fetched loss / lr
                       loss=buffer[-1]["loss"] if buffer else None, lr=buffer[-1]["lr"] if buffer else None)
       last = step == total_steps
       if periodic.is_due(step, config.log_every_steps, last=last):
-        buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved))
+        buffer.append(_check_finite(jax.device_get(pending[1]), step, last_saved, verify))
         pending = None
         train = {f"train/{k}": v for k, v in _mean_metrics(buffer).items()}
         train["train/skipped_images"] = float(it.skipped)
@@ -235,7 +237,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         raise save_error or checkpoint.CheckpointSaveError("a checkpoint save failed on another process")
       if periodic.is_due(step, config.ckpt_every_steps, last=last or preempted):
         if pending is not None:  # the NaN guard sees every step before it is saved
-          buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved))
+          buffer.append(_check_finite(jax.device_get(pending[1]), pending[0], last_saved, verify))
           pending = None
         _check_lock(lock)
         writer.flush()  # an object store's metrics.jsonl holds every record up to the checkpoint
@@ -267,12 +269,24 @@ def _poll_saves(ckpt) -> checkpoint.CheckpointSaveError | None:
   return None
 
 
-def _check_finite(metrics: dict, step: int, last_saved: int | None) -> dict:
+def _check_finite(metrics: dict, step: int, last_saved: int | None,
+                  verify: Callable[[int], str | None] | None = None) -> dict:
   """Raises NonFiniteLossError if the step's loss or gradient was NaN/Inf. Every step is checked before a
-  checkpoint after it is saved, so the checkpoints on disk hold finite weights from before the blow-up."""
+  checkpoint after it is saved, so the checkpoints this run saved hold finite weights from before the blow-up;
+  the one the message names is verified against its checksums first (`verify(step)`: None when intact, else
+  what is wrong; Checkpointer.verify), since a blow-up may come from damaged weights it was resumed from."""
   if metrics.pop("nonfinite", 0):
-    resume = (f"a rerun resumes from checkpoint step {last_saved}, saved before it (finite weights)"
-              if last_saved is not None else "no checkpoint was saved before it, so a rerun starts from step 0")
+    problem = verify(last_saved) if last_saved is not None and verify is not None else None
+    if last_saved is None:
+      resume = "no checkpoint was saved before it, so a rerun starts from step 0"
+    elif verify is None:
+      resume = f"the newest checkpoint before it is step {last_saved} (not verified)"
+    elif problem is None:
+      resume = (f"a rerun resumes from checkpoint step {last_saved}, saved before it (verified against its "
+                f"checksums)")
+    else:
+      resume = (f"checkpoint step {last_saved}, the newest before it, does not verify ({problem}): a rerun moves "
+                f"it aside and resumes from an older intact one")
     raise NonFiniteLossError(
         f"the loss or gradient became NaN/Inf at step {step} (loss={metrics.get('loss')}, "
         f"grad_norm={metrics.get('grad_norm')}). Stopped without saving or deleting anything: {resume}. Lower "
@@ -357,19 +371,65 @@ def main(argv=None) -> int:
     try:
       config = config_base.finalize(flags.FLAGS.config)
       res = train_and_evaluate(config, flags.FLAGS.workdir)
-    except convert.ConvertError as e:  # a weights source that cannot be read or does not fit: the message says why
-      print(f"error: {e}", file=sys.stderr)
-      return EXIT_FAILED
-    except (config_base.ConfigError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
-            NonFiniteLossError) as e:  # complete messages: no traceback
-      logging.error("%s", e)
+    except Exception as e:  # pylint: disable=broad-except  (a user's mistake is one line; anything else re-raised)
+      if not errors.is_user_error(e, also=USER_ERRORS):
+        raise
+      print(errors.one_line(e), file=sys.stderr)
       return EXIT_FAILED
     if jax.process_index() == 0:
       print(json.dumps(res, indent=2))
     return EXIT_PREEMPTED if res.get("preempted") else 0
 
-  app.run(run, argv=argv)  # exits with run's status
+  app.run(run, argv=argv, flags_parser=_parse_flags)  # exits with run's status
   return 0
+
+
+# Errors whose message is complete wherever they are raised: one line, no traceback (besides every ValueError /
+# FileNotFoundError our own code raises about its input: errors.is_user_error).
+USER_ERRORS = (config_base.ConfigError, convert.ConvertError, workdir_lib.WorkdirError, checkpoint.CheckpointError,
+               NonFiniteLossError)
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with a misspelt or moved `--config.<field>` (or any other bad flag) as one error line
+  naming it, with did-you-mean, instead of ml_collections' traceback."""
+  from absl import flags
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except  (flags.Error, or KeyError / AttributeError of a path)
+    print(_unknown_override(argv) or errors.one_line(e), file=sys.stderr)
+    sys.exit(EXIT_FAILED)
+
+
+def _unknown_override(argv) -> str | None:
+  """'error: --config.knn.max_train: no such config field (moved to eval.max_train)' for the first override
+  whose field the config file does not have; None when all exist (or the config itself cannot be loaded)."""
+  from tinymim_jax.demo import load_config_module
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None and "--config" in argv[:-1]:
+    spec = argv[argv.index("--config") + 1]
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    module = load_config_module(path)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except  (the original error says what is wrong with it)
+    return None
+  known = set(_field_paths(config))
+  for a in argv:
+    if a.startswith("--config.") and "=" in a:
+      field = a[len("--config."):].split("=", 1)[0]
+      if field not in known:
+        return f"error: --config.{field}: no such config field{errors.did_you_mean(field, sorted(known))}"
+  return None
+
+
+def _field_paths(config, prefix=""):
+  for key, value in config.items():
+    yield prefix + key
+    if isinstance(value, ml_collections.ConfigDict):
+      yield from _field_paths(value, prefix + key + ".")
 
 
 if __name__ == "__main__":

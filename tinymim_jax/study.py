@@ -674,6 +674,19 @@ def _speed_settings(root: str, *, cpu_devices: int | None, cache: bool) -> None:
 # Command line.
 # ---------------------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
+  """The study's command line; a user's mistake (a missing config file, a bad config argument, a run's own
+  one-line error) is one `error:` line (tinymim_jax/errors.py), exit status 1."""
+  from tinymim_jax import errors, main as trainer  # pylint: disable=g-import-not-at-top
+  try:
+    return _main(argv)
+  except Exception as e:  # pylint: disable=broad-except  (anything but a user's mistake is re-raised)
+    if not errors.is_user_error(e, also=trainer.USER_ERRORS):
+      raise
+    print(errors.one_line(e), file=sys.stderr)
+    return 1
+
+
+def _main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--config", required=True, help="study config file, optionally with ':key=value,...'")
   p.add_argument("--workdir", required=True, help="root of the study's run workdirs")

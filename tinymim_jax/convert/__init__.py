@@ -38,7 +38,7 @@ Command line: python -m tinymim_jax.convert {import,export,inspect} --help (tiny
 from tinymim_jax.convert.errors import AmbiguousCheckpointError, ConvertError, HintContext, MissingSourceError, UnreadableFileError, UnsafeCheckpointError, WeightMismatchError, render_fix
 from tinymim_jax.convert.dtypes import FLOAT_DTYPES, as_dtype, cast_weights, dtype_summary
 from tinymim_jax.convert.files import SAFE_GLOBALS, TORCH_FLOOR, Checkpoint, read_checkpoint, read_pytorch_weights, read_safetensors_metadata, save_pytorch_weights
-from tinymim_jax.convert.sidecar import SIDECAR_SUFFIX, architecture, heads_text, read_sidecar, sidecar_configs, sidecar_model, sidecar_path
+from tinymim_jax.convert.sidecar import ASSUMED_KEY, SIDECAR_SUFFIX, architecture, assumed_fields, check_sidecar, heads_text, read_sidecar, sidecar_configs, sidecar_for, sidecar_model, sidecar_path
 from tinymim_jax.convert.names import detect_layout, export_pytorch_weights, state_dict_order
 from tinymim_jax.convert.resample import resample_pos_embed, square_grid
 from tinymim_jax.convert.load import LoadReport, describe_model, load_pytorch_weights

@@ -17,7 +17,7 @@ import numpy as np
 from tinymim_jax import paths
 from tinymim_jax.convert.errors import AmbiguousCheckpointError, ConvertError, HintContext, MissingSourceError, UnreadableFileError, UnsafeCheckpointError, render_fix
 from tinymim_jax.convert.dtypes import cast_weights
-from tinymim_jax.convert.sidecar import architecture, read_sidecar, sidecar_path
+from tinymim_jax.convert.sidecar import architecture, read_sidecar, sidecar_for, sidecar_path
 from tinymim_jax.convert.names import export_pytorch_weights
 
 
@@ -48,12 +48,40 @@ _ANCHOR = "patch_embed.proj.weight"
 TORCH_FLOOR = (2, 6)
 
 
-def _to_numpy(value):
-  """A torch tensor / np array / scalar -> np.ndarray in its own dtype (bfloat16 as ml_dtypes.bfloat16), else None."""
+def _unsupported(kind: str, label: str, name: str, fix: str) -> UnreadableFileError:
+  return UnreadableFileError(f"cannot read {label}: tensor {name!r} is {kind}, which a ViT's weights never are; "
+                             f"{fix}")
+
+
+def _to_numpy(value, *, name: str = "?", label: str = "the file"):
+  """A torch tensor / np array / scalar -> np.ndarray in its own dtype (bfloat16 as ml_dtypes.bfloat16), else None.
+
+  Raises UnreadableFileError naming the tensor for what a weight file should not hold: sparse, quantized or
+  complex tensors, and views that claim more values than their storage holds (stride 0 / broadcast: a few KB on
+  disk that a copy would expand to any size), checked before anything is copied."""
   if isinstance(value, np.ndarray):
-    return value
+    arr = value
+    if arr.dtype.kind == "c":
+      raise _unsupported(f"complex ({arr.dtype})", label, name, "convert it to real weights first")
+    if any(st == 0 and n > 1 for st, n in zip(arr.strides, arr.shape)):
+      raise _unsupported(f"a broadcast view (strides {arr.strides}, shape {arr.shape})", label, name,
+                         "re-save it as a plain array (np.ascontiguousarray)")
+    return arr
   if type(value).__module__.startswith("torch") and hasattr(value, "detach"):
-    t = value.detach().cpu()
+    import torch
+    t = value.detach()
+    if t.layout != torch.strided:
+      raise _unsupported(f"a sparse tensor ({t.layout})", label, name, "re-save it dense (tensor.to_dense())")
+    if t.is_quantized:
+      raise _unsupported(f"quantized ({t.dtype})", label, name, "re-save it dequantized (tensor.dequantize())")
+    if t.is_complex():
+      raise _unsupported(f"complex ({t.dtype})", label, name, "convert it to real weights first")
+    claimed, stored = t.numel() * t.element_size(), t.untyped_storage().nbytes()
+    if claimed > stored or any(st == 0 and n > 1 for st, n in zip(t.stride(), t.shape)):
+      raise _unsupported(f"a broadcast / overlapping view: shape {tuple(t.shape)} with strides {t.stride()} "
+                         f"claims {claimed:,} bytes over a storage of {stored:,}", label, name,
+                         "re-save it with tensor.contiguous() (or clone()) if it is meant to be a weight")
+    t = t.cpu()
     if str(t.dtype) == "torch.bfloat16":  # numpy has no bfloat16: the same bits through int16, as ml_dtypes'
       import ml_dtypes
       import torch
@@ -116,6 +144,11 @@ def first_line(e: BaseException, n: int = 160) -> str:
   return (text[0][:n] if text else "no message")
 
 
+# Bytes per element of the safetensors dtypes (safetensors' Dtype).
+_SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                         "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   """safetensors.numpy.load_file after checking the header against the file size (nothing is allocated from the
   file's own length field before that). Layout: u64 little-endian header length N, N bytes of UTF-8 JSON
@@ -148,6 +181,14 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] <= data):
       raise bad(f"tensor {name!r}: data_offsets {offsets} outside the {data} data bytes")
+    dtype, shape = entry.get("dtype"), entry.get("shape")
+    if str(dtype).startswith("C"):
+      raise bad(f"tensor {name!r} is complex ({dtype}), which a ViT's weights never are")
+    itemsize = _SAFETENSORS_ITEMSIZE.get(dtype)
+    if (itemsize is not None and isinstance(shape, list) and all(isinstance(n, int) and n >= 0 for n in shape)
+        and int(np.prod(shape, dtype=object)) * itemsize != offsets[1] - offsets[0]):
+      raise bad(f"tensor {name!r}: shape {shape} of {dtype} claims {int(np.prod(shape, dtype=object)) * itemsize:,} "
+                f"bytes, its data_offsets hold {offsets[1] - offsets[0]:,}")
   from safetensors import SafetensorError
   from safetensors.numpy import load, load_file  # no torch needed
   try:
@@ -276,7 +317,7 @@ def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
 
   weights = {}
   for k, v in obj.items():
-    arr = _to_numpy(v)
+    arr = _to_numpy(v, name=str(k), label=label)
     if arr is None:
       extras[str(k)] = f"not a tensor ({type(v).__name__})"
     else:
@@ -312,8 +353,9 @@ def save_pytorch_weights(model_or_dict, path, *, dtype=None, sidecar: dict | boo
   ({'model': state_dict}).
 
   dtype: cast the floating tensors ('float16' / 'bfloat16' / 'float32' / 'float64'); None keeps theirs.
-  sidecar: the architecture to write beside the weights as `<name>.config.json` (sidecar_path). None: a model's
-    own (architecture(model)), nothing for a dict; False: none; a dict: that one.
+  sidecar: the architecture to write beside the weights as `<name>.config.json` (sidecar_path), naming `path` as
+    the file it describes (sidecar_for). None: a model's own (architecture(model)), nothing for a dict; False:
+    none; a dict: that one (its `assumed` fields stay marked as assumed).
   Returns the tensors written.
   """
   from flax import nnx
@@ -351,7 +393,7 @@ def save_pytorch_weights(model_or_dict, path, *, dtype=None, sidecar: dict | boo
   else:
     raise ConvertError(f"unknown weight file type {path!r}: use .safetensors or .pth")
   if sidecar:
-    paths.write_atomic(sidecar_path(path), json.dumps(sidecar, indent=2))
+    paths.write_atomic(sidecar_path(path), json.dumps(sidecar_for(sidecar, path), indent=2))
   return weights
 
 

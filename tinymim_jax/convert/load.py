@@ -12,7 +12,7 @@ import numpy as np
 from tinymim_jax.convert.errors import HintContext, WeightMismatchError, render_fix, short_list
 from tinymim_jax.convert.files import Checkpoint, read_checkpoint
 from tinymim_jax.convert.dtypes import dtype_summary
-from tinymim_jax.convert.sidecar import architecture, heads_text, model_configs, sidecar_configs
+from tinymim_jax.convert.sidecar import architecture, assumed_fields, heads_text, model_configs, sidecar_configs
 from tinymim_jax.convert.names import DECODER_RE, detect_layout, from_torch_layout, torch_names, torch_shape
 from tinymim_jax.convert.resample import resample_grids, resample_pos_embed
 
@@ -58,6 +58,9 @@ def _heads_line(model, ckpt: Checkpoint) -> str:
   text = heads_text(mine) + (f", decoder {dec.num_heads}" if dec is not None else "")
   if ckpt.sidecar is None:
     return f"heads: not stored in the file; assumed the model's {text}"
+  if "num_heads" in assumed_fields(ckpt.sidecar):
+    return (f"heads: not stored in the file, and {ckpt.sidecar_label} only repeats a count its writer assumed; "
+            f"assumed the model's {text}")
   s_enc, s_dec = sidecar_configs(ckpt.sidecar)
   theirs = [s_enc.block_heads(i) for i in range(1, min(enc.depth, s_enc.depth) + 1)]
   same = theirs == mine[:len(theirs)] and (dec is None or s_dec is None or s_dec.num_heads == dec.num_heads)
@@ -125,7 +128,9 @@ def _runs(name: str, depth: int | None) -> bool:
 
 
 def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
-          hint_context: HintContext = "api") -> LoadReport:
+          hint_context: HintContext = "api", dry_run: bool = False) -> LoadReport:
+  """load_pytorch_weights on a read checkpoint; `dry_run`: only whether it would load (raises as it would, without
+  hints), nothing written."""
   weights, label = ckpt.weights, ckpt.label
   report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
   report.skipped.update(ckpt.extras)
@@ -215,10 +220,14 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
       if items:
         lines.append(f"  {title} ({len(items)}):")
         lines += [f"    {item}" for item in items]
-    parts = {n.split(".")[0] for n in target}
-    lines += [f"  hint: {h}" for h in _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing,
-                                                      hint_context, parts)]
+    if not dry_run:
+      parts = {n.split(".")[0] for n in target}
+      follow = dict(ckpt=ckpt, skip=skip, allow_missing=allow_missing, strict=strict, depth=depth)
+      lines += [f"  hint: {h}" for h in _mismatch_hints(model, follow, missing_names, unexpected, mismatched_names,
+                                                        allow_missing, hint_context, parts)]
     raise WeightMismatchError("\n".join(lines))
+  if dry_run:
+    return report
 
   if report.loaded:
     file_dtypes = dtype_summary({n: weights[n] for n in report.loaded})
@@ -230,34 +239,64 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
   return report
 
 
-def _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing, context, model_parts
+def _follows(model, follow: dict, options: Mapping[str, Sequence[str]]) -> bool:
+  """Whether the load succeeds with `options` ({'skip' / 'allow_missing': patterns}) added to the caller's."""
+  kw = dict(follow)
+  for option in ("skip", "allow_missing"):
+    kw[option] = tuple(kw[option]) + tuple(options.get(option, ()))
+  try:
+    _load(model, kw.pop("ckpt"), dry_run=True, **kw)
+  except WeightMismatchError:
+    return False
+  return True
+
+
+def _avg_pooled(model):
+  """An abstract copy of ViT `model` in the 'avg' (fc_norm) layout, or None for an MAE."""
+  from flax import nnx
+  from tinymim_jax.models.vit import ViT
+
+  enc, dec = model_configs(model)
+  if dec is not None or enc.pooling == "avg":
+    return None
+  return nnx.eval_shape(lambda: ViT(dataclasses.replace(enc, pooling="avg"), rngs=nnx.Rngs(0)))
+
+
+def _mismatch_hints(model, follow, missing_names, unexpected, mismatched_names, allow_missing, context, model_parts
                     ) -> list[str]:
-  """The fixes of a failed load, spelt for where the user is; a fix that cannot be set there is left out."""
-  hints = []
+  """The fixes of a failed load, spelt for where the user is. Each is tried first (the load repeated with it, as a
+  dry run): one that does not lead to a load, or cannot be set there, is left out."""
+  candidates = []  # (what the fix does, its options)
   tails = [t for t in ("fc_norm", "head") if any(n.startswith(t + ".") for n in missing_names)]
   if tails:
-    fix = render_fix(context, allow_missing=[rf"^{t}\." for t in tails])
-    if fix:
-      hints.append(f"to start fine-tuning from a pretrain file (a fresh {' + '.join(tails)}): {fix}")
+    candidates.append((f"to start fine-tuning from a pretrain file (a fresh {' + '.join(tails)})",
+                       {"allow_missing": [rf"^{t}\." for t in tails]}))
   if any(u.startswith("head.") for u in unexpected):
-    fix = render_fix(context, skip=[r"^head\."])
-    if fix:
-      hints.append(f"to drop the file's classifier head: {fix}")
+    candidates.append(("to drop the file's classifier head", {"skip": [r"^head\."]}))
   # Parts the model does not have at all (e.g. DeiT's dist_token): skip them by their top-level name. (A part the
-  # model has, e.g. a deeper file's extra blocks, is a different architecture: no hint.)
-  others = sorted({u.split()[0].split(".")[0] for u in unexpected} - set(model_parts) - {"head"})
+  # model has, e.g. a deeper file's extra blocks, is a different architecture: no hint. fc_norm is the layout of a
+  # global-pool model, not a part to drop: the pooling hint below.)
+  others = sorted({u.split()[0].split(".")[0] for u in unexpected} - set(model_parts) - {"head", "fc_norm"})
   if others and len(others) <= 4:
-    fix = render_fix(context, skip=[rf"^{re.escape(o)}\." if any(u.startswith(o + ".") for u in unexpected)
-                                    else rf"^{re.escape(o)}$" for o in others])
-    if fix:
-      hints.append(f"to ignore the file's {', '.join(others)} (the model has no such part): {fix}")
+    candidates.append((f"to ignore the file's {', '.join(others)} (the model has no such part)",
+                       {"skip": [rf"^{re.escape(o)}\." if any(u.startswith(o + ".") for u in unexpected)
+                                 else rf"^{re.escape(o)}$" for o in others]}))
   if any(n.startswith("head.") for n in mismatched_names):
     options = {"skip": [r"^head\."]}
     if _first_match(allow_missing, "head.weight") is None:
       options["allow_missing"] = [r"^head\."]
+    candidates.append(("the file's classifier has another number of classes; to start a fresh head", options))
+  hints = []
+  for text, options in candidates:
     fix = render_fix(context, **options)
-    if fix:
-      hints.append(f"the file's classifier has another number of classes; to start a fresh head: {fix}")
+    if fix and _follows(model, follow, options):
+      hints.append(f"{text}: {fix}")
+  if any(u.startswith("fc_norm.") for u in unexpected) and "fc_norm" not in model_parts:
+    avg = _avg_pooled(model)
+    fix = render_fix(context, pooling="avg")
+    if avg is not None and fix and _follows(avg, follow, {}):
+      hints.append(f"the file is a global-pool model (fc_norm after the mean of the patch tokens, timm's "
+                   f"global_pool='avg'); build the model in that layout: {fix}")
   return hints
 
 

@@ -1,5 +1,11 @@
 """The architecture saved beside a weight file (`<name>.config.json`, timm / Hugging Face hub style): a state
-dict does not store head counts, so readers take them from here when present."""
+dict does not store head counts, so readers take them from here when present.
+
+A sidecar describes one file: it names the weights it was written for (`weights_file`), and `x.pth` does not
+read the `x.config.json` written for `x.safetensors`. A value its writer did not know but assumed (the variant's
+head count when `convert import` was not told one) is listed in `assumed`: readers report it as assumed and never
+let it override the user's config. A sidecar is checked like a config (read_sidecar) before any model is built
+from it."""
 
 from __future__ import annotations
 
@@ -16,6 +22,14 @@ from tinymim_jax.convert.errors import UnreadableFileError
 
 
 SIDECAR_SUFFIX = ".config.json"
+WEIGHTS_FILE_KEY = "weights_file"   # the base name of the weight file the sidecar describes
+ASSUMED_KEY = "assumed"             # model_args fields the writer assumed rather than knew
+
+# Bounds on a sidecar's sizes: far above any published ViT (ViT-22B: depth 48, D 6144, 48 heads; 1024 px is
+# several times the largest released resolution), far below what would exhaust memory when a model is built.
+_INT_BOUNDS = {"img_size": (1, 8192), "patch_size": (1, 1024), "embed_dim": (1, 65536), "depth": (1, 1024),
+               "num_heads": (1, 4096), "num_classes": (0, 1_000_000), "reg_tokens": (0, 1024)}
+_DECODER_BOUNDS = {"embed_dim": (1, 65536), "depth": (0, 1024), "num_heads": (1, 4096)}
 
 
 def sidecar_path(weights_path) -> str:
@@ -64,8 +78,20 @@ def architecture(model) -> dict:
   return out
 
 
+def sidecar_for(side: Mapping, weights_path) -> dict:
+  """`side` (an architecture) as the sidecar of `weights_path`: it names the file it describes."""
+  return {**side, WEIGHTS_FILE_KEY: os.path.basename(os.fspath(weights_path))}
+
+
+def assumed_fields(side: Mapping | None) -> tuple[str, ...]:
+  """The model_args fields a sidecar's writer assumed (not recorded facts): ('num_heads', 'head_overrides')."""
+  return tuple((side or {}).get(ASSUMED_KEY) or ())
+
+
 def read_sidecar(weights_path) -> dict | None:
-  """The architecture saved beside `weights_path` (sidecar_path), or None when there is none."""
+  """The architecture saved beside `weights_path` (sidecar_path), or None when there is none or it was written
+  for another file of the same stem (its `weights_file`). Raises UnreadableFileError, naming the file and the
+  key, for a sidecar that is not JSON or holds values no model can have (check_sidecar)."""
   path = sidecar_path(weights_path)
   if not paths.isfile(path):
     return None
@@ -75,7 +101,55 @@ def read_sidecar(weights_path) -> dict | None:
     raise UnreadableFileError(f"cannot read {path}: not a JSON file ({e})") from None
   if not isinstance(side, dict) or not isinstance(side.get("model_args"), dict):
     raise UnreadableFileError(f"cannot read {path}: no 'model_args' object (not written by tinymim_jax.convert)")
+  owner = side.get(WEIGHTS_FILE_KEY)
+  if owner is not None and owner != os.path.basename(os.fspath(weights_path)):
+    return None  # it describes `owner` (e.g. the .safetensors imported from this .pth), not this file
+  check_sidecar(side, path)
   return side
+
+
+def check_sidecar(side: Mapping, path: str = "<sidecar>") -> None:
+  """Raises UnreadableFileError (one line: the file, the key, the value, what is allowed) for a sidecar whose
+  sizes are not integers in range (_INT_BOUNDS), whose heads do not divide the width, or whose per-block head
+  counts name blocks the model does not have."""
+  def bad(key, value, want):
+    return UnreadableFileError(f"cannot use {path}: {key}={value!r} {want} (edit or delete the file, or pass the "
+                               f"architecture explicitly)")
+
+  def integer(section, key, value, bounds):
+    lo, hi = bounds
+    if isinstance(value, bool) or not isinstance(value, int):
+      raise bad(f"{section}.{key}", value, f"is not an integer in [{lo}, {hi}]")
+    if not lo <= value <= hi:
+      raise bad(f"{section}.{key}", value, f"is outside [{lo}, {hi}]")
+
+  args = side["model_args"]
+  for key, bounds in _INT_BOUNDS.items():
+    if key in args:
+      integer("model_args", key, args[key], bounds)
+  dim = args.get("embed_dim")
+  overrides = args.get("head_overrides") or {}
+  if not isinstance(overrides, Mapping):
+    raise bad("model_args.head_overrides", overrides, "is not an object {block: heads}")
+  for block, heads in overrides.items():
+    if not str(block).isdigit() or not 1 <= int(block) <= args.get("depth", 1024):
+      raise bad("model_args.head_overrides", {block: heads}, f"names no block of 1..{args.get('depth')}")
+    integer("model_args", f"head_overrides[{block}]", heads, _INT_BOUNDS["num_heads"])
+  for key, heads in [("num_heads", args.get("num_heads"))] + [(f"head_overrides[{b}]", h) for b, h in overrides.items()]:
+    if dim is not None and heads is not None and dim % heads:
+      raise bad(f"model_args.{key}", heads, f"does not divide embed_dim={dim}")
+  if args.get("img_size") is not None and args.get("patch_size") is not None and args["img_size"] % args["patch_size"]:
+    raise bad("model_args.img_size", args["img_size"], f"is not a multiple of patch_size={args['patch_size']}")
+  decoder = side.get("decoder_args")
+  if decoder is not None:
+    if not isinstance(decoder, Mapping):
+      raise bad("decoder_args", decoder, "is not an object")
+    for key, bounds in _DECODER_BOUNDS.items():
+      if key in decoder:
+        integer("decoder_args", key, decoder[key], bounds)
+  assumed = side.get(ASSUMED_KEY, [])
+  if not isinstance(assumed, list) or not all(isinstance(a, str) for a in assumed):
+    raise bad(ASSUMED_KEY, assumed, "is not a list of field names")
 
 
 def sidecar_model(side: Mapping) -> tuple[str, dict, dict | None]:

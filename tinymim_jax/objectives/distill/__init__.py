@@ -16,14 +16,14 @@ from tinymim_jax.objectives.common import setup_trained_model
 from tinymim_jax.objectives.distill.step import make_distill_step
 from tinymim_jax.objectives.distill.targets import (TARGETS, DistillSpec, Target, WidthProjection,
                                                     distill_frozen_patterns, feature_block)
-from tinymim_jax.objectives.distill.teachers import (TeacherInput, TeacherSpec, drop_registers, load_teacher,
+from tinymim_jax.objectives.distill.teachers import (TeacherInput, TeacherSpec, check_config, drop_registers, load_teacher,
                                                      make_student, make_teacher, make_teachers, make_trainable,
                                                      relation_heads, teacher_block, teacher_img_size,
                                                      teacher_input, teacher_options, teacher_specs,
                                                      teacher_vit_config)
 
 __all__ = ["TARGETS", "DistillSpec", "Target", "WidthProjection", "distill_frozen_patterns", "feature_block",
-           "TeacherInput", "TeacherSpec", "drop_registers", "load_teacher", "make_student", "make_teacher",
+           "TeacherInput", "TeacherSpec", "check_config", "drop_registers", "load_teacher", "make_student", "make_teacher",
            "make_teachers", "make_trainable", "relation_heads", "teacher_block", "teacher_img_size",
            "teacher_input", "teacher_options", "teacher_specs", "teacher_vit_config", "make_distill_step",
            "distill_spec", "make_optimizer", "Distill"]
@@ -53,6 +53,9 @@ class Distill(Objective):
 
   def teacher_sections(self, config) -> tuple[str, ...]:
     return tuple(config.teachers)
+
+  def resolve(self, config) -> None:
+    check_config(config)  # after the sources' head counts are known: before anything is built or traced
 
   def build(self, config, *, num_classes=None, seed=None):
     del num_classes  # the student has no head

@@ -106,15 +106,39 @@ def distill_spec(config) -> DistillSpec:
 
 
 def relation_heads(config) -> int:
-  """The head count of the student's relation block: distill.relation_heads, else the teachers' at their blocks.
-  With a relation target, teachers whose heads differ there are a ValueError (their maps cannot be compared)."""
+  """The head count of the student's relation block: the teachers' at their blocks (distill.relation_heads, when
+  set, must equal it: check_config)."""
   heads = {name: teacher_vit_config(config, name).block_heads(teacher_block(config, name))
            for name in config.teachers}
-  if config.distill.target == "relation" and config.distill.relation_heads is None and len(set(heads.values())) > 1:
-    raise ValueError(f"the teachers' blocks have {heads} heads: relation maps per head need one count; set "
-                     f"--config.distill.relation_heads or pick blocks with equal head counts")
   return config.distill.relation_heads or heads[config.teachers[0]]
 
+
+def check_config(config) -> None:
+  """Raises config_base.ConfigError, naming the field, for a distillation the step cannot compute: the relation
+  target compares the teacher's and the student's maps head by head (docs/method.md 2.1-2.3), so the teachers'
+  blocks must have one head count and distill.relation_heads (when set) must equal it (no source states how
+  H teacher heads would be regrouped into another count), and the student has no register tokens (the maps are
+  over CLS + patches on both sides: docs/method.md 9)."""
+  from tinymim_jax.config_base import ConfigError
+  if config.model.get("reg_tokens"):
+    raise ConfigError(f"config.model.reg_tokens={config.model.reg_tokens}: a distillation student has no register "
+                      f"tokens (the relation maps are over CLS + patches on both sides; a teacher's registers are "
+                      f"dropped instead). Set --config.model.reg_tokens=0")
+  if config.distill.target != "relation":
+    return
+  heads = {name: teacher_vit_config(config, name).block_heads(teacher_block(config, name))
+           for name in config.teachers}
+  if len(set(heads.values())) > 1:
+    blocks = ", ".join(f"{n}.block" for n in config.teachers)
+    raise ConfigError(f"the teachers' relation blocks have {heads} heads: relation maps are compared head by head, "
+                      f"so they need one count; pick blocks with equal head counts ({blocks}) or use one teacher")
+  (count,) = set(heads.values())
+  wanted = config.distill.relation_heads
+  if wanted is not None and wanted != count:
+    raise ConfigError(f"config.distill.relation_heads={wanted}, but the teacher's block has {count} heads: the "
+                      f"relation loss compares the maps head by head, and no source states how {count} teacher "
+                      f"heads would be regrouped into {wanted}. Leave distill.relation_heads unset (the teacher's "
+                      f"count) or set it to {count}")
 
 
 def make_student(config, *, seed: int | None = None) -> nnx.Module:
