@@ -13,7 +13,7 @@ import types
 import pytest
 
 from tinymim_jax import checkpoint, config_base, lock as lock_lib, main as trainer, workdir
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 
 from tests.test_main import ROOT, tiny_config
 

@@ -404,7 +404,7 @@ def _parse_flags(argv):
 def _unknown_override(argv) -> str | None:
   """'error: --config.knn.max_train: no such config field (moved to eval.max_train)' for the first override
   whose field the config file does not have; None when all exist (or the config itself cannot be loaded)."""
-  from tinymim_jax.demo import load_config_module
+  from tinymim_jax.study import load_config_module
   spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
   if spec is None and "--config" in argv[:-1]:
     spec = argv[argv.index("--config") + 1]
