@@ -42,6 +42,7 @@ def _guess_variant(weights: Mapping[str, np.ndarray]) -> str:
 
 
 def _read(args, source):
+  """The file (or hub folder) as a Checkpoint, in timm names."""
   return read_checkpoint(source, ema=args.ema, prefix=args.prefix, hint_context="cli")
 
 
@@ -62,7 +63,7 @@ def _cmd_inspect(args):
   weights, extras, label = ckpt.weights, ckpt.extras, ckpt.label
   print(f"{label}: {len(weights)} tensors, {sum(v.size for v in weights.values()):,} values "
         f"({dtype_summary(weights)})")
-  print(f"layout: {detect_layout(weights, extras)}")
+  print(f"layout: {detect_layout(weights, extras, ckpt.layout)}")
   print(f"model:  {_guess_variant(weights)}")
   for line in ckpt.describe("cli") + [_heads_line(ckpt)]:
     print(line)
@@ -103,7 +104,7 @@ def _cmd_import(args):
   # Everything comes from the file unless keys may be missing: skip the random init (ViT-H: 630M values).
   model = make() if args.allow_missing else nnx.eval_shape(make)
   report = convert.load_pytorch_weights(model, ckpt, skip=args.skip, allow_missing=args.allow_missing,
-                                       hint_context="cli")
+                                       hint_context="cli", resample=args.resample)
   print(report)
   exported = convert.export_pytorch_weights(model)  # in the model's parameter dtype
   if args.dtype is not None:
@@ -187,7 +188,8 @@ def _parser():
              "--img-size 384 --pos-embed learn --out vit_b_384.safetensors\n"
              "  python -m tinymim_jax.convert import deit_ema.pth --model vit_small_patch16 --no-ema --dtype "
              "bfloat16 --out vit_s_raw_bf16.safetensors")
-  imp.add_argument("src", help="checkpoint (.pth / .pt / .bin / .safetensors)")
+  imp.add_argument("src", help="checkpoint (.pth / .pt / .bin / .safetensors), or a hub folder (config.json + "
+                               "model.safetensors: transformers' or timm's)")
   imp.add_argument("--model", default=None,
                    help="vit_tiny_patch16 ... vit_huge_patch14, or mae_<variant> (default: SRC's .config.json)")
   imp.add_argument("--img-size", type=int, default=None, help="target resolution (default: the variant's)")
@@ -195,6 +197,9 @@ def _parser():
   imp.add_argument("--num-classes", type=int, default=None, help="default: the file's head size, or 0")
   imp.add_argument("--pooling", choices=("cls", "avg"), default=None,
                    help="default: 'avg' if the file has fc_norm or --num-classes is given, else 'cls'")
+  imp.add_argument("--resample", choices=convert.RESAMPLE_METHODS, default=None,
+                   help="how a positional table of another grid is resampled: MAE's bicubic, DINOv2's (offset 0.1) "
+                        "or timm's antialiased bicubic (default: the file's family's own; DINOv2's for DINOv2 files)")
   imp.add_argument("--skip", action="append", default=[], metavar="REGEX", help="file keys to ignore")
   imp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
                    help="model keys the file may lack (kept at init)")

@@ -13,8 +13,9 @@ from tinymim_jax.convert.dtypes import cast_weights
 DECODER_RE = re.compile(r"^(mask_token$|decoder_)")
 
 
-def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
-  """A human-readable guess of which kind of checkpoint these keys come from."""
+def detect_layout(names, extras: Mapping[str, str] = (), source_layout: str | None = None) -> str:
+  """A human-readable guess of which kind of checkpoint these keys (timm / MAE names) come from; `source_layout`:
+  the other library's layout they were converted from (layouts.py), named first."""
   names = set(names)
   if any(DECODER_RE.match(k) for k in names):
     kind = "MAE pretrain (encoder + decoder)"
@@ -27,6 +28,8 @@ def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
   else:
     kind = "unknown"
   extras = set(extras)
+  if source_layout is not None:
+    kind = f"{source_layout} (as timm names: {kind})"
   if {"optimizer", "args"} & extras:
     kind = f"training checkpoint: {kind}"
   return kind
