@@ -132,9 +132,72 @@ def _keep_file_dtypes(exported, weights):
   return out
 
 
+def _model_card(hub_dir: str, cfg: dict, source: str, run_config: dict | None, done: dict | None) -> str:
+  """README.md of a hub folder: the architecture, how the model was trained (from the run's config.json) and the
+  evals its done.json holds."""
+  a = cfg["model_args"]
+  lines = ["---", "library_name: timm", "tags: [image-feature-extraction, timm, tinymim-jax]", "---", "",
+           f"# {os.path.basename(os.path.normpath(hub_dir))}", "",
+           f"A ViT exported by tinymim-jax from `{source}`.", "", "## Architecture", "",
+           f"- timm `{cfg['architecture']}`: patch {a['patch_size']}, width {a['embed_dim']}, depth {a['depth']}, "
+           f"{a['num_heads']} heads, {a['img_size']} px, global_pool `{a['global_pool']}`, "
+           f"{a['num_classes']} classes", ""]
+  if run_config:
+    c = run_config
+    lines += ["## Training", "", f"- objective: `{c.get('objective')}`"]
+    if c.get("objective") == "distill":
+      d = c.get("distill", {})
+      for name in c.get("teachers", ["teacher"]):
+        t = c.get(name, {})
+        lines.append(f"- teacher `{name}`: `{t.get('name')}` from `{t.get('source')}`, block "
+                     f"{t.get('block') or d.get('teacher_block')}, target `{d.get('target')}` (student block "
+                     f"{d.get('student_block')})")
+    if c.get("init"):
+      lines.append(f"- init: `{c['init']}`")
+    data = c.get("data", {})
+    steps = (done or {}).get("step", c.get("total_steps"))
+    lines += [f"- data: `{data.get('name')}` at {data.get('image_size')} px; batch {c.get('batch_size')}, "
+              f"{steps} steps", ""]
+  evals = {k: v for k, v in (done or {}).items() if k.startswith("eval/")}
+  if evals:
+    lines += ["## Evaluation (done.json)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in evals.items()] + [""]
+  lines += ["## Use", "", "```python", "import timm",
+            f"model = timm.create_model('local-dir:{hub_dir}', pretrained=True)", "```", ""]
+  return "\n".join(lines)
+
+
+def _cmd_export_hub(args):
+  from tinymim_jax import workdir as workdir_lib
+  if args.weights is not None:
+    ckpt = _read(args, args.weights)
+    if ckpt.sidecar is None:
+      raise ConvertError(f"{ckpt.label} has no {ckpt.sidecar_label} beside it: a hub folder needs the architecture; "
+                         f"write one with `import {args.weights} --model NAME --out FILE.safetensors`, then export that")
+    weights, side, source, run_config, done = ckpt.weights, ckpt.sidecar, ckpt.label, None, None
+  else:
+    model = builders.restore_model(args.workdir)
+    weights, side, source = convert.export_pytorch_weights(model), convert.architecture(model), args.workdir
+    run_config, done = workdir_lib.saved_config(args.workdir), workdir_lib.read_done(args.workdir)
+  if args.dtype is not None:
+    weights = convert.cast_weights(weights, args.dtype)
+  cfg, _ = convert.timm_hub_config(side)
+  notes = convert.write_hub_folder(args.hub, weights, side, _model_card(args.hub, cfg, source, run_config, done))
+  print(f"wrote a timm hub folder {args.hub}: model.safetensors ({len(weights)} tensors, {dtype_summary(weights)}), "
+        f"config.json ({cfg['architecture']}), README.md; load it with "
+        f"timm.create_model('local-dir:{args.hub}', pretrained=True)")
+  for note in notes:
+    print(f"  note: {note}")
+  return 0
+
+
 def _cmd_export(args):
   if (args.workdir is None) == (args.weights is None):
     raise ConvertError("export needs exactly one of --workdir DIR or --weights FILE")
+  if (args.out is None) == (args.hub is None):
+    raise ConvertError("export needs exactly one of --out FILE or --hub DIR")
+  if args.hub is not None:
+    return _cmd_export_hub(args)
   how = "--dtype" if args.dtype is not None else "as in the source"
   if args.weights is not None:
     ckpt = _read(args, args.weights)
@@ -223,7 +286,10 @@ def _parser():
                    help="a weight file to convert instead (.pth or .safetensors)")
   _add_reading(exp, dtype="output dtype of the floating tensors (default: as they are: the file's, or the run's "
                           "float32)")
-  exp.add_argument("--out", required=True, help="output .safetensors or .pth")
+  exp.add_argument("--out", default=None, help="output .safetensors or .pth")
+  exp.add_argument("--hub", default=None, metavar="DIR",
+                   help="write a timm hub folder instead (config.json, model.safetensors, README.md model card), "
+                        "which timm.create_model('local-dir:DIR', pretrained=True) loads")
   exp.set_defaults(fn=_cmd_export)
 
   ins = sub.add_parser(

@@ -46,5 +46,5 @@ from tinymim_jax.convert.sidecar import SIDECAR_SUFFIX, architecture, heads_text
 from tinymim_jax.convert.names import detect_layout, export_pytorch_weights, state_dict_order
 from tinymim_jax.convert.resample import RESAMPLE_METHODS, resample_pos_embed, square_grid
 from tinymim_jax.convert.layouts import Converted, to_timm
-from tinymim_jax.convert.hub import HUB_WEIGHTS, HubFolder, hub_folder, timm_config_sidecar, transformers_config_sidecar
+from tinymim_jax.convert.hub import HUB_WEIGHTS, HubFolder, hub_folder, timm_config_sidecar, timm_hub_config, transformers_config_sidecar, write_hub_folder
 from tinymim_jax.convert.load import LoadReport, describe_model, load_pytorch_weights, resample_method

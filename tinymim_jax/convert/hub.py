@@ -166,3 +166,74 @@ def sidecar_family(sidecar: Mapping | None) -> str | None:
   """The family a recorded architecture names ('dinov2', 'clip', 'mae') or None."""
   name = str((sidecar or {}).get("architecture", ""))
   return "dinov2" if "dinov2" in name else "clip" if "_clip" in name else None
+
+
+# Our variants -> timm's model names (timm 1.0 vision_transformer.py); the other families share timm's names.
+_TIMM_NAMES = {"vit_tiny_patch16": "vit_tiny_patch16_224", "vit_small_patch16": "vit_small_patch16_224",
+               "vit_base_patch16": "vit_base_patch16_224", "vit_large_patch16": "vit_large_patch16_224",
+               "vit_huge_patch14": "vit_huge_patch14_224"}
+
+
+def timm_hub_config(side: Mapping) -> tuple[dict, list[str]]:
+  """The architecture (sidecar) -> (timm's hub config.json, notes): architecture, num_classes, global_pool,
+  model_args (every shape argument, so any size loads) and pretrained_cfg (input size, mean / std), as
+  timm.models.save_for_hf writes them; our exact fields ride under the key 'tinymim_jax', which timm ignores.
+
+  Raises ConvertError for an MAE (not a timm model) or a LayerNorm epsilon timm's model of that name does not use.
+  """
+  from tinymim_jax.models import VARIANTS
+  from tinymim_jax.models.variants import INPUT_NORM
+  if "decoder_args" in side:
+    raise ConvertError("an MAE (encoder + decoder) is not a timm model: export its encoder (a ViT) to a hub folder")
+  a = side["model_args"]
+  base = str(side["architecture"])
+  base = base if base in VARIANTS else next(
+      (n for n in _TIMM_NAMES if VARIANTS[n]["patch_size"] == a["patch_size"]), "vit_base_patch16")
+  default_eps = 1e-5 if "_clip" in base else 1e-6
+  if float(a.get("norm_eps", 1e-6)) != default_eps:
+    raise ConvertError(f"LayerNorm epsilon {a['norm_eps']} differs from timm's {default_eps} for {base}: timm's "
+                       f"config.json cannot express it")
+  heads = [int(a["num_heads"])] + [int(h) for h in (a.get("head_overrides") or {}).values()]
+  notes = []
+  if len(set(heads)) > 1:
+    notes.append(f"timm builds every block with {a['num_heads']} heads; this model had per-block counts "
+                 f"{dict(a['head_overrides'])} (a TinyMIM relation block): the same weights regrouped, as fine-tuning "
+                 f"does (docs/method.md 2.3)")
+  args = {"img_size": int(a["img_size"]), "patch_size": int(a["patch_size"]), "embed_dim": int(a["embed_dim"]),
+          "depth": int(a["depth"]), "num_heads": int(a["num_heads"]), "mlp_ratio": float(a["mlp_ratio"])}
+  if a.get("init_values"):
+    args["init_values"] = float(a["init_values"])
+  if a.get("reg_tokens"):
+    args["reg_tokens"] = int(a["reg_tokens"])
+  if a.get("no_embed_class"):
+    args["no_embed_class"] = True
+  if a.get("pre_norm") != VARIANTS[base].get("pre_norm", False):
+    args["pre_norm"] = bool(a.get("pre_norm"))
+  if a.get("act_layer", "gelu") != VARIANTS[base].get("act_layer", "gelu"):
+    args["act_layer"] = a.get("act_layer", "gelu")
+  pool = "avg" if a.get("pooling") == "avg" else "token"
+  classes = int(a.get("num_classes", 0))
+  args.update(global_pool=pool, num_classes=classes)
+  mean, std = INPUT_NORM.get(base, INPUT_NORM["vit_base_patch16"])
+  img = args["img_size"]
+  cfg = {"architecture": _TIMM_NAMES.get(base, base), "num_classes": classes, "num_features": args["embed_dim"],
+         "global_pool": pool, "model_args": args,
+         "pretrained_cfg": {"tag": "tinymim_jax", "custom_load": False, "input_size": [3, img, img],
+                            "fixed_input_size": True, "interpolation": "bicubic", "crop_pct": 0.875,
+                            "crop_mode": "center", "mean": list(mean), "std": list(std), "num_classes": classes,
+                            "pool_size": None, "first_conv": "patch_embed.proj", "classifier": "head"},
+         "tinymim_jax": dict(side)}
+  return cfg, notes
+
+
+def write_hub_folder(out_dir: str, weights: Mapping, side: Mapping, card: str) -> list[str]:
+  """Writes a timm hub folder: model.safetensors (timm names), config.json (timm_hub_config) and README.md (the
+  model card `card`), which timm.create_model('local-dir:' + out_dir, pretrained=True) loads offline.
+  -> notes (timm_hub_config's). Raises ConvertError as timm_hub_config does; nothing is written then."""
+  from tinymim_jax.convert.files import save_pytorch_weights
+  cfg, notes = timm_hub_config(side)
+  paths.makedirs(out_dir)
+  save_pytorch_weights(dict(weights), paths.join(out_dir, HUB_WEIGHTS[0]), sidecar=False)
+  paths.write_atomic(paths.join(out_dir, HUB_CONFIG), json.dumps(cfg, indent=2))
+  paths.write_atomic(paths.join(out_dir, "README.md"), card)
+  return notes
