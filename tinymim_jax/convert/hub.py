@@ -113,7 +113,8 @@ _TIMM_ARGS = {"img_size": "img_size", "patch_size": "patch_size", "embed_dim": "
               "num_heads": "num_heads", "mlp_ratio": "mlp_ratio", "init_values": "init_values",
               "reg_tokens": "reg_tokens", "no_embed_class": "no_embed_class", "pre_norm": "pre_norm",
               "act_layer": "act_layer"}
-_TIMM_IGNORED = ("num_classes", "global_pool", "in_chans", "fc_norm", "dynamic_img_size", "pretrained_model_args")
+_TIMM_IGNORED = ("num_classes", "global_pool", "in_chans", "fc_norm", "dynamic_img_size", "pretrained_model_args",
+                 "num_reg_tokens", "use_fc_norm")
 
 
 def timm_architecture(name: str) -> str | None:
@@ -189,7 +190,7 @@ def timm_hub_config(side: Mapping) -> tuple[dict, list[str]]:
   base = str(side["architecture"])
   base = base if base in VARIANTS else next(
       (n for n in _TIMM_NAMES if VARIANTS[n]["patch_size"] == a["patch_size"]), "vit_base_patch16")
-  default_eps = 1e-5 if "_clip" in base else 1e-6
+  default_eps = VARIANTS[base].get("norm_eps", 1e-6)
   if float(a.get("norm_eps", 1e-6)) != default_eps:
     raise ConvertError(f"LayerNorm epsilon {a['norm_eps']} differs from timm's {default_eps} for {base}: timm's "
                        f"config.json cannot express it")
@@ -211,6 +212,11 @@ def timm_hub_config(side: Mapping) -> tuple[dict, list[str]]:
     args["pre_norm"] = bool(a.get("pre_norm"))
   if a.get("act_layer", "gelu") != VARIANTS[base].get("act_layer", "gelu"):
     args["act_layer"] = a.get("act_layer", "gelu")
+  if a.get("rope", "none") != "none":  # timm's Eva: the variant's own arguments, only the sizes may differ
+    args = {k: args[k] for k in ("img_size", "embed_dim", "depth", "num_heads")}
+    if a.get("pooling") == "avg":
+      raise ConvertError("a DINOv3 model with pooling 'avg' (fc_norm after the mean) is not timm's Eva 'avg' (mean "
+                         "after norm): export it with pooling 'cls'")
   pool = "avg" if a.get("pooling") == "avg" else "token"
   classes = int(a.get("num_classes", 0))
   args.update(global_pool=pool, num_classes=classes)

@@ -1,5 +1,6 @@
 """Other libraries' layouts of a ViT -> timm names: Hugging Face transformers (ViT, ViTMAE, Dinov2,
-Dinov2WithRegisters), DINOv2's own hub files (with and without registers), OpenAI / OpenCLIP visual towers.
+Dinov2WithRegisters), DINOv2's own hub files (with and without registers), OpenAI / OpenCLIP visual towers,
+DINOv3 in timm's Eva names and in its original hub files.
 
 Each conversion is the one the layout's defining library implies, written after timm's own filters where timm has
 one (timm 1.0 vision_transformer.py: _convert_dinov2, _convert_openai_clip) and after transformers' modeling files
@@ -186,7 +187,113 @@ def _clip(weights: Mapping[str, np.ndarray]) -> Converted | None:
   return Converted(lib, "clip", out, skipped, notes)
 
 
-_LAYOUTS: tuple[Callable[[Mapping[str, np.ndarray]], Converted | None], ...] = (_clip, _hf, _dinov2)
+# --------------------------------------------------------------------------------------------------------
+# DINOv3: timm's Eva names and the original hub files (facebookresearch/dinov3 hubconf, dinov3_vits16_pretrain_*.pth).
+# Our blocks keep DINOv2's names (ls1.gamma, one qkv bias); timm's Eva has gamma_1 / gamma_2 and q_bias / v_bias
+# (its k bias is a fixed zero buffer); the original has storage_tokens, a masked qkv bias (bias_mask zeroes the k
+# part: LinearKMaskedBias), SwiGLU w1 / w2 / w3 and the RoPE periods as a buffer.
+# --------------------------------------------------------------------------------------------------------
+_EVA_GAMMA = re.compile(r"^(blocks\.\d+\.)gamma_([12])$")
+
+
+def _qkv_bias(q, v):
+  return np.concatenate([q, np.zeros_like(q), v])
+
+
+def _timm_eva(weights: Mapping[str, np.ndarray]) -> Converted | None:
+  if not any(_EVA_GAMMA.match(k) for k in weights):
+    return None
+  out = {}
+  for k, v in weights.items():
+    m = _EVA_GAMMA.match(k)
+    a = re.match(r"^(blocks\.\d+\.attn\.)(q|v)_bias$", k)
+    if m:
+      out[f"{m[1]}ls{m[2]}.gamma"] = v
+    elif a and a[2] == "q":
+      out[a[1] + "qkv.bias"] = _qkv_bias(v, weights[a[1] + "v_bias"])
+    elif not a:
+      out[k] = v
+  return Converted("timm Eva (DINOv3)", "dinov3", out, {})
+
+
+def from_timm_eva_names(weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Our DINOv3 names -> timm Eva's (the inverse of the reading above). Raises ValueError for a k bias that is
+  not zero (timm's Eva and DINOv3 fix it at 0)."""
+  out = {}
+  for k, v in weights.items():
+    m = re.match(r"^(blocks\.\d+\.)ls([12])\.gamma$", k)
+    if m:
+      out[f"{m[1]}gamma_{m[2]}"] = v
+    elif k.endswith("attn.qkv.bias"):
+      q, kb, vb = np.split(v, 3)
+      if np.any(kb):
+        raise ValueError(f"{k}: the k part of the qkv bias is not 0, which timm's Eva cannot hold")
+      out[k[:-len("qkv.bias")] + "q_bias"], out[k[:-len("qkv.bias")] + "v_bias"] = q, vb
+    else:
+      out[k] = v
+  return out
+
+
+_DINOV3_SWIGLU = {"w1": "fc1_g", "w2": "fc1_x", "w3": "fc2"}
+
+
+def _dinov3_hub(weights: Mapping[str, np.ndarray]) -> Converted | None:
+  if "storage_tokens" not in weights or "patch_embed.proj.weight" not in weights:
+    return None
+  out, skipped, notes = {}, {}, []
+  for k, v in weights.items():
+    if k == "mask_token":
+      skipped[k] = "iBOT's mask token (training only)"
+    elif k.endswith(".bias_mask"):
+      skipped[k] = "the qkv bias mask (applied: the k part of the bias is 0)"
+    elif k.endswith("rope_embed.periods"):
+      skipped[k] = "RoPE periods (recomputed in float32 from the temperature, as timm does)"
+      d = v.shape[0] * 4
+      ours = (100.0 ** (2.0 * np.arange(d // 4, dtype=np.float32) / (d // 2))).astype(np.float32)
+      err = float(np.max(np.abs(v.astype(np.float64) / ours - 1)))
+      if err > 1e-6:
+        notes.append(f"the file's RoPE periods differ from temperature 100's by up to {err:.2g} relative (a "
+                     f"bfloat16 copy); the model uses the float32 ones, as timm does")
+    elif k.startswith("local_cls_norm"):
+      skipped[k] = "the 7B pretraining's local-crop CLS norm (training only)"
+    elif k == "storage_tokens":
+      out["reg_token"] = v
+    elif k.endswith("attn.qkv.bias"):
+      mask = weights.get(k + "_mask")
+      q, _, vb = np.split(v * mask if mask is not None else v, 3)
+      out[k] = _qkv_bias(q, vb)
+    else:
+      m = re.match(r"^(blocks\.\d+\.mlp\.)(w[123])\.(weight|bias)$", k)
+      out[f"{m[1]}{_DINOV3_SWIGLU[m[2]]}.{m[3]}" if m else k] = v
+  return Converted("DINOv3 hub file", "dinov3", out, skipped, notes)
+
+
+def to_dinov3_hub(weights: Mapping[str, np.ndarray], head_dim: int) -> dict[str, np.ndarray]:
+  """Our DINOv3 names -> the original hub file's: storage_tokens, a qkv bias with its bias_mask (zeros where the
+  model has none), SwiGLU w1 / w2 / w3, the RoPE periods (temperature 100), a zero mask_token."""
+  out = {}
+  d = weights["cls_token"].shape[-1]
+  dtype = weights["cls_token"].dtype
+  for k, v in weights.items():
+    m = re.match(r"^(blocks\.\d+\.mlp\.)(fc1_g|fc1_x|fc2)\.(weight|bias)$", k)
+    if k == "reg_token":
+      out["storage_tokens"] = v
+    elif m and any(n.startswith(m[1] + "fc1_g") for n in weights):
+      out[f"{m[1]}{ {b: a for a, b in _DINOV3_SWIGLU.items()}[m[2]] }.{m[3]}"] = v
+    else:
+      out[k] = v
+    if k.endswith("attn.qkv.weight"):
+      bias = k[:-len("weight")] + "bias"
+      if bias not in weights:
+        out[bias] = np.zeros(3 * d, dtype)
+      out[bias + "_mask"] = np.concatenate([np.ones(d, dtype), np.zeros(d, dtype), np.ones(d, dtype)])
+  out["mask_token"] = np.zeros((1, d), dtype)
+  out["rope_embed.periods"] = (100.0 ** (2.0 * np.arange(head_dim // 4, dtype=np.float32) / (head_dim // 2))
+                               ).astype(np.float32)
+  return out
+
+
+_LAYOUTS: tuple[Callable[[Mapping[str, np.ndarray]], Converted | None], ...] = (_clip, _hf, _dinov3_hub, _timm_eva, _dinov2)
 
 
 def to_timm(weights: Mapping[str, np.ndarray]) -> Converted | None:

@@ -194,6 +194,9 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
         report.skipped[name] = f"matches skip pattern {skip_pattern!r}"
       elif is_vit_only and DECODER_RE.match(name):
         report.skipped[name] = "MAE decoder (the target is an encoder-only ViT)"
+      elif name.endswith("attn.qkv.bias") and not np.any(arr):
+        report.skipped[name] = ("all zero, and the model has no qkv bias (DINOv3's releases; timm's variants "
+                                "without '_qkvb')")
       elif fresh_fc_norm and name.startswith("norm."):
         report.skipped[name] = "pretrain final norm (the 'avg' layout starts a fresh fc_norm)"
       elif not strict:
