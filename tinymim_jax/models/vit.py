@@ -61,7 +61,7 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> np.ndarray:
 
 
 def dinov3_rope(grid: int, head_dim: int, temperature: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
-  """DINOv3's 2-D rotary embedding at inference, (sin, cos) each (grid*grid, head_dim) float32, patches in
+  """DINOv3's 2-D rotary embedding at inference (docs/method.md 1.7), (sin, cos) each (grid*grid, head_dim) float32, patches in
   row-major order (dinov3/layers/rope_position_encoding.py; timm layers.RotaryEmbeddingDinoV3, rotate_half).
 
   Coordinates are the patch centres normalised to [-1, 1] per axis ((i + 0.5) / grid * 2 - 1), [row, col];
