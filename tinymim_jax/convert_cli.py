@@ -111,7 +111,7 @@ def _cmd_import(args):
     written, how = convert.cast_weights(exported, args.dtype), "--dtype"
   else:
     written, how = _keep_file_dtypes(exported, weights), "as in the file"
-    rounded = [k for k in report.loaded if weights[k].dtype.itemsize > exported[k].dtype.itemsize]
+    rounded = [k for k in report.loaded if k in exported and weights[k].dtype.itemsize > exported[k].dtype.itemsize]
     if rounded:
       print(f"  note: the model holds {exported[rounded[0]].dtype.name}: {len(rounded)} {weights[rounded[0]].dtype} "
             f"tensors were rounded to it before being written back as {weights[rounded[0]].dtype}")
@@ -210,7 +210,8 @@ def _cmd_export(args):
       print(f"  {line}")
     return 0
   model = builders.restore_model(args.workdir)
-  written = save_pytorch_weights(model, args.out, dtype=args.dtype)
+  written = save_pytorch_weights(convert.export_pytorch_weights(model, args.dtype, layout=args.layout), args.out,
+                                 sidecar=convert.architecture(model))
   print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {describe_model(model)}) from "
         f"{args.workdir} to {args.out} (+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
@@ -287,6 +288,8 @@ def _parser():
   _add_reading(exp, dtype="output dtype of the floating tensors (default: as they are: the file's, or the run's "
                           "float32)")
   exp.add_argument("--out", default=None, help="output .safetensors or .pth")
+  exp.add_argument("--layout", choices=("timm", "dinov3"), default="timm",
+                   help="names of a DINOv3 run's export: timm's Eva (default) or the original DINOv3 hub file's")
   exp.add_argument("--hub", default=None, metavar="DIR",
                    help="write a timm hub folder instead (config.json, model.safetensors, README.md model card), "
                         "which timm.create_model('local-dir:DIR', pretrained=True) loads")

@@ -16,7 +16,7 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from tests.helpers.torch_ref import randomize_
-from tinymim_jax import convert, convert_cli, create_model
+from tinymim_jax import builders, convert, convert_cli, create_model
 from tinymim_jax.convert.resample import resample_pos_embed
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
@@ -130,6 +130,9 @@ def test_transformers_snapshot_matches_timm(kind, tmp_path):
   assert report.layout.startswith(label), report.layout
   assert "config.json (transformers" in str(report)
   tokens_close(model, tm)
+  # As teacher.source / init: the folder is a source, not a workdir, and its config.json gives the heads.
+  assert builders.source_architecture(folder)[0]["model_args"]["num_heads"] == 4
+  assert builders.load_weights(model, folder).layout == report.layout
   # The round trip: our export is timm's state dict, name for name.
   convert_testlib_same(convert.export_pytorch_weights(model), npy(tm.state_dict()))
 

@@ -9,7 +9,7 @@ import torch
 from flax import nnx
 
 from tests.helpers.torch_ref import randomize_
-from tinymim_jax import convert, create_model
+from tinymim_jax import convert, convert_cli, create_model
 
 TINY = dict(embed_dim=64, depth=2, num_heads=4)
 
@@ -99,6 +99,16 @@ def test_original_hub_layout_both_ways(name, tmp_path):
   with torch.no_grad():
     ref = tm.forward_features(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
   close(nnx.jit(lambda m, x: m(x))(back, x)["tokens"], ref)
+  # the command line: import names the layout and writes timm's Eva names, which timm loads strictly
+  sized = str(tmp_path / "sized" / "dinov3.pth")  # the tiny size recorded beside it: no --model needed
+  (tmp_path / "sized").mkdir()
+  convert.save_pytorch_weights(hub, sized, sidecar=convert.architecture(back))
+  out = str(tmp_path / "dinov3.safetensors")
+  assert convert_cli.main(["import", sized, "--out", out]) == 0
+  from safetensors.numpy import load_file
+  written = load_file(out)  # as written (reading converts Eva names back to ours)
+  tm.load_state_dict({k: torch.from_numpy(v) for k, v in written.items()}, strict=False)
+  assert set(tm.state_dict()) - set(written) == {f"blocks.{i}.attn.k_bias" for i in range(2)} & set(tm.state_dict())
 
 
 def test_variant_defaults_match_timm():

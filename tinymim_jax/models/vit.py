@@ -61,8 +61,9 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> np.ndarray:
 
 
 def dinov3_rope(grid: int, head_dim: int, temperature: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
-  """DINOv3's 2-D rotary embedding at inference (docs/method.md 1.7), (sin, cos) each (grid*grid, head_dim) float32, patches in
-  row-major order (dinov3/layers/rope_position_encoding.py; timm layers.RotaryEmbeddingDinoV3, rotate_half).
+  """DINOv3's 2-D rotary embedding at inference (docs/method.md 1.7): (sin, cos), each (grid*grid, head_dim)
+  float32, patches in row-major order (dinov3/layers/rope_position_encoding.py; timm RotaryEmbeddingDinoV3 with
+  rotate_half). Raises ValueError for a head dim not divisible by 4.
 
   Coordinates are the patch centres normalised to [-1, 1] per axis ((i + 0.5) / grid * 2 - 1), [row, col];
   periods temperature ** (2 k / (head_dim / 2)), k < head_dim / 4; angles 2 pi coord / period give head_dim / 2
