@@ -30,6 +30,10 @@ Ablation axes, as config arguments (comma-separated key=value after the ':'):
                                 The teacher reads 196 px (14 x 14 patches of 14, the student's grid) resized from
                                 the student's crop, normalised with its own mean / std (CLIP: OpenAI's), and its
                                 register tokens take no part in the relations (train_steps.drop_registers).
+  teacher=dinov3_base|dinov3_small_plus_qkvb|...  DINOv3 (S, S+, B, L, H+, each also '_qkvb') by timm's
+                                weights, the original hub file (dinov3_vitb16_pretrain_lvd1689m-*.pth) or a hub
+                                folder; rotary positions, so no table is resampled; storage tokens left out of the
+                                relations as registers.
   teacher=A+B                   several teachers at once: sections teacher, teacher2, ... (config.teachers), each
                                 with its own source, block (the first's: teacher_block) and weight; the loss is
                                 the weighted sum (docs/method.md section 9), e.g. MAE and DINOv2-register relations:
@@ -62,6 +66,11 @@ TEACHERS = {"base": ("vit_base_patch16", 12), "large": ("vit_large_patch16", 18)
             "dinov2_reg_large": ("vit_large_patch14_reg4_dinov2", 18),
             "clip_base": ("vit_base_patch16_clip_224", 12),
             "clip_quickgelu_base": ("vit_base_patch16_clip_quickgelu_224", 12)}
+# DINOv3 (timm's names; '_qkvb' for the qkv-bias variants): patch 16, so it reads the student's 224 px crop as it
+# is; its 4 storage tokens take no part in the relations, as registers. Block 12 of 12, 18 of 24, 24 of 32.
+for _size, _block in (("small", 12), ("small_plus", 12), ("base", 12), ("large", 18), ("huge_plus", 24)):
+  for _qkvb in ("", "_qkvb"):
+    TEACHERS[f"dinov3_{_size}{_qkvb}"] = (f"vit_{_size}_patch16_dinov3{_qkvb}", _block)
 
 
 def get_config(arg=None):

@@ -79,7 +79,8 @@ def _open_run(workdir: str) -> checkpoint.Checkpointer:
   """A finished or running run's checkpoints, read-only: nothing is created in a directory that is not one."""
   if not paths.isdir(os.path.join(workdir, workdir_lib.CHECKPOINTS)):
     raise convert.MissingSourceError(f"{workdir!r} is not a tinymim-jax workdir: it has no {workdir_lib.CHECKPOINTS}/ "
-                                     f"directory")
+                                     f"directory (nor is it a hub folder: config.json + "
+                                     f"{' / '.join(convert.HUB_WEIGHTS[:2])})")
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   if ckpt.latest_step() is None:
     ckpt.close()
@@ -161,10 +162,17 @@ def _restore(workdir: str) -> tuple[nnx.Module, dict]:
   return ts.merge_model(built["modeldef"], params, restored["model"]["consts"]), meta
 
 
+def is_run(source: str) -> bool:
+  """Whether a weights source is a run's workdir (a directory that is not a hub folder: convert.hub_folder)."""
+  return paths.isdir(source) and convert.hub_folder(source) is None
+
+
 def source_architecture(source: str) -> tuple[dict, str] | None:
   """-> (convert.architecture of the model `source` holds, where it was read) or None when nothing records it:
   a workdir's checkpoint (model_record, or the config an older one saved), or the `<name>.config.json` beside a
-  weight file."""
+  weight file, or a hub folder's config.json."""
+  if paths.isdir(source) and (hub := convert.hub_folder(source)) is not None:
+    return hub.sidecar, f"{os.path.basename(source.rstrip('/'))}/config.json ({hub.kind})"
   if paths.isdir(source):
     ckpt = _open_run(source)
     try:
@@ -185,7 +193,7 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
                  hint_context: convert.HintContext = "api") -> convert.LoadReport:
   """Loads a .pth / .safetensors file or a tinymim-jax workdir into `model` (strict, via timm names); the
   arguments are convert.load_pytorch_weights'. Raises convert.MissingSourceError for a source that is neither."""
-  if paths.isdir(source):
+  if is_run(source):
     restored = restore_model(source)
     src = convert.Checkpoint(weights=convert.export_pytorch_weights(restored), extras={}, label=source,
                              sidecar=convert.architecture(restored), sidecar_label=f"the config saved in {source}")
@@ -255,7 +263,7 @@ def frozen_model(config) -> tuple[nnx.Module, dict]:
   export recorded in its .safetensors header, else {}.
   """
   source = config.init
-  if paths.isdir(source):
+  if is_run(source):
     return _restore(source)
   if not paths.exists(source):
     raise FileNotFoundError(f"config.init={source!r} is neither a file nor a tinymim-jax workdir")

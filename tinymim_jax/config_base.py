@@ -217,6 +217,7 @@ VIT_RANGES = {
     "init_values": (float, "[0, inf)"),  # LayerScale; 0: off
     "reg_tokens": (int, "[0, inf)"),
     "norm_eps": (float, "(0, inf)"),
+    "rope_temperature": (float, "(0, inf)"),  # DINOv3's rotary periods' base
 }
 
 

@@ -42,6 +42,7 @@ def _guess_variant(weights: Mapping[str, np.ndarray]) -> str:
 
 
 def _read(args, source):
+  """The file (or hub folder) as a Checkpoint, in timm names."""
   return read_checkpoint(source, ema=args.ema, prefix=args.prefix, hint_context="cli")
 
 
@@ -65,7 +66,7 @@ def _cmd_inspect(args):
   weights, extras, label = ckpt.weights, ckpt.extras, ckpt.label
   print(f"{label}: {len(weights)} tensors, {sum(v.size for v in weights.values()):,} values "
         f"({dtype_summary(weights)})")
-  print(f"layout: {detect_layout(weights, extras)}")
+  print(f"layout: {detect_layout(weights, extras, ckpt.layout)}")
   print(f"model:  {_guess_variant(weights)}")
   for line in ckpt.describe("cli") + [_heads_line(ckpt)]:
     print(line)
@@ -116,14 +117,14 @@ def _cmd_import(args):
   # Everything comes from the file unless keys may be missing: skip the random init (ViT-H: 630M values).
   model = make() if args.allow_missing else nnx.eval_shape(make)
   report = convert.load_pytorch_weights(model, ckpt, skip=args.skip, allow_missing=args.allow_missing,
-                                       hint_context="cli")
+                                       hint_context="cli", resample=args.resample)
   print(report)
   exported = convert.export_pytorch_weights(model)  # in the model's parameter dtype
   if args.dtype is not None:
     written, how = convert.cast_weights(exported, args.dtype), "--dtype"
   else:
     written, how = _keep_file_dtypes(exported, weights), "as in the file"
-    rounded = [k for k in report.loaded if weights[k].dtype.itemsize > exported[k].dtype.itemsize]
+    rounded = [k for k in report.loaded if k in exported and weights[k].dtype.itemsize > exported[k].dtype.itemsize]
     if rounded:
       print(f"  note: the model holds {exported[rounded[0]].dtype.name}: {len(rounded)} {weights[rounded[0]].dtype} "
             f"tensors were rounded to it before being written back as {weights[rounded[0]].dtype}")
@@ -160,9 +161,72 @@ def _keep_file_dtypes(exported, weights):
   return out
 
 
+def _model_card(hub_dir: str, cfg: dict, source: str, run_config: dict | None, done: dict | None) -> str:
+  """README.md of a hub folder: the architecture, how the model was trained (from the run's config.json) and the
+  evals its done.json holds."""
+  a = cfg["model_args"]
+  lines = ["---", "library_name: timm", "tags: [image-feature-extraction, timm, tinymim-jax]", "---", "",
+           f"# {os.path.basename(os.path.normpath(hub_dir))}", "",
+           f"A ViT exported by tinymim-jax from `{source}`.", "", "## Architecture", "",
+           f"- timm `{cfg['architecture']}`: patch {a['patch_size']}, width {a['embed_dim']}, depth {a['depth']}, "
+           f"{a['num_heads']} heads, {a['img_size']} px, global_pool `{a['global_pool']}`, "
+           f"{a['num_classes']} classes", ""]
+  if run_config:
+    c = run_config
+    lines += ["## Training", "", f"- objective: `{c.get('objective')}`"]
+    if c.get("objective") == "distill":
+      d = c.get("distill", {})
+      for name in c.get("teachers", ["teacher"]):
+        t = c.get(name, {})
+        lines.append(f"- teacher `{name}`: `{t.get('name')}` from `{t.get('source')}`, block "
+                     f"{t.get('block') or d.get('teacher_block')}, target `{d.get('target')}` (student block "
+                     f"{d.get('student_block')})")
+    if c.get("init"):
+      lines.append(f"- init: `{c['init']}`")
+    data = c.get("data", {})
+    steps = (done or {}).get("step", c.get("total_steps"))
+    lines += [f"- data: `{data.get('name')}` at {data.get('image_size')} px; batch {c.get('batch_size')}, "
+              f"{steps} steps", ""]
+  evals = {k: v for k, v in (done or {}).items() if k.startswith("eval/")}
+  if evals:
+    lines += ["## Evaluation (done.json)", "", "| metric | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in evals.items()] + [""]
+  lines += ["## Use", "", "```python", "import timm",
+            f"model = timm.create_model('local-dir:{hub_dir}', pretrained=True)", "```", ""]
+  return "\n".join(lines)
+
+
+def _cmd_export_hub(args):
+  from tinymim_jax import workdir as workdir_lib
+  if args.weights is not None:
+    ckpt = _read(args, args.weights)
+    if ckpt.sidecar is None:
+      raise ConvertError(f"{ckpt.label} has no {ckpt.sidecar_label} beside it: a hub folder needs the architecture; "
+                         f"write one with `import {args.weights} --model NAME --out FILE.safetensors`, then export that")
+    weights, side, source, run_config, done = ckpt.weights, ckpt.sidecar, ckpt.label, None, None
+  else:
+    model = builders.restore_model(args.workdir)
+    weights, side, source = convert.export_pytorch_weights(model), convert.architecture(model), args.workdir
+    run_config, done = workdir_lib.saved_config(args.workdir), workdir_lib.read_done(args.workdir)
+  if args.dtype is not None:
+    weights = convert.cast_weights(weights, args.dtype)
+  cfg, _ = convert.timm_hub_config(side)
+  notes = convert.write_hub_folder(args.hub, weights, side, _model_card(args.hub, cfg, source, run_config, done))
+  print(f"wrote a timm hub folder {args.hub}: model.safetensors ({len(weights)} tensors, {dtype_summary(weights)}), "
+        f"config.json ({cfg['architecture']}), README.md; load it with "
+        f"timm.create_model('local-dir:{args.hub}', pretrained=True)")
+  for note in notes:
+    print(f"  note: {note}")
+  return 0
+
+
 def _cmd_export(args):
   if (args.workdir is None) == (args.weights is None):
     raise ConvertError("export needs exactly one of --workdir DIR or --weights FILE")
+  if (args.out is None) == (args.hub is None):
+    raise ConvertError("export needs exactly one of --out FILE or --hub DIR")
+  if args.hub is not None:
+    return _cmd_export_hub(args)
   how = "--dtype" if args.dtype is not None else "as in the source"
   if args.weights is not None:
     ckpt = _read(args, args.weights)
@@ -175,7 +239,8 @@ def _cmd_export(args):
       print(f"  {line}")
     return 0
   model = builders.restore_model(args.workdir)
-  written = save_pytorch_weights(model, args.out, dtype=args.dtype)
+  written = save_pytorch_weights(convert.export_pytorch_weights(model, args.dtype, layout=args.layout), args.out,
+                                 sidecar=convert.architecture(model))
   print(f"wrote {len(written)} tensors ({dtype_summary(written)}, {how}; {describe_model(model)}) from "
         f"{args.workdir} to {args.out} (+ {os.path.basename(convert.sidecar_path(args.out))})")
   return 0
@@ -216,7 +281,8 @@ def _parser():
              "--img-size 384 --pos-embed learn --out vit_b_384.safetensors\n"
              "  python -m tinymim_jax.convert import deit_ema.pth --model vit_small_patch16 --no-ema --dtype "
              "bfloat16 --out vit_s_raw_bf16.safetensors")
-  imp.add_argument("src", help="checkpoint (.pth / .pt / .bin / .safetensors)")
+  imp.add_argument("src", help="checkpoint (.pth / .pt / .bin / .safetensors), or a hub folder (config.json + "
+                               "model.safetensors: transformers' or timm's)")
   imp.add_argument("--model", default=None,
                    help="vit_tiny_patch16 ... vit_huge_patch14, or mae_<variant> (default: SRC's .config.json)")
   imp.add_argument("--img-size", type=int, default=None, help="target resolution (default: the variant's)")
@@ -229,6 +295,9 @@ def _parser():
   imp.add_argument("--num-classes", type=int, default=None, help="default: the file's head size, or 0")
   imp.add_argument("--pooling", choices=("cls", "avg"), default=None,
                    help="default: 'avg' if the file has fc_norm or --num-classes is given, else 'cls'")
+  imp.add_argument("--resample", choices=convert.RESAMPLE_METHODS, default=None,
+                   help="how a positional table of another grid is resampled: MAE's bicubic, DINOv2's (offset 0.1) "
+                        "or timm's antialiased bicubic (default: the file's family's own; DINOv2's for DINOv2 files)")
   imp.add_argument("--skip", action="append", default=[], metavar="REGEX", help="file keys to ignore")
   imp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
                    help="model keys the file may lack (kept at init)")
@@ -252,7 +321,12 @@ def _parser():
                    help="a weight file to convert instead (.pth or .safetensors)")
   _add_reading(exp, dtype="output dtype of the floating tensors (default: as they are: the file's, or the run's "
                           "float32)")
-  exp.add_argument("--out", required=True, help="output .safetensors or .pth")
+  exp.add_argument("--out", default=None, help="output .safetensors or .pth")
+  exp.add_argument("--layout", choices=("timm", "dinov3"), default="timm",
+                   help="names of a DINOv3 run's export: timm's Eva (default) or the original DINOv3 hub file's")
+  exp.add_argument("--hub", default=None, metavar="DIR",
+                   help="write a timm hub folder instead (config.json, model.safetensors, README.md model card), "
+                        "which timm.create_model('local-dir:DIR', pretrained=True) loads")
   exp.set_defaults(fn=_cmd_export)
 
   ins = sub.add_parser(

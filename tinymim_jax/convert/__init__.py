@@ -27,6 +27,10 @@ float32 / float64) until they are written into a model, which casts them to its 
 A state dict does not store head counts: `save_pytorch_weights` writes the architecture beside the weights
 (`<name>.config.json`, timm / Hugging Face hub style, every ViTConfig field) and readers use it when present.
 
+Other libraries' layouts (transformers ViT / ViTMAE / Dinov2, DINOv2's hub files, OpenAI / OpenCLIP visual towers)
+are read in timm names (layouts.py), and hub folders (a transformers snapshot or timm's: config.json + weights) as
+a weight file with its architecture (hub.py), which also writes timm hub folders.
+
 Rooms: errors.py (errors, and hints that spell an option the way the user sets it), files.py (reading and writing
 .pth / .safetensors: EMA copy, wrapper prefix), dtypes.py, sidecar.py (the architecture beside a file), names.py
 (the one table of names and layouts), resample.py (positional tables to another grid), load.py (loading, its
@@ -40,5 +44,7 @@ from tinymim_jax.convert.dtypes import FLOAT_DTYPES, as_dtype, cast_weights, dty
 from tinymim_jax.convert.files import SAFE_GLOBALS, TORCH_FLOOR, Checkpoint, read_checkpoint, read_pytorch_weights, read_safetensors_metadata, save_pytorch_weights
 from tinymim_jax.convert.sidecar import ASSUMED_KEY, SIDECAR_SUFFIX, architecture, assumed_fields, check_sidecar, heads_text, read_sidecar, sidecar_configs, sidecar_for, sidecar_model, sidecar_path
 from tinymim_jax.convert.names import detect_layout, export_pytorch_weights, state_dict_order
-from tinymim_jax.convert.resample import resample_pos_embed, square_grid
-from tinymim_jax.convert.load import LoadReport, describe_model, load_pytorch_weights
+from tinymim_jax.convert.resample import RESAMPLE_METHODS, resample_pos_embed, square_grid
+from tinymim_jax.convert.layouts import Converted, to_timm
+from tinymim_jax.convert.hub import HUB_WEIGHTS, HubFolder, hub_folder, timm_config_sidecar, timm_hub_config, transformers_config_sidecar, write_hub_folder
+from tinymim_jax.convert.load import LoadReport, describe_model, load_pytorch_weights, resample_method

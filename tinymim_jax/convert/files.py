@@ -19,6 +19,7 @@ from tinymim_jax.convert.errors import AmbiguousCheckpointError, ConvertError, H
 from tinymim_jax.convert.dtypes import cast_weights
 from tinymim_jax.convert.sidecar import architecture, read_sidecar, sidecar_for, sidecar_path
 from tinymim_jax.convert.names import export_pytorch_weights
+from tinymim_jax.convert import hub, layouts
 
 
 # Globals a weights-only torch.load may build besides tensors and plain containers. Released and
@@ -209,6 +210,9 @@ class Checkpoint:
   prefix: str = ""                     # the wrapper prefix removed from every key taken
   sidecar: dict | None = None          # the architecture saved beside the file (<name>.config.json)
   sidecar_label: str = ""
+  layout: str | None = None            # another library's layout the weights were converted from (layouts.py)
+  family: str | None = None            # the model family the file names ('mae', 'dinov2', ...): default resampling
+  layout_notes: list[str] = dataclasses.field(default_factory=list)
 
   def describe(self, context: HintContext = "api") -> list[str]:
     """Report lines: which copy of the weights, which prefix."""
@@ -221,6 +225,9 @@ class Checkpoint:
       lines.append(f"weights: {self.entry!r}")
     if self.prefix:
       lines.append(f"prefix: {self.prefix!r} removed from every key (a wrapper's)")
+    if self.layout is not None:
+      lines.append(f"names: converted from the {self.layout} layout to timm's")
+    lines += [f"note: {n}" for n in self.layout_notes]
     return lines
 
 
@@ -292,11 +299,16 @@ def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     label = os.path.basename(path)
-    if not paths.isfile(path):
+    folder = hub.hub_folder(path) if paths.isdir(path) else None
+    if folder is not None:  # a Hugging Face hub snapshot / timm hub folder: config.json + its weight file
+      path, sidecar, sidecar_label = folder.weights, folder.sidecar, f"{label}/config.json ({folder.kind})"
+      label = f"{label}/{os.path.basename(path)}"
+    elif not paths.isfile(path):
       raise MissingSourceError(f"no such checkpoint file: {path}")
     obj = _read_safetensors(path) if path.endswith(".safetensors") else _torch_load(path)
-    sidecar = read_sidecar(path)
-    sidecar_label = os.path.basename(sidecar_path(path))
+    if folder is None:
+      sidecar = read_sidecar(path)
+      sidecar_label = os.path.basename(sidecar_path(path))
   elif isinstance(source, Mapping):
     obj, label = source, "<state dict>"
   else:
@@ -322,14 +334,23 @@ def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
       extras[str(k)] = f"not a tensor ({type(v).__name__})"
     else:
       weights[str(k)] = arr
+  converted = layouts.to_timm(weights)
+  if converted is not None:
+    weights = converted.weights
+    extras.update(converted.skipped)
+    if prefix:  # the layout's own prefix ('vit.', 'visual.', ...) is part of its names: already removed
+      prefix = None
   chosen = _choose_prefix(list(weights), label, prefix, hint_context)
   if chosen:
     for k in [k for k in weights if not k.startswith(chosen)]:
       extras[k] = f"outside the model's key prefix {chosen!r}"
       del weights[k]
     weights = {k[len(chosen):]: v for k, v in weights.items()}
+  family = converted.family if converted is not None else hub.sidecar_family(sidecar)
   return Checkpoint(weights=weights, extras=extras, label=label, entry=entry, other_copy=other, ema=ema,
-                    prefix=chosen, sidecar=sidecar, sidecar_label=sidecar_label)
+                    prefix=chosen, sidecar=sidecar, sidecar_label=sidecar_label,
+                    layout=converted.layout if converted is not None else None, family=family,
+                    layout_notes=converted.notes if converted is not None else [])
 
 
 def read_pytorch_weights(source, **kw) -> tuple[dict[str, np.ndarray], dict[str, str], str]:

@@ -14,7 +14,7 @@ from tinymim_jax.convert.files import Checkpoint, read_checkpoint
 from tinymim_jax.convert.dtypes import dtype_summary
 from tinymim_jax.convert.sidecar import architecture, assumed_fields, heads_text, model_configs, sidecar_configs
 from tinymim_jax.convert.names import DECODER_RE, detect_layout, from_torch_layout, torch_names, torch_shape
-from tinymim_jax.convert.resample import resample_grids, resample_pos_embed
+from tinymim_jax.convert.resample import RESAMPLE_METHODS, resample_grids, resample_pos_embed
 
 
 @dataclasses.dataclass
@@ -30,13 +30,16 @@ class LoadReport:
   unused_kept_init: list[str] = dataclasses.field(default_factory=list)  # model params the job never runs
   dtypes: str = ""          # the file's dtype(s) -> the model's, e.g. 'bfloat16 -> float32'
   info: list[str] = dataclasses.field(default_factory=list)  # which copy / prefix was read, the heads assumed
+  resample: str = "mae"     # how a positional table is resampled (RESAMPLE_METHODS), and why
+  resample_why: str = ""
 
   def __str__(self):
     dtypes = f" ({self.dtypes})" if self.dtypes else ""
     lines = [f"loaded {len(self.loaded)} tensors{dtypes} from {self.source} [{self.layout}]"]
     lines += [f"  {line}" for line in self.info]
     for name, (old, new) in self.resampled.items():
-      lines.append(f"  resampled {name}: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]} (bicubic, prefix kept)")
+      lines.append(f"  resampled {name}: grid {old[0]}x{old[1]} -> {new[0]}x{new[1]} ({_METHOD_TEXT[self.resample]}, "
+                   f"prefix kept; {self.resample_why})")
     by_reason = collections.defaultdict(list)
     for key, reason in self.skipped.items():
       by_reason[reason].append(key)
@@ -50,6 +53,23 @@ class LoadReport:
                    f"{short_list(self.unused_kept_init)}")
     lines += [f"  note: {n}" for n in self.notes]
     return "\n".join(lines)
+
+
+_METHOD_TEXT = {"mae": "MAE's bicubic interpolation", "dinov2": "DINOv2's bicubic interpolation, offset 0.1",
+                "timm": "timm's antialiased bicubic"}
+
+
+def resample_method(ckpt: Checkpoint, resample: str | None) -> tuple[str, str]:
+  """-> (the positional-table resampling to use, why): the caller's, else the file's family's own (DINOv2's for
+  DINOv2 files, MAE's otherwise: the method of the code that trained it). Raises ConvertError for an unknown one."""
+  if resample is not None:
+    if resample not in RESAMPLE_METHODS:
+      from tinymim_jax.convert.errors import ConvertError
+      raise ConvertError(f"unknown resample={resample!r}; use one of {', '.join(RESAMPLE_METHODS)}")
+    return resample, "as asked"
+  if ckpt.family == "dinov2":
+    return "dinov2", "the DINOv2 family's own"
+  return "mae", "the default: MAE's"
 
 
 def _heads_line(model, ckpt: Checkpoint) -> str:
@@ -84,7 +104,7 @@ def _first_match(patterns, name):
 
 def load_pytorch_weights(model, source, *, skip: Sequence[str] = (), allow_missing: Sequence[str] = (),
                          strict: bool = True, ema: bool = True, prefix: str | None = None, depth: int | None = None,
-                         hint_context: HintContext = "api") -> LoadReport:
+                         hint_context: HintContext = "api", resample: str | None = None) -> LoadReport:
   """Loads a PyTorch checkpoint into a ViT or MAE model, all or nothing.
 
   Args:
@@ -105,6 +125,12 @@ def load_pytorch_weights(model, source, *, skip: Sequence[str] = (), allow_missi
       The later blocks, the final norm / fc_norm / head and an MAE decoder are then unused: not taken from the
       file (reported as skipped), not required, and kept at init in the model (reported). The rest is strict.
     hint_context: how hints in errors and the report spell options: 'api', 'cli', or {option: config field}.
+    resample: how a positional table of another grid is resampled: 'mae', 'dinov2' or 'timm' (RESAMPLE_METHODS,
+      convert/resample.py); None: the file's family's own (DINOv2's for DINOv2 files, else MAE's). Reported.
+
+  Files in another library's layout (transformers ViT / ViTMAE / Dinov2, DINOv2's hub files, OpenAI / OpenCLIP
+  visual towers; convert/layouts.py) and hub folders (convert/hub.py) are read in timm names; the report names
+  the layout.
 
   Values are cast to each parameter's dtype. Returns a LoadReport (which copy / prefix was read, the heads the
   model assumes or the sidecar records). Raises WeightMismatchError listing every problem, and the errors of
@@ -112,7 +138,7 @@ def load_pytorch_weights(model, source, *, skip: Sequence[str] = (), allow_missi
   """
   ckpt = read_checkpoint(source, ema=ema, prefix=prefix, hint_context=hint_context)
   return _load(model, ckpt, skip=skip, allow_missing=allow_missing, strict=strict, depth=depth,
-               hint_context=hint_context)
+               hint_context=hint_context, resample=resample)
 
 
 def _runs(name: str, depth: int | None) -> bool:
@@ -128,11 +154,12 @@ def _runs(name: str, depth: int | None) -> bool:
 
 
 def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
-          hint_context: HintContext = "api", dry_run: bool = False) -> LoadReport:
+          hint_context: HintContext = "api", dry_run: bool = False, resample: str | None = None) -> LoadReport:
   """load_pytorch_weights on a read checkpoint; `dry_run`: only whether it would load (raises as it would, without
-  hints), nothing written."""
+  hints), nothing written; `resample`: the position-table resampling method (None: the file's family's own)."""
   weights, label = ckpt.weights, ckpt.label
-  report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
+  report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras, ckpt.layout))
+  report.resample, report.resample_why = resample_method(ckpt, resample)
   report.skipped.update(ckpt.extras)
   report.info += ckpt.describe(hint_context)
   target = torch_names(model)
@@ -172,6 +199,9 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
         report.skipped[name] = f"matches skip pattern {skip_pattern!r}"
       elif is_vit_only and DECODER_RE.match(name):
         report.skipped[name] = "MAE decoder (the target is an encoder-only ViT)"
+      elif name.endswith("attn.qkv.bias") and not np.any(arr):
+        report.skipped[name] = ("all zero, and the model has no qkv bias (DINOv3's releases; timm's variants "
+                                "without '_qkvb')")
       elif fresh_fc_norm and name.startswith("norm."):
         report.skipped[name] = "pretrain final norm (the 'avg' layout starts a fresh fc_norm)"
       elif not strict:
@@ -192,7 +222,7 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
     if name.endswith("pos_embed") and tuple(arr.shape) != want:
       grids = resample_grids(arr.shape, want, prefix)
       if grids is not None:
-        arr = resample_pos_embed(arr, grids[1][0], prefix)
+        arr = resample_pos_embed(arr, grids[1][0], prefix, method=report.resample)
         report.resampled[name] = grids
     if tuple(arr.shape) != want:
       mismatched.append(f"{name}: file {tuple(arr.shape)}, model expects {want}")

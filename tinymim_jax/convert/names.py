@@ -13,8 +13,9 @@ from tinymim_jax.convert.dtypes import cast_weights
 DECODER_RE = re.compile(r"^(mask_token$|decoder_)")
 
 
-def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
-  """A human-readable guess of which kind of checkpoint these keys come from."""
+def detect_layout(names, extras: Mapping[str, str] = (), source_layout: str | None = None) -> str:
+  """A human-readable guess of which kind of checkpoint these keys (timm / MAE names) come from; `source_layout`:
+  the other library's layout they were converted from (layouts.py), named first."""
   names = set(names)
   if any(DECODER_RE.match(k) for k in names):
     kind = "MAE pretrain (encoder + decoder)"
@@ -27,6 +28,8 @@ def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
   else:
     kind = "unknown"
   extras = set(extras)
+  if source_layout is not None:
+    kind = f"{source_layout} (as timm names: {kind})"
   if {"optimizer", "args"} & extras:
     kind = f"training checkpoint: {kind}"
   return kind
@@ -80,6 +83,14 @@ _ORDER = {n: i for i, n in enumerate([
     "cls_token", "reg_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre", "blocks",
     "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn",
     "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
+# timm's Eva (DINOv3) registers gamma_1 / gamma_2 before norm1, q_bias / v_bias before qkv, SwiGLU's fc1_g, fc1_x.
+_EVA_ORDER = {n: i for i, n in enumerate([
+    "cls_token", "reg_token", "patch_embed", "blocks", "norm", "fc_norm", "head", "gamma_1", "gamma_2", "norm1",
+    "attn", "norm2", "mlp", "q_bias", "v_bias", "qkv", "proj", "fc1", "fc1_g", "fc1_x", "fc2", "weight", "bias"])}
+
+
+def _eva_order(name: str):
+  return tuple((int(p), "") if p.isdigit() else (_EVA_ORDER.get(p, len(_EVA_ORDER)), p) for p in name.split("."))
 
 
 def state_dict_order(name: str):
@@ -95,11 +106,12 @@ def torch_names(model) -> dict[str, tuple[tuple, Any]]:
   return dict(sorted(out.items(), key=lambda kv: state_dict_order(kv[0])))
 
 
-def export_pytorch_weights(model, dtype=None) -> dict[str, np.ndarray]:
+def export_pytorch_weights(model, dtype=None, layout: str = "timm") -> dict[str, np.ndarray]:
   """{timm / MAE name: C-contiguous array} of a ViT or MAE model, in timm's order, in the parameters' dtype
   (float32, or float64 for a param_dtype float64 model: nothing is rounded on the way out) or, for the floating
   ones, `dtype` ('float16' / 'bfloat16' / 'float32' / 'float64').
 
+  layout: 'timm' (a DINOv3 model: timm's Eva names) or 'dinov3' (a DINOv3 model: the original hub file's names).
   A 'cls'-layout ViT loads into timm VisionTransformer(global_pool='token', num_classes=0) (plus a head if
   it has one), an 'avg'-layout ViT into VisionTransformer(global_pool='avg', fc_norm=True), an MAE model
   into MAE's MaskedAutoencoderViT -- all with load_state_dict(strict=True).
@@ -108,4 +120,21 @@ def export_pytorch_weights(model, dtype=None) -> dict[str, np.ndarray]:
   for name, (path, value) in torch_names(model).items():
     # A copy: writable (torch.from_numpy warns on the read-only views of jax arrays) and C-contiguous.
     out[name] = np.array(to_torch_layout(path, np.asarray(value)), order="C")
+  cfg = model.config[0] if isinstance(model.config, tuple) else model.config
+  if getattr(cfg, "rope", "none") != "none":  # DINOv3: timm's Eva names, or the original hub file's
+    from tinymim_jax.convert.errors import ConvertError
+    from tinymim_jax.convert.layouts import from_timm_eva_names, to_dinov3_hub
+    if layout == "dinov3":
+      out = to_dinov3_hub(out, cfg.embed_dim // cfg.num_heads)
+    elif layout == "timm":
+      try:
+        out = from_timm_eva_names(out)
+      except ValueError as e:
+        raise ConvertError(str(e)) from None
+      out = dict(sorted(out.items(), key=lambda kv: _eva_order(kv[0])))
+    else:
+      raise ConvertError(f"unknown export layout {layout!r}: 'timm' or 'dinov3'")
+  elif layout != "timm":
+    from tinymim_jax.convert.errors import ConvertError
+    raise ConvertError(f"layout {layout!r} is for DINOv3 models; this model exports in timm's names only")
   return cast_weights(out, dtype) if dtype is not None else out

@@ -60,6 +60,38 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> np.ndarray:
   return table[None].astype(np.float32)
 
 
+def dinov3_rope(grid: int, head_dim: int, temperature: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+  """DINOv3's 2-D rotary embedding at inference (docs/method.md 1.7): (sin, cos), each (grid*grid, head_dim)
+  float32, patches in row-major order (dinov3/layers/rope_position_encoding.py; timm RotaryEmbeddingDinoV3 with
+  rotate_half). Raises ValueError for a head dim not divisible by 4.
+
+  Coordinates are the patch centres normalised to [-1, 1] per axis ((i + 0.5) / grid * 2 - 1), [row, col];
+  periods temperature ** (2 k / (head_dim / 2)), k < head_dim / 4; angles 2 pi coord / period give head_dim / 2
+  values [row freqs | col freqs], repeated twice (the rotate-half layout). float32 throughout, as timm computes.
+  """
+  if head_dim % 4:
+    raise ValueError(f"rotary embedding needs a head dim divisible by 4, got {head_dim}")
+  f = np.float32
+  t = (np.arange(0.5, grid, dtype=f) / f(grid)).astype(f)
+  coords = np.stack(np.meshgrid(t, t, indexing="ij"), axis=-1).reshape(-1, 2)
+  coords = (f(2.0) * coords - f(1.0)).astype(f)
+  periods = (f(temperature) ** (f(2.0) * np.arange(head_dim // 4, dtype=f) / f(head_dim // 2))).astype(f)
+  angles = (f(2 * np.pi) * coords[:, :, None] / periods[None, None, :]).astype(f).reshape(len(coords), -1)
+  sin, cos = np.sin(angles), np.cos(angles)
+  return np.concatenate([sin, sin], -1), np.concatenate([cos, cos], -1)
+
+
+def apply_rope(x, sin, cos, num_prefix_tokens: int):
+  """x (B, H, N, dh) with the rotation on tokens num_prefix_tokens.. (the patches; CLS and storage tokens keep
+  theirs): x cos + rotate_half(x) sin, rotate_half([a | b]) = [-b | a] (timm apply_rot_embed_cat(half=True)),
+  in the wider of float32 and x's dtype, returned in x's dtype."""
+  wide = wide_dtype(x.dtype)
+  p = x[:, :, num_prefix_tokens:].astype(wide)
+  a, b = jnp.split(p, 2, axis=-1)
+  p = p * jnp.asarray(cos, wide) + jnp.concatenate([-b, a], -1) * jnp.asarray(sin, wide)
+  return jnp.concatenate([x[:, :, :num_prefix_tokens], p.astype(x.dtype)], axis=2)
+
+
 # --------------------------------------------------------------------------------------------------------
 # Initialisers (MAE style).
 # --------------------------------------------------------------------------------------------------------
@@ -111,20 +143,25 @@ def linear(layer: nnx.Linear, x):
 class Attention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "default",
-               param_dtype=jnp.float32):
+               param_dtype=jnp.float32, qkv_bias: bool = True):
     if dim % num_heads:
       raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.impl = impl
     self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform,
-                          rngs=rngs)
+                          use_bias=qkv_bias, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
 
-  def split_qkv(self, x):
-    """x (B, N, D) -> q, k, v each (B, H, N, dh): qkv outputs are [q | k | v], head h owns [h*dh, (h+1)*dh)."""
+  def split_qkv(self, x, rope=None, num_prefix_tokens: int = 0):
+    """x (B, N, D) -> q, k, v each (B, H, N, dh): qkv outputs are [q | k | v], head h owns [h*dh, (h+1)*dh).
+    rope: (grid, temperature) of DINOv3's rotary embedding (dinov3_rope), applied to q and k of the patch tokens
+    (what the attention uses, so the relation maps read them rotated)."""
     b, n, d = x.shape
     qkv = linear(self.qkv, x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
     q, k, v = jnp.moveaxis(qkv, (2, 3), (0, 2))
+    if rope is not None:
+      sin, cos = dinov3_rope(rope[0], d // self.num_heads, rope[1])
+      q, k = apply_rope(q, sin, cos, num_prefix_tokens), apply_rope(k, sin, cos, num_prefix_tokens)
     return q, k, v
 
   def attend(self, q, k, v):
@@ -171,6 +208,19 @@ class Mlp(nnx.Module):
     return linear(self.fc2, 0.5 * h * (1 + jax.lax.erf(h * _SQRT_HALF.astype(h.dtype))))
 
 
+class SwiGLU(nnx.Module):
+  """fc2(silu(fc1_g(x)) * fc1_x(x)) (timm layers.SwiGLU; DINOv3 ViT-S+ / H+ SwiGLUFFN, w1 / w2 / w3)."""
+
+  def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
+    self.fc1_g = nnx.Linear(dim, hidden, **kw)
+    self.fc1_x = nnx.Linear(dim, hidden, **kw)
+    self.fc2 = nnx.Linear(hidden, dim, **kw)
+
+  def __call__(self, x):
+    return linear(self.fc2, jax.nn.silu(linear(self.fc1_g, x)) * linear(self.fc1_x, x))
+
+
 def layer_norm(dim, dtype, rngs, param_dtype=jnp.float32, eps: float = 1e-6):
   # Flax computes the statistics in the wider of float32 and the input dtype.
   return nnx.LayerNorm(dim, epsilon=eps, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -191,21 +241,28 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs,
                attention: str = "default", param_dtype=jnp.float32, init_values: float = 0.0, act: str = "gelu",
-               norm_eps: float = 1e-6):
+               norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_type: str = "mlp", num_prefix_tokens: int = 1):
     self.drop_path = drop_path
+    self.num_prefix_tokens = num_prefix_tokens
     self.norm1 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
-    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention, param_dtype=param_dtype)
+    self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention, param_dtype=param_dtype,
+                          qkv_bias=qkv_bias)
     self.norm2 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
-    self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype, act=act)
+    if mlp_type == "swiglu":
+      self.mlp = SwiGLU(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype)
+    elif mlp_type == "mlp":
+      self.mlp = Mlp(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype, act=act)
+    else:
+      raise ValueError(f"mlp_type must be 'mlp' or 'swiglu', got {mlp_type!r}")
     if init_values:  # timm: LayerScale only when init_values is set (truthy)
       self.ls1 = LayerScale(dim, init_values, param_dtype=param_dtype)
       self.ls2 = LayerScale(dim, init_values, param_dtype=param_dtype)
     else:
       self.ls1 = self.ls2 = None
 
-  def __call__(self, x, *, rng=None, qkv_only: bool = False):
+  def __call__(self, x, *, rng=None, qkv_only: bool = False, rope=None):
     """Returns (x_out, (q, k, v)); with qkv_only, x_out is None and nothing past the qkv Linear runs."""
-    q, k, v = self.attn.split_qkv(self.norm1(x))
+    q, k, v = self.attn.split_qkv(self.norm1(x), rope, self.num_prefix_tokens)
     if qkv_only:
       return None, (q, k, v)
     r1, r2 = jax.random.split(rng) if rng is not None else (None, None)
@@ -262,6 +319,12 @@ class ViTConfig:
   pre_norm: bool = False
   act_layer: str = "gelu"           # MLP activation: 'gelu' (exact, erf) | 'quick_gelu' (OpenAI CLIP)
   norm_eps: float = 1e-6            # epsilon of every LayerNorm (MAE / DINOv2 1e-6, CLIP 1e-5)
+  # DINOv3 (timm's Eva with rope_type='dinov3'): rope 'dinov3' rotates the patch tokens' q / k (dinov3_rope;
+  # with pos_embed 'none': no table), qkv_bias False drops the qkv bias, mlp_type 'swiglu' (ViT-S+ / H+).
+  rope: str = "none"
+  rope_temperature: float = 100.0
+  qkv_bias: bool = True
+  mlp_type: str = "mlp"
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -313,16 +376,23 @@ class ViT(nnx.Module):
     table = sincos_pos_embed(d, self.grid, cls_token=False)
     pos_prefix = 0 if c.no_embed_class else c.num_prefix_tokens
     table = jnp.asarray(np.concatenate([np.zeros((1, pos_prefix, d), np.float32), table], axis=1), pdt)
+    if c.rope not in ("none", "dinov3"):
+      raise ValueError(f"rope must be 'none' or 'dinov3', got {c.rope!r}")
+    if (c.rope != "none") != (c.pos_embed == "none"):
+      raise ValueError(f"pos_embed='none' goes with a rotary embedding and only with one (rope={c.rope!r}, "
+                       f"pos_embed={c.pos_embed!r})")
     if c.pos_embed == "sincos":
       self.pos_embed = Constant(table)
     elif c.pos_embed == "learn":
       self.pos_embed = nnx.Param(table)
+    elif c.pos_embed == "none":
+      self.pos_embed = None
     else:
-      raise ValueError(f"pos_embed must be 'sincos' or 'learn', got {c.pos_embed!r}")
+      raise ValueError(f"pos_embed must be 'sincos', 'learn' or 'none', got {c.pos_embed!r}")
     self.blocks = nnx.List([
         Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs,
               attention=c.attention, param_dtype=pdt, init_values=c.init_values, act=c.act_layer,
-              norm_eps=c.norm_eps)
+              norm_eps=c.norm_eps, qkv_bias=c.qkv_bias, mlp_type=c.mlp_type, num_prefix_tokens=c.num_prefix_tokens)
         for i in range(1, c.depth + 1)])
     self.norm_pre = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps) if c.pre_norm else None
     if c.pooling == "cls":
@@ -345,7 +415,7 @@ class ViT(nnx.Module):
     c = self.config
     if images.ndim != 4 or images.shape[1:] != (c.img_size, c.img_size, 3):
       raise ValueError(f"expected NHWC images (B, {c.img_size}, {c.img_size}, 3), got {images.shape}")
-    pos = self.pos_embed[...]
+    pos = self.pos_embed[...] if self.pos_embed is not None else jnp.zeros((1, self.grid * self.grid, 1), c.dtype)
     n_pos_prefix = pos.shape[1] - self.grid * self.grid  # 0 (no_embed_class) or num_prefix_tokens
     x = self.patch_embed(images.astype(c.dtype))
     x = x.reshape(x.shape[0], -1, x.shape[-1]) + pos[:, n_pos_prefix:].astype(c.dtype)
@@ -371,11 +441,16 @@ class ViT(nnx.Module):
     if capture and not (1 <= capture[0] and capture[-1] <= depth):
       raise ValueError(f"capture={capture} must name blocks in 1..{depth}")
     x = self.embed(images, keep_ids)
+    rope = None
+    if c.rope == "dinov3":
+      if keep_ids is not None:
+        raise ValueError("a masked input (keep_ids) with a rotary embedding is not supported")
+      rope = (self.grid, c.rope_temperature)  # each block's table follows its own head dim
     out: dict[str, Any] = {"blocks": {}}
     rngs = jax.random.split(rng, depth) if rng is not None else [None] * depth
     for i in range(1, depth + 1):
       last_qkv_only = qkv_only and i == depth
-      y, (q, k, v) = self.blocks[i - 1](x, rng=rngs[i - 1], qkv_only=last_qkv_only)
+      y, (q, k, v) = self.blocks[i - 1](x, rng=rngs[i - 1], qkv_only=last_qkv_only, rope=rope)
       if i in capture:
         out["blocks"][i] = {"q": q, "k": k, "v": v}
         if y is not None:
