@@ -13,7 +13,7 @@ that cannot be decoded, whose size differs from its image's, or holding a label 
 reduction; 255 = ignore is always allowed) is named by path and skipped (on_bad='skip', counted in
 `source.skipped`) or refused (on_bad='error': BadMaskError).
 
-Transforms (mmseg configs/_base_/datasets/ade20k.py; SPEC section 9), per example with stateless seeds:
+Transforms (mmseg configs/_base_/datasets/ade20k.py; docs/method.md section 10), per example with stateless seeds:
 random rescale to ratio 0.5-2.0 of (2048, 512) keeping the aspect ratio, random crop (re-drawn up to 10 times
 while one class covers 75% or more of the crop's labelled pixels), horizontal flip 0.5, photometric
 distortion, ImageNet normalisation, padding to the crop with 0 (image) and 255 (label). Test: the image

@@ -1,5 +1,5 @@
 """UperNet on a ViT: the multi-scale adapter, UPerHead and the auxiliary FCNHead, as the TinyMIM / BEiT / MAE
-segmentation code builds them (mmseg 0.11; SPEC section 9). Layout NHWC throughout.
+segmentation code builds them (mmseg 0.11; docs/method.md section 10). Layout NHWC throughout.
 
   seg = Segmenter(backbone, SegmenterConfig(num_classes=150), rngs=nnx.Rngs(0))
   out = seg(images, train=False)                # images (B, H, W, 3), H = W = backbone img_size
@@ -211,7 +211,7 @@ def max_pool2x2(x):
 
 
 class Segmenter(nnx.Module):
-  """ViT backbone + four-level adapter + UPerHead + auxiliary FCNHead (the authors' UperNet; SPEC section 9).
+  """ViT backbone + four-level adapter + UPerHead + auxiliary FCNHead (the authors' UperNet; docs/method.md section 10).
 
   Raises ValueError for a backbone whose patch size is not 16 (the adapter's strides assume it), for
   `out_indices` that are not four blocks of the backbone, or an `aux_in_index` outside 0..3.

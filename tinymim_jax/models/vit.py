@@ -313,7 +313,7 @@ class ViTConfig:
   act_layer: str = "gelu"           # MLP activation: 'gelu' (exact, erf) | 'quick_gelu' (OpenAI CLIP)
   norm_eps: float = 1e-6            # epsilon of every LayerNorm (MAE / DINOv2 1e-6, CLIP 1e-5)
   # BEiT's per-block relative position bias (blocks.i.attn.relative_position_bias_table, zero init), as the
-  # authors' segmentation backbone has it (SPEC section 9; their `use_rel_pos_bias`). Needs CLS as the only
+  # authors' segmentation backbone has it (docs/method.md section 10; their `use_rel_pos_bias`). Needs CLS as the only
   # prefix token and every patch token (no keep_ids).
   use_rel_pos_bias: bool = False
 

@@ -1,4 +1,4 @@
-"""Semantic segmentation (UperNet on a ViT, the paper's ADE20K protocol; SPEC section 9): pure-jnp losses and
+"""Semantic segmentation (UperNet on a ViT, the paper's ADE20K protocol; docs/method.md section 10): pure-jnp losses and
 metrics, slide inference, the authors' layer-wise lr decay and warmup + poly schedule, and the train step.
 
 The model is models/segmentation.Segmenter; the data (ADE20K, image / mask folders, the digits scenes) live in

@@ -1,5 +1,5 @@
 """The authors' segmentation optimiser: AdamW with layer-wise lr decay as BEiT's LayerDecayOptimizerConstructor
-counts layers, and mmcv's poly schedule with linear warmup (SPEC section 9)."""
+counts layers, and mmcv's poly schedule with linear warmup (docs/method.md section 10)."""
 
 from __future__ import annotations
 
