@@ -6,6 +6,10 @@ The only module of the project that knows PyTorch parameter names. Name mapping 
   [encoder.]patch_embed.kernel (p,p,3,D)      patch_embed.proj.weight (D,3,p,p)  conv transpose
   [encoder.]cls_token / pos_embed             cls_token / pos_embed              -
   reg_token / norm_pre / blocks.i.ls1.gamma   the same names (DINOv2 / CLIP)     -
+  blocks.i.ls1.gamma / ls2.gamma              also read from blocks.i.gamma_1 / gamma_2 (BEiT; the authors'
+                                              segmentation backbone)
+  blocks.i.attn.relative_position_bias_table  the same name; a file's relative_position_index is checked
+                                              against the model's and skipped
   [encoder.]blocks.i.<lin>.kernel (in,out)    blocks.i.<lin>.weight (out,in)     transpose
   <norm>.scale                                <norm>.weight                      -
   norm | fc_norm | head                       norm | fc_norm | head              -
@@ -659,6 +663,30 @@ _ORDER = {n: i for i, n in enumerate([
     "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
 
 
+# Other names files use for our parameters (file-name regex -> our PyTorch name). The authors' segmentation
+# backbone (BEiT's `backbone/mae.py`) names the layer scales gamma_1 / gamma_2 (timm: ls1.gamma / ls2.gamma).
+_FILE_ALIASES = ((re.compile(r"^(blocks\.\d+\.)gamma_([12])$"), r"\1ls\2.gamma"),)
+# Buffers of such files that our model recomputes: checked against ours, then skipped (BEiT's fixed index into
+# the relative position bias table, docs/method.md section 10.1).
+_REL_POS_INDEX = re.compile(r"^blocks\.\d+\.attn\.relative_position_index$")
+
+
+def _alias(name: str) -> str:
+  for pattern, ours in _FILE_ALIASES:
+    if pattern.match(name):
+      return pattern.sub(ours, name)
+  return name
+
+
+def _check_rel_pos_index(name: str, arr, grid: int) -> str | None:
+  """The reason to skip a relative_position_index equal to ours, or None when it differs."""
+  from tinymim_jax.models.vit import relative_position_index  # pylint: disable=g-import-not-at-top
+  ours = relative_position_index(grid)
+  if tuple(arr.shape) == ours.shape and np.array_equal(np.asarray(arr), ours):
+    return "fixed index of the relative position bias (the model computes the same)"
+  return None
+
+
 def _sort_key(name: str):
   return tuple((int(p), "") if p.isdigit() else (_ORDER.get(p, len(_ORDER)), p) for p in name.split("."))
 
@@ -805,6 +833,11 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
           hint_context: HintContext = "api") -> LoadReport:
   weights, label = ckpt.weights, ckpt.label
   report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
+  renamed = {name: _alias(name) for name in weights if _alias(name) != name}
+  if renamed:
+    weights = {renamed.get(name, name): arr for name, arr in weights.items()}
+    pairs = [f"{a} -> {b}" for a, b in sorted(renamed.items())]
+    report.notes.append(f"{len(renamed)} key(s) read under timm's names: {_short_list(pairs, 2)}")
   report.skipped.update(ckpt.extras)
   report.info += ckpt.describe(hint_context)
   target = _mapping(model)
@@ -846,6 +879,14 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
         report.skipped[name] = "MAE decoder (the target is an encoder-only ViT)"
       elif fresh_fc_norm and name.startswith("norm."):
         report.skipped[name] = "pretrain final norm (the 'avg' layout starts a fresh fc_norm)"
+      elif _REL_POS_INDEX.match(name) and name.replace("_index", "_bias_table") in target:
+        reason = _check_rel_pos_index(name, arr, enc.img_size // enc.patch_size)
+        if reason:
+          report.skipped[name] = reason
+        else:
+          mismatched.append(f"{name}: differs from BEiT's index for the model's {enc.img_size // enc.patch_size}^2 "
+                            f"grid + CLS")
+          mismatched_names.append(name)
       elif not strict:
         report.skipped[name] = "not in the model (strict=False)"
       else:
