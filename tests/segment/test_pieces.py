@@ -11,9 +11,10 @@ import torch.nn.functional as F
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tinymim_jax import create_model, optim as optim_lib, sharding as sh, segment
+from tinymim_jax import create_model, optim as optim_lib, sharding as sh
+from tinymim_jax.objectives import segment
 from tinymim_jax.models import segmentation as seg_lib
-from tinymim_jax.segment import inference
+from tinymim_jax.objectives.segment import inference
 
 
 # ------------------------------------------------------------------------------------------------------------

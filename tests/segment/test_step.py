@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tinymim_jax import create_model, sharding as sh, segment
+from tinymim_jax import create_model, sharding as sh
+from tinymim_jax.objectives import segment
 from tinymim_jax.models import segmentation as seg_lib
 
 NC = 3

@@ -393,3 +393,79 @@ def eval_examples(source, *, scale=(2048, 512)):
   size} per example, for segment.slide_inference (out_size = the label's size)."""
   for image, label in _examples(source):
     yield {'image': test_transform(tf.constant(image), scale=scale).numpy(), 'label': label.astype(np.int32)}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From a run's config (config.segment; objectives/segment).
+SOURCES = ('ade20k', 'scene_parse150', 'folder', 'digits_scenes')
+
+
+def make_source(cfg, split, data_dir=None):
+  """The `split` ('train' / 'val') of the source config.segment names: a PairSource, an (images, labels) array
+  pair (digits scenes) or, for scene_parse150, a list of pairs read from TFDS. -> (source, num_classes).
+
+  cfg.dataset: 'ade20k' (cfg.path: the ADEChallengeData2016 folder, its parent or the zip), 'scene_parse150'
+  (TFDS, prepared in data_dir), 'folder' (cfg.path with images/<split>/, annotations/<split>/; cfg.num_classes,
+  cfg.reduce_zero_label), 'digits_scenes' (cfg.num_train / cfg.num_val scenes of cfg.scene_size px).
+  Raises ValueError for an unknown dataset, FileNotFoundError for a missing folder.
+  """
+  if split not in ('train', 'val'):
+    raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+  if cfg.dataset == 'ade20k':
+    return ade20k(cfg.path, split, on_bad=cfg.on_bad), ADE20K_CLASSES
+  if cfg.dataset == 'scene_parse150':
+    return list(scene_parse150(data_dir, 'train' if split == 'train' else 'test')), ADE20K_CLASSES
+  if cfg.dataset == 'folder':
+    return folder(cfg.path, split=split, num_classes=cfg.num_classes, reduce_zero=cfg.reduce_zero_label,
+                  on_bad=cfg.on_bad), cfg.num_classes
+  if cfg.dataset == 'digits_scenes':
+    num = cfg.num_train if split == 'train' else cfg.num_val
+    return digits_scenes(num, size=cfg.scene_size, seed=cfg.data_seed, split=split), 11
+  raise ValueError(f"segment.dataset={cfg.dataset!r}: one of {SOURCES}")
+
+
+def source_size(source):
+  """The number of examples of a source (pairs, skipped ones included)."""
+  if isinstance(source, PairSource):
+    return len(source)
+  if isinstance(source, list):
+    return len(source)
+  return len(source[0])
+
+
+class TrainIterator:
+  """Host-local batches {'image' float32 (B / processes, crop, crop, 3), 'label' int32} of train_dataset, from
+  batch `start_step` on (the batches an uninterrupted run sees: every augmentation is seeded by (seed, epoch,
+  index)); `.skipped`: bad pairs skipped so far."""
+
+  def __init__(self, source, cfg, *, global_batch_size, seed, start_step=0, process_index=0, process_count=1):
+    if isinstance(source, list):  # TFDS pairs of varying sizes: through a PairSource-like reader
+      source = _ListSource(source)
+    self.source = source
+    ds = train_dataset(source, batch_size=global_batch_size, seed=seed, crop=cfg.crop, scale=tuple(cfg.scale),
+                       ratio_range=tuple(cfg.ratio_range), cat_max_ratio=cfg.cat_max_ratio,
+                       photometric=cfg.photometric)
+    self._it = ds.skip(start_step).as_numpy_iterator()
+    local = global_batch_size // process_count
+    self._rows = slice(process_index * local, (process_index + 1) * local)
+
+  @property
+  def skipped(self):
+    return getattr(self.source, 'skipped', 0)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    return {k: v[self._rows] for k, v in next(self._it).items()}
+
+
+class _ListSource(PairSource):
+  """Decoded pairs held in memory, read through PairSource's interface."""
+
+  def __init__(self, pairs):
+    super().__init__('scene_parse150', list(range(len(pairs))), None, ADE20K_CLASSES, False)
+    self._data = pairs
+
+  def load(self, i):
+    return self._data[i]

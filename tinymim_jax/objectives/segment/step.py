@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tinymim_jax.segment.inference import slide_inference
-from tinymim_jax.segment.losses import segment_loss
-from tinymim_jax.segment.metrics import intersect_and_union
+from tinymim_jax.objectives.segment.inference import slide_inference
+from tinymim_jax.objectives.segment.losses import segment_loss
+from tinymim_jax.objectives.segment.metrics import intersect_and_union
 
 
 def init_state(model: nnx.Module, tx: optax.GradientTransformation):
