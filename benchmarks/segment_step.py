@@ -1,12 +1,13 @@
 r"""The segment train step's throughput (objective 'segment': UperNet on a ViT, configs/segment.py rows), and the
 GPU-hours of the paper's 160k-iteration, batch-16 schedule it implies.
 
-  python benchmarks/segment_step.py [--rows demo,tiny] [--crop 512] [--batch 2] [--steps 3] [--no-append]
+  python benchmarks/segment_step.py [--rows demo:64,tiny:256] [--flops-rows tiny:512,small:512,base:512] \
+      [--batch 2] [--steps 3] [--no-append]
 
 Each row's step is built as the trainer builds it (configs/segment.py, objectives/segment), jitted on one device
 and timed after a warm-up step. Columns: step seconds (median), crops/s, CPU seconds per step, XLA's
 GFLOP/step (cost_analysis) and, from it, the hours of the paper's schedule (160,000 steps x 16 crops of 512 px:
-GFLOP per crop at --crop x 2.56e6 crops) at two rates: this run's (measured GFLOP/s) and H200_GFLOPS (the
+GFLOP per 512 px crop x 2.56e6 crops) at two rates: this run's (measured GFLOP/s) and H200_GFLOPS (the
 distillation step's measured bfloat16 rate on one H200, BENCHMARKS.md "Distillation step: ViT-B from ViT-L"),
 the latter an estimate until the segment step itself is timed on a GPU.
 """
@@ -60,41 +61,46 @@ def measure(row: str, batch: int, crop: int, steps: int) -> dict:
     box[0], m = compiled(box[0], data, rng)
     jax.block_until_ready(m["loss"])
 
+  per_crop = gflop / batch
+  out = {"row": row, "crop": crop, "batch": batch, "gflop": gflop, "compile_s": compile_s,
+         "hours_h200": PAPER_CROPS * per_crop / H200_GFLOPS / 3600 if crop == 512 else float("nan")}
+  if not steps:  # FLOPs only
+    return {**out, "step_s": float("nan"), "crops_s": float("nan"), "cpu_s": float("nan"),
+            "gflops": float("nan"), "hours_here": float("nan")}
   one()  # warm-up
   cpu: list[float] = []
-  wall = common.timed(one, steps, cpu)
-  med = common.median(wall)
-  per_crop = gflop / batch
-  return {"row": row, "step_s": med, "crops_s": batch / med, "cpu_s": common.median(cpu), "gflop": gflop,
-          "gflops": gflop / med, "compile_s": compile_s,
-          "hours_here": PAPER_CROPS * per_crop / (gflop / med) / 3600,
-          "hours_h200": PAPER_CROPS * per_crop / H200_GFLOPS / 3600}
+  med = common.median(common.timed(one, steps, cpu))
+  return {**out, "step_s": med, "crops_s": batch / med, "cpu_s": common.median(cpu), "gflops": gflop / med,
+          "hours_here": PAPER_CROPS * per_crop / (gflop / med) / 3600 if crop == 512 else float("nan")}
 
 
 def main():
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--rows", default="demo,tiny", help="configs/segment.py models, comma-separated")
-  p.add_argument("--crop", type=int, default=512)
+  p.add_argument("--rows", default="demo:64,tiny:256", help="configs/segment.py models, each with its crop "
+                 "(model:crop), comma-separated")
+  p.add_argument("--flops-rows", default="tiny:512,small:512,base:512",
+                 help="rows compiled for XLA's FLOP count only (the paper's crop: GPU-hour estimates)")
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--steps", type=int, default=3)
   p.add_argument("--no-append", action="store_true")
   a = p.parse_args()
   import jax  # pylint: disable=g-import-not-at-top
   device = f"{jax.devices()[0].platform}:{jax.devices()[0].device_kind}"
-  res = [measure(r, a.batch, a.crop, a.steps) for r in a.rows.split(",")]
-  rows = [[r["row"], f"{r['step_s']:.3f}", f"{r['crops_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['gflop']:.0f}",
+  spec = [(r, a.steps) for r in a.rows.split(",") if r] + [(r, 0) for r in a.flops_rows.split(",") if r]
+  res = [measure(r.split(":")[0], a.batch, int(r.split(":")[1]), n) for r, n in spec]
+  rows = [[r["row"], r["crop"], f"{r['step_s']:.3f}", f"{r['crops_s']:.2f}", f"{r['cpu_s']:.2f}", f"{r['gflop']:.0f}",
            f"{r['gflops']:.0f}", f"{r['compile_s']:.1f}", f"{r['hours_here']:.0f}", f"{r['hours_h200']:.1f}"]
           for r in res]
-  body = (f"configs/segment.py rows at {a.crop} px, batch {a.batch}, device {device}, float32 params (compute "
+  body = (f"configs/segment.py rows at the crop given, batch {a.batch}, device {device}, float32 params (compute "
           f"dtype as the config: float32), random weights and Gaussian images; {a.steps} timed steps after one "
           f"warm-up. Paper schedule: 160,000 steps x 16 crops = {PAPER_CROPS:,} crops; hours = crops x GFLOP per "
           f"crop / GFLOP/s. `h200 est.` uses {H200_GFLOPS:.0f} GFLOP/s, the distillation step's measured bf16 "
           "rate on one H200 (this section's own GPU run replaces it); evals (slide inference) not included.\n\n"
-          + common.table(["row", "step s", "crops/s", "CPU s/step", "XLA GFLOP/step", "GFLOP/s", "compile s",
+          + common.table(["row", "crop", "step s", "crops/s", "CPU s/step", "XLA GFLOP/step", "GFLOP/s", "compile s",
                           "paper schedule, hours here", "h200 est. GPU-hours"], rows))
   print(body)
   if not a.no_append:
-    common.append_section(f"Segment step: UperNet on a ViT, {a.crop} px, batch {a.batch}, {device}", body,
+    common.append_section(f"Segment step: UperNet on a ViT, batch {a.batch}, {device}", body,
                           devices=device, with_torch=False)
 
 

@@ -24,8 +24,9 @@ classes; data/segmentation.digits_scenes):
   python -m tinymim_jax.main --config configs/segment.py:model=demo --workdir wd/seg_digits \
       [--config.init=wd/digits_student]
 
-  model=demo  a 4-block ViT (dim 64) at 64 px crops, 1,000 train / 200 val scenes, a few minutes on CPU; the
-              demo's segmentation stage is this row with init= each student's workdir.
+  model=demo  the digits demo's student architecture (patch 4, dim 64, 4 blocks) at 64 px crops, 1,000 train /
+              200 val scenes, 600 steps of 16; the demo's segmentation stage is this row with init= each student's
+              workdir (configs/segment.py:model=demo,init=workdirs/demo/student_distill, and the MAE student's).
 
 `dataset` (argument) picks the data: 'ade20k' (config.segment.path: the ADEChallengeData2016 folder, its parent
 or the zip), 'scene_parse150' (TFDS, prepared under config.data.data_dir), 'folder' (images/<split>/,
@@ -42,7 +43,7 @@ MODELS = {
     "small": ("vit_small_patch16", 6, 0.75, 0.1, 768, True),    # S / T: ViT-B's values (unpublished)
     "tiny": ("vit_tiny_patch16", 3, 0.75, 0.1, 768, True),
     "tiny_star": ("vit_tiny_patch16", 3, 0.8, 0.1, 768, True),
-    "demo": ("vit_tiny_patch16", 3, 0.75, 0.0, 64, False),
+    "demo": ("vit_tiny_patch16", 2, 0.75, 0.0, 64, False),
 }
 
 
@@ -91,7 +92,9 @@ def get_config(arg=None):
 
   c.segment.dataset = a.dataset or ("digits_scenes" if a.model == "demo" else "ade20k")
   if a.model == "demo":
-    c.model.depth, c.model.embed_dim, c.model.num_heads = 4, 64, 2
+    # The digits demo's student (configs/digits_demo.py STUDENT: patch 4, 64 dims, 4 blocks), so init= takes its
+    # workdirs; its 16 px pos table is resampled to the 64 px crop's 16 x 16 grid.
+    c.model.patch_size, c.model.depth, c.model.embed_dim = 4, 4, 64
     c.segment.out_indices = (1, 2, 3, 4)
     c.segment.aux_channels = 32
     c.segment.crop, c.segment.stride, c.segment.scale = 64, 48, (128, 64)

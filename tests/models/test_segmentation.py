@@ -223,6 +223,6 @@ def test_config_errors():
   vit = create_model("vit_tiny_patch16", **BACKBONE)
   with pytest.raises(ValueError, match="four 1-based blocks"):
     seg_lib.Segmenter(vit, seg_lib.SegmenterConfig(out_indices=(1, 2, 9, 4)), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="patch-16"):
-    seg_lib.Segmenter(create_model("vit_tiny_patch16", img_size=32, patch_size=8, embed_dim=D, depth=4,
+  with pytest.raises(ValueError, match="divisible by 4"):
+    seg_lib.Segmenter(create_model("vit_tiny_patch16", img_size=36, patch_size=6, embed_dim=D, depth=4,
                                    num_heads=2), CFG, rngs=nnx.Rngs(0))

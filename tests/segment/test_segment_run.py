@@ -17,7 +17,7 @@ from tinymim_jax.objectives import segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "segment.py")
-# configs/segment.py:model=demo, smaller still (2 blocks of 32 dims, 16-channel heads, 16 scenes).
+# configs/segment.py:model=demo (patch 4 at 64 px), smaller still (2 blocks of 32 dims, 16-channel heads, 16 scenes).
 TINY = {"model.depth": 2, "model.embed_dim": 32, "segment.out_indices": (1, 2, 2, 2), "segment.channels": 16,
         "segment.aux_channels": 8, "segment.pool_scales": (1, 2), "segment.num_train": 16, "segment.num_val": 5,
         "batch_size": 8, "ckpt_every_steps": 2, "log_every_steps": 2, "eval_every_steps": 0, "warmup_steps": 1}
@@ -85,7 +85,7 @@ def test_ade20k_folder_on_8_devices(tmp_path):
   write_ade(root)
   c = load_config_module(CONFIG).get_config("model=demo,dataset=ade20k,steps=2")
   for k, v in {**TINY, "segment.path": root, "segment.num_train": 0, "segment.num_val": 0,
-               "segment.scale": (80, 48), "mesh.fsdp": 2}.items():
+               "segment.scale": (80, 48), "mesh.fsdp": 2, "model.patch_size": 16}.items():
     node = c
     *parents, leaf = k.split(".")
     for p in parents:

@@ -6,7 +6,8 @@ segmentation code builds them (mmseg 0.11; docs/method.md section 10). Layout NH
   out['logits']      (B, H/4, W/4, num_classes)   UPerHead on the four adapter levels
   out['aux_logits']  (B, H/16, W/16, num_classes) FCNHead on level `aux_in_index` (stride 16)
 
-The adapter (BEiT's fpn1..fpn4 in the backbone, for patch 16) turns the (B, G, G, D) token maps of blocks
+The adapter (BEiT's fpn1..fpn4 in the backbone, for patch 16; any patch p divisible by 4 gives strides p/4..2p)
+turns the (B, G, G, D) token maps of blocks
 `out_indices` into strides 4, 8, 16, 32: fpn1 = ConvTranspose 2x2/2 -> BatchNorm -> GELU -> ConvTranspose 2x2/2,
 fpn2 = ConvTranspose 2x2/2, fpn3 = identity, fpn4 = MaxPool 2x2/2. Module names follow mmseg / BEiT; where a
 torch nn.Sequential index has no Flax equivalent the names map as
@@ -213,16 +214,17 @@ def max_pool2x2(x):
 class Segmenter(nnx.Module):
   """ViT backbone + four-level adapter + UPerHead + auxiliary FCNHead (the authors' UperNet; docs/method.md section 10).
 
-  Raises ValueError for a backbone whose patch size is not 16 (the adapter's strides assume it), for
+  Raises ValueError for a backbone whose patch size p is not a multiple of 4 (the adapter's levels are strides
+  p/4, p/2, p, 2p: 4..32 for the paper's p = 16; the logits come at stride p/4), for
   `out_indices` that are not four blocks of the backbone, or an `aux_in_index` outside 0..3.
   """
 
   def __init__(self, backbone: vit_lib.ViT, config: SegmenterConfig, *, rngs: nnx.Rngs):
     c = self.config = config
     bc = backbone.config
-    if bc.patch_size != 16:
-      raise ValueError(f"the segmentation adapter needs a patch-16 backbone (strides 4..32), got patch "
-                       f"{bc.patch_size}")
+    if bc.patch_size % 4:
+      raise ValueError(f"the segmentation adapter needs a patch size divisible by 4 (its levels are strides p/4, "
+                       f"p/2, p, 2p), got patch {bc.patch_size}")
     if len(c.out_indices) != 4 or not all(1 <= i <= bc.depth for i in c.out_indices):
       raise ValueError(f"out_indices={tuple(c.out_indices)} must be four 1-based blocks in 1..{bc.depth}")
     if not 0 <= c.aux_in_index < 4:

@@ -105,9 +105,11 @@ class Segment(Objective):
     backbone = builders.make_classifier(config, num_classes=0)
     if config.init:
       # A distilled / MAE encoder has no relative position bias or layer scale: they start as the authors'
-      # (zero table, gamma 1.0); its final norm is dropped for the 'avg' layout's fresh fc_norm.
+      # (zero table, gamma 1.0); its final norm is dropped for the 'avg' layout's fresh fc_norm, and a
+      # classifier's head has no place in a segmenter.
       report = builders.load_weights(
-          backbone, config.init, skip=config.init_skip, ema=config.init_ema, prefix=config.init_prefix,
+          backbone, config.init, skip=tuple(config.init_skip) + (r"head\..*",), ema=config.init_ema,
+          prefix=config.init_prefix,
           allow_missing=(r"fc_norm\..*", r"blocks\.\d+\.attn\.relative_position_bias_table",
                          r"blocks\.\d+\.ls[12]\.gamma"), hint_context=builders.INIT_OPTIONS)
       logging.info("init from %s:\n%s", config.init, report)
