@@ -15,7 +15,7 @@ docs/method.md section 10.7):
 
 GPU-hours from our measured throughput (BENCHMARKS.md, "Segment step"): 160,000 steps x batch 16 = 2.56M
 crops of 512 x 512. XLA counts 2.92 / 3.09 / 3.65 TFLOP per crop (train step, ViT-T / S / B with the 768-channel
-UPerHead; most of it the head's convolutions at stride 4), so 7.5e21 / 7.9e21 / 9.4e21 FLOP per run; at the
+UPerHead; most of it the head's convolutions at stride 4), so 7.5e18 / 7.9e18 / 9.4e18 FLOP per run; at the
 295 TFLOP/s our distillation step reaches on one H200 (bf16) that is 2.56e6 x 2.92e12 / 2.95e14 / 3600 = 7.0
 GPU-hours for ViT-T and TinyMIM*-T, 7.4 for ViT-S and 8.8 for ViT-B, a lower bound (the segment step itself has
 not been timed on a GPU; evals every 16k steps add slide inference over 2,000 images).
