@@ -298,7 +298,7 @@ class Checkpointer:
     arrays in `meta`. Raises CheckpointSaveError if this or the previous save failed."""
     if self._pending is not None:  # Orbax would wait for it too; this way a failure names its own step
       self.wait()
-    model = {"params": state["params"], "consts": state["consts"]}
+    model = _model_item(state)
     meta = {**meta, "checksums": {"model": array_checksums(model), "opt": array_checksums(state["opt"])},
             CHECKSUM_FORMAT_KEY: CHECKSUM_FORMAT}
     try:
@@ -397,8 +397,7 @@ class Checkpointer:
   def restore(self, abstract_state: dict, *, move_aside: bool = True) -> tuple[dict, dict]:
     """The newest intact checkpoint onto the shardings of `abstract_state` (ShapeDtypeStructs), whatever mesh
     saved it: -> (state, meta). Damaged ones are moved aside (move_aside) or skipped, with a warning."""
-    abstract = {"model": {"params": abstract_state["params"], "consts": abstract_state["consts"]},
-                "opt": abstract_state["opt"]}
+    abstract = {"model": _model_item(abstract_state), "opt": abstract_state["opt"]}
     step, restored, meta = self.restore_intact(lambda _: abstract, move_aside=move_aside)
     state = {**restored["model"], "opt": restored["opt"], "step": jnp.asarray(step, jnp.int32)}
     return state, meta
@@ -547,6 +546,12 @@ def has_checkpoint(workdir: str) -> bool:
   """Whether `workdir` holds a finalised checkpoint (without opening Orbax)."""
   d = os.path.join(workdir, workdir_lib.CHECKPOINTS)
   return paths.isdir(d) and any(name.isdigit() and _finalized(os.path.join(d, name)) for name in paths.listdir(d))
+
+
+def _model_item(state: dict) -> dict:
+  """The checkpoint's 'model' item: params, consts and any other tree of the state but the optimizer's and the
+  step (e.g. a segmenter's BatchNorm statistics, 'batch_stats')."""
+  return {k: v for k, v in state.items() if k not in ("opt", "step")}
 
 
 def abstract(tree: Any, shardings: Any = None) -> Any:

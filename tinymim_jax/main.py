@@ -3,7 +3,8 @@ r"""The main job: one flat trainer for TinyMIM distillation, MAE pretraining, fi
   python -m tinymim_jax.main --config configs/tinymim_distill.py:student=small --workdir workdirs/tinymim_s \
       [--config.batch_size=1024 --config.data.data_dir=/data/tfds ...]
 
-The config's `objective` picks the step ('distill' | 'mae_pretrain' | 'finetune' | 'linprobe' | 'eval'). A rerun
+The config's `objective` picks the step ('distill' | 'mae_pretrain' | 'finetune' | 'linprobe' | 'eval' |
+'segment': UperNet on the ViT, configs/segment.py). A rerun
 with the same workdir resumes from its newest intact checkpoint; a finished run (workdir/done.json) is not run
 again. One run at a time holds the workdir (tinymim_jax/workdir.py), and a resumed run's config is checked against
 the workdir's. Sections: processes & mesh, data, model & teacher, optimizer, checkpoint, loop, evals, export.
@@ -157,9 +158,9 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   mesh = sh.make_mesh(fsdp=config.mesh.fsdp)
   if config.batch_size % mesh.devices.size or config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} must divide evenly over {mesh.devices.size} devices")
-  info = data.dataset_info(config.data)
+  info = objective.dataset_info(config)
   _check_data(objective, config, info)
-  steps_per_epoch = data.steps_per_epoch(config.data, global_batch_size=config.batch_size)
+  steps_per_epoch = objective.steps_per_epoch(config, info)
   total_steps, warmup_steps = periodic.run_length(config, steps_per_epoch)
 
   # What the objective trains, with what, and what its evals read.
@@ -198,7 +199,10 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
     writer.write_config(config)
     paths.write_atomic(os.path.join(workdir, workdir_lib.RUN),
                        json.dumps({k: v for k, v in meta.items() if k != "config"}, indent=2))
-  evaluator = evals.Evaluator(config, run.predict, state_sharding, run.predict_keys, mesh, info, head=run.head)
+  if run.make_evaluator is not None:
+    evaluator = run.make_evaluator(state_sharding, mesh, workdir)
+  else:
+    evaluator = evals.Evaluator(config, run.predict, state_sharding, run.predict_keys, mesh, info, head=run.head)
   if run.train_iterator is not None:
     it = run.train_iterator(evaluator, state, start_step, steps_per_epoch)
   else:
@@ -258,6 +262,8 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
   writer.close()
   ckpt.close()
   model = run.export(state) if run.export is not None else None
+  if run.write_exports is not None:
+    final.update(run.write_exports(state, workdir))
   return _finish_run(config, workdir, model, {**final, "step": total_steps, "feature": meta["feature"]}, lock)
 
 

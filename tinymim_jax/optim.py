@@ -84,10 +84,10 @@ def layer_id(name, depth):
   return depth + 1
 
 
-def _lr_scale(name, layer_decay, depth):
+def _lr_scale(name, layer_decay, depth, layer_id_fn=layer_id):
   if layer_decay is None:
     return 1.0
-  return layer_decay ** (depth + 1 - layer_id(name, depth))
+  return layer_decay ** (depth + 1 - layer_id_fn(name, depth))
 
 
 def _is_decayed(name, ndim, no_decay, frozen):
@@ -127,7 +127,7 @@ def _check_rules(params, no_decay, frozen, layer_decay, depth):
 
 def make_optimizer(params, *, schedule, b1=0.9, b2=0.95, eps=1e-8,
                    weight_decay=0.05, no_decay=(), frozen=(), layer_decay=None,
-                   depth=None, grad_clip_norm=None, grad_accum_steps=1):
+                   depth=None, grad_clip_norm=None, grad_accum_steps=1, layer_id_fn=layer_id):
   """AdamW (torch semantics) with decay mask, frozen params and layer decay.
 
   Args:
@@ -140,6 +140,8 @@ def make_optimizer(params, *, schedule, b1=0.9, b2=0.95, eps=1e-8,
     frozen: regexes of params with zero update and no optimizer state.
     layer_decay: MAE layer-wise lr decay; scale ld ** (depth+1 - layer_id).
     depth: number of blocks, for layer_decay.
+    layer_id_fn: (name, depth) -> layer id 0..depth+1 for layer_decay (default: MAE's get_layer_id_for_vit on
+      a bare ViT's names; a model around a ViT passes its own, e.g. segment.layer_id).
     grad_clip_norm: optional global-norm clipping of the (accumulated) grads of
       the trainable params, before Adam.
     grad_accum_steps: > 1 accumulates (averages) that many micro-step grads
@@ -163,7 +165,7 @@ def make_optimizer(params, *, schedule, b1=0.9, b2=0.95, eps=1e-8,
       optax.add_decayed_weights(weight_decay, mask=decay_mask),
       # After the wd term: MAE's lr_scale multiplies the group lr, which torch
       # AdamW applies to both the Adam step and the decay.
-      _scale_by_name(lambda n: _lr_scale(n, layer_decay, depth)),
+      _scale_by_name(lambda n: _lr_scale(n, layer_decay, depth, layer_id_fn)),
       optax.scale_by_learning_rate(schedule),
   )
   if grad_accum_steps > 1:
@@ -181,7 +183,7 @@ def make_optimizer(params, *, schedule, b1=0.9, b2=0.95, eps=1e-8,
       {"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
-def describe(params, *, no_decay=(), frozen=(), layer_decay=None, depth=None):
+def describe(params, *, no_decay=(), frozen=(), layer_decay=None, depth=None, layer_id_fn=layer_id):
   """Short table of the rules applied to params, for logging (the rules as make_optimizer takes them)."""
   depth = _check_rules(params, no_decay, frozen, layer_decay, depth)
   rows = {"decayed": [0, 0], "not decayed": [0, 0], "frozen": [0, 0]}
@@ -198,7 +200,7 @@ def describe(params, *, no_decay=(), frozen=(), layer_decay=None, depth=None):
     rows[kind][0] += 1
     rows[kind][1] += size
     if layer_decay is not None and kind != "frozen":
-      lid = layer_id(name, depth)
+      lid = layer_id_fn(name, depth)
       per_layer[lid] = per_layer.get(lid, 0) + size
   lines = [f"{'group':<12} {'arrays':>7} {'params':>13}"]
   for kind, (n, size) in rows.items():

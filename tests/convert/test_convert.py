@@ -7,6 +7,7 @@ import json
 import os
 import re
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -612,3 +613,31 @@ def test_torch_extra_floor_excludes_known_bypasses():
   spec = next(Requirement(r) for r in extra if Requirement(r).name == "torch").specifier
   assert not any(spec.contains(v) for v in ("2.4.0", "2.5.1", "2.5.99", "1.13.1"))
   assert spec.contains("2.6.0") and spec.contains(torch.__version__.split("+")[0])
+
+
+def test_authors_segmentation_backbone_keys():
+  """BEiT-style keys of the authors' segmentation backbone: relative_position_bias_table (loaded),
+  relative_position_index (checked against ours, skipped), gamma_1 / gamma_2 (loaded as ls1 / ls2 gamma)."""
+  from timm.models.beit import gen_relative_position_index
+  shape = dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4)
+  kw = dict(**shape, use_rel_pos_bias=True, init_values=1.0, pos_embed="learn")
+  src = create_model("vit_tiny_patch16", **kw)
+  rng = np.random.RandomState(0)
+  for blk in src.blocks:  # non-trivial values: zero tables and unit gammas would hide a missed key
+    blk.attn.relative_position_bias_table[...] = rng.randn(*blk.attn.relative_position_bias_table.shape)
+    blk.ls1.gamma[...] = rng.randn(64)
+    blk.ls2.gamma[...] = rng.randn(64)
+  weights = {re.sub(r"\.ls([12])\.gamma$", r".gamma_\1", k): torch.from_numpy(np.array(v))
+             for k, v in convert.export_pytorch_weights(src).items()}
+  assert "blocks.1.gamma_2" in weights and "blocks.1.attn.relative_position_bias_table" in weights
+  for i in range(2):
+    weights[f"blocks.{i}.attn.relative_position_index"] = gen_relative_position_index((4, 4))
+  dst = create_model("vit_tiny_patch16", **kw)
+  report = convert.load_pytorch_weights(dst, weights)
+  assert "blocks.0.ls1.gamma" in report.loaded and "blocks.0.attn.relative_position_bias_table" in report.loaded
+  assert "fixed index" in report.skipped["blocks.1.attn.relative_position_index"]
+  for a, b in zip(jax.tree.leaves(nnx.state(src, nnx.Param)), jax.tree.leaves(nnx.state(dst, nnx.Param))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  weights["blocks.0.attn.relative_position_index"] = gen_relative_position_index((4, 4)).flip(0)
+  with pytest.raises(convert.WeightMismatchError, match="differs from BEiT's index"):
+    convert.load_pytorch_weights(create_model("vit_tiny_patch16", **kw), weights)

@@ -6,6 +6,10 @@ The only module of the project that knows PyTorch parameter names. Name mapping 
   [encoder.]patch_embed.kernel (p,p,3,D)      patch_embed.proj.weight (D,3,p,p)  conv transpose
   [encoder.]cls_token / pos_embed             cls_token / pos_embed              -
   reg_token / norm_pre / blocks.i.ls1.gamma   the same names (DINOv2 / CLIP)     -
+  blocks.i.ls1.gamma / ls2.gamma              also read from blocks.i.gamma_1 / gamma_2 (BEiT; the authors'
+                                              segmentation backbone)
+  blocks.i.attn.relative_position_bias_table  the same name; a file's relative_position_index is checked
+                                              against the model's and skipped
   [encoder.]blocks.i.<lin>.kernel (in,out)    blocks.i.<lin>.weight (out,in)     transpose
   <norm>.scale                                <norm>.weight                      -
   norm | fc_norm | head                       norm | fc_norm | head              -

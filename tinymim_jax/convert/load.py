@@ -13,7 +13,8 @@ from tinymim_jax.convert.errors import HintContext, WeightMismatchError, render_
 from tinymim_jax.convert.files import Checkpoint, read_checkpoint
 from tinymim_jax.convert.dtypes import dtype_summary
 from tinymim_jax.convert.sidecar import architecture, assumed_fields, heads_text, model_configs, sidecar_configs
-from tinymim_jax.convert.names import DECODER_RE, detect_layout, from_torch_layout, torch_names, torch_shape
+from tinymim_jax.convert.names import (DECODER_RE, REL_POS_INDEX_RE, detect_layout, file_alias, from_torch_layout,
+                                       torch_names, torch_shape)
 from tinymim_jax.convert.resample import RESAMPLE_METHODS, resample_grids, resample_pos_embed
 
 
@@ -153,6 +154,12 @@ def _runs(name: str, depth: int | None) -> bool:
   return not (name.split(".")[0] in ("norm", "fc_norm", "head") or DECODER_RE.match(name))
 
 
+def _same_rel_pos_index(arr, grid: int) -> bool:
+  from tinymim_jax.models.vit import relative_position_index  # pylint: disable=g-import-not-at-top
+  ours = relative_position_index(grid)
+  return tuple(arr.shape) == ours.shape and np.array_equal(np.asarray(arr), ours)
+
+
 def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
           hint_context: HintContext = "api", dry_run: bool = False, resample: str | None = None) -> LoadReport:
   """load_pytorch_weights on a read checkpoint; `dry_run`: only whether it would load (raises as it would, without
@@ -160,6 +167,11 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
   weights, label = ckpt.weights, ckpt.label
   report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras, ckpt.layout))
   report.resample, report.resample_why = resample_method(ckpt, resample)
+  renamed = {name: file_alias(name) for name in weights if file_alias(name) != name}
+  if renamed:
+    weights = {renamed.get(name, name): arr for name, arr in weights.items()}
+    pairs = [f"{a} -> {b}" for a, b in sorted(renamed.items())]
+    report.notes.append(f"{len(renamed)} key(s) read under timm's names: {short_list(pairs, 2)}")
   report.skipped.update(ckpt.extras)
   report.info += ckpt.describe(hint_context)
   target = torch_names(model)
@@ -204,6 +216,13 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
                                 "without '_qkvb')")
       elif fresh_fc_norm and name.startswith("norm."):
         report.skipped[name] = "pretrain final norm (the 'avg' layout starts a fresh fc_norm)"
+      elif REL_POS_INDEX_RE.match(name) and name.replace("_index", "_bias_table") in target:
+        grid = enc.img_size // enc.patch_size
+        if _same_rel_pos_index(arr, grid):
+          report.skipped[name] = "fixed index of the relative position bias (the model computes the same)"
+        else:
+          mismatched.append(f"{name}: differs from BEiT's index for the model's {grid}^2 grid + CLS")
+          mismatched_names.append(name)
       elif not strict:
         report.skipped[name] = "not in the model (strict=False)"
       else:

@@ -93,6 +93,22 @@ def _eva_order(name: str):
   return tuple((int(p), "") if p.isdigit() else (_EVA_ORDER.get(p, len(_EVA_ORDER)), p) for p in name.split("."))
 
 
+# Other names files use for our parameters (file-name regex -> our PyTorch name). The authors' segmentation
+# backbone (BEiT's `backbone/mae.py`) names the layer scales gamma_1 / gamma_2 (timm: ls1.gamma / ls2.gamma).
+FILE_ALIASES = ((re.compile(r"^(blocks\.\d+\.)gamma_([12])$"), r"\1ls\2.gamma"),)
+# Buffers of such files that our model recomputes: checked against ours, then skipped (BEiT's fixed index into
+# the relative position bias table, docs/method.md section 10.1).
+REL_POS_INDEX_RE = re.compile(r"^blocks\.\d+\.attn\.relative_position_index$")
+
+
+def file_alias(name: str) -> str:
+  """Our PyTorch name for a file's key (the key itself unless FILE_ALIASES renames it)."""
+  for pattern, ours in FILE_ALIASES:
+    if pattern.match(name):
+      return pattern.sub(ours, name)
+  return name
+
+
 def state_dict_order(name: str):
   return tuple((int(p), "") if p.isdigit() else (_ORDER.get(p, len(_ORDER)), p) for p in name.split("."))
 

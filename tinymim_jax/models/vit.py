@@ -11,6 +11,9 @@ returns a dict of named intermediates so that a loss can read the q/k/v of any b
   out['blocks'][i] = {'hidden': (B, N, D) output of block i, 'q'|'k'|'v': (B, H_i, N, dh_i)}
                               for each 1-based i in `capture`
 
+Dense features (segmentation): `model.feature_maps(images, blocks)` -> the patch tokens of the chosen blocks as
+(B, grid, grid, D) maps, read from out['blocks'][i]['hidden'].
+
 N = num_prefix_tokens + grid^2: the prefix is CLS, then `reg_tokens` registers (DINOv2 with registers), then
 the patch tokens. q/k/v and the hidden states hold every token.
 
@@ -22,6 +25,7 @@ after its qkv projection: the relation targets need nothing else of it.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Sequence
 
 import jax
@@ -140,14 +144,43 @@ def linear(layer: nnx.Linear, x):
   return y.reshape(*x.shape[:-1], y.shape[-1])
 
 
+@functools.lru_cache(maxsize=None)
+def relative_position_index(grid: int) -> np.ndarray:
+  """BEiT's (1 + grid^2, 1 + grid^2) int32 index into a relative position bias table, CLS first.
+
+  Patch pairs index the (2 grid - 1)^2 relative offsets (dy, dx) row-major; the last three rows of the
+  table are CLS -> patch, patch -> CLS and CLS -> CLS (the authors' Segmentation/TinyMIM backbone/mae.py,
+  microsoft/unilm beit/semantic_segmentation/backbone/beit.py).
+  """
+  num_distance = (2 * grid - 1) ** 2
+  ys, xs = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+  ys, xs = ys.reshape(-1), xs.reshape(-1)
+  dy = ys[:, None] - ys[None, :] + grid - 1
+  dx = xs[:, None] - xs[None, :] + grid - 1
+  index = np.zeros((grid * grid + 1,) * 2, np.int32)
+  index[1:, 1:] = dy * (2 * grid - 1) + dx
+  index[0, :] = num_distance
+  index[:, 0] = num_distance + 1
+  index[0, 0] = num_distance + 2
+  return index
+
+
 class Attention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "default",
-               param_dtype=jnp.float32, qkv_bias: bool = True):
+               param_dtype=jnp.float32, qkv_bias: bool = True, rel_pos_grid: int = 0):
     if dim % num_heads:
       raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.impl = impl
+    # BEiT's per-block relative position bias over a rel_pos_grid^2 patch grid + CLS; zero init (the authors'
+    # segmentation backbone). Off (None) when rel_pos_grid is 0.
+    self.rel_pos_grid = rel_pos_grid
+    if rel_pos_grid:
+      self.relative_position_bias_table = nnx.Param(
+          jnp.zeros(((2 * rel_pos_grid - 1) ** 2 + 3, num_heads), param_dtype))
+    else:
+      self.relative_position_bias_table = None
     self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform,
                           use_bias=qkv_bias, rngs=rngs)
     self.proj = nnx.Linear(dim, dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
@@ -164,16 +197,30 @@ class Attention(nnx.Module):
       q, k = apply_rope(q, sin, cos, num_prefix_tokens), apply_rope(k, sin, cos, num_prefix_tokens)
     return q, k, v
 
+  def position_bias(self):
+    """(1, H, N, N) float32 (param dtype) bias added to the attention logits, or None without one."""
+    if self.relative_position_bias_table is None:
+      return None
+    index = relative_position_index(self.rel_pos_grid)
+    bias = self.relative_position_bias_table[...][index.reshape(-1)]
+    return jnp.transpose(bias.reshape(index.shape + (self.num_heads,)), (2, 0, 1))[None]
+
   def attend(self, q, k, v):
     b, h, n, dh = q.shape
+    bias = self.position_bias()
+    if bias is not None and bias.shape[-1] != n:
+      raise ValueError(f"the relative position bias covers {bias.shape[-1]} tokens (CLS + {self.rel_pos_grid}^2 "
+                       f"patches), the attention got {n}: it needs every patch token and CLS alone as prefix")
     if self.impl != "default":  # a fused kernel (cuDNN flash attention on GPUs) or jax's reference form
       # cuDNN's training kernels want an even length (ViTs have 1 + grid^2 tokens): pad to a multiple of 8
       # and mask the padded keys out through the sequence lengths; padded query rows are dropped.
       pad = (-n) % 8
       q, k, v = (jnp.pad(jnp.swapaxes(t, 1, 2), ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
       lengths = jnp.full((b,), n, jnp.int32)
-      out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
-                                         implementation=self.impl)[:, :n]
+      if bias is not None:
+        bias = jnp.pad(bias, ((0, 0), (0, 0), (0, pad), (0, pad))).astype(q.dtype)
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias, query_seq_lengths=lengths,
+                                         key_value_seq_lengths=lengths, implementation=self.impl)[:, :n]
       return linear(self.proj, out.reshape(b, n, h * dh))
     logits = jnp.einsum("bhnd,bhmd->bhnm", q * jnp.asarray(dh**-0.5, q.dtype), k)  # see losses.relation_logits
     # softmax(logits) @ v with the softmax in float32 (float64 when computing in float64) and its
@@ -181,6 +228,8 @@ class Attention(nnx.Module):
     # (rounding aside), one pass over the N x N matrix less (benchmarks/distill_step.py: ~5-10% off a block's
     # forward + backward on CPU).
     logits = logits.astype(wide_dtype(logits.dtype))
+    if bias is not None:
+      logits = logits + bias.astype(logits.dtype)
     e = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
     denom = jnp.sum(e, axis=-1, keepdims=True)
     out = jnp.einsum("bhnm,bhmd->bhnd", e.astype(v.dtype), v) / denom.astype(v.dtype)
@@ -241,12 +290,13 @@ class Block(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, mlp_ratio: float, drop_path: float, *, dtype, rngs,
                attention: str = "default", param_dtype=jnp.float32, init_values: float = 0.0, act: str = "gelu",
-               norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_type: str = "mlp", num_prefix_tokens: int = 1):
+               norm_eps: float = 1e-6, qkv_bias: bool = True, mlp_type: str = "mlp", num_prefix_tokens: int = 1,
+               rel_pos_grid: int = 0):
     self.drop_path = drop_path
     self.num_prefix_tokens = num_prefix_tokens
     self.norm1 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
     self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention, param_dtype=param_dtype,
-                          qkv_bias=qkv_bias)
+                          qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid)
     self.norm2 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
     if mlp_type == "swiglu":
       self.mlp = SwiGLU(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype)
@@ -325,6 +375,10 @@ class ViTConfig:
   rope_temperature: float = 100.0
   qkv_bias: bool = True
   mlp_type: str = "mlp"
+  # BEiT's per-block relative position bias (blocks.i.attn.relative_position_bias_table, zero init), as the
+  # authors' segmentation backbone has it (docs/method.md section 11; their `use_rel_pos_bias`). Needs CLS as the
+  # only prefix token and every patch token (no keep_ids).
+  use_rel_pos_bias: bool = False
 
   @property
   def num_prefix_tokens(self) -> int:
@@ -363,6 +417,8 @@ class ViT(nnx.Module):
     for i in list(c.head_overrides) + list(c.drop_path_overrides):
       if not 1 <= i <= c.depth:
         raise ValueError(f"per-block override names block {i}, but the model has blocks 1..{c.depth}")
+    if c.use_rel_pos_bias and c.num_prefix_tokens != 1:
+      raise ValueError(f"use_rel_pos_bias needs CLS as the only prefix token, got reg_tokens={c.reg_tokens}")
     d, p = c.embed_dim, c.patch_size
     self.grid = c.img_size // p
     pdt = c.param_dtype
@@ -392,7 +448,8 @@ class ViT(nnx.Module):
     self.blocks = nnx.List([
         Block(d, c.block_heads(i), c.mlp_ratio, c.block_drop_path(i), dtype=c.dtype, rngs=rngs,
               attention=c.attention, param_dtype=pdt, init_values=c.init_values, act=c.act_layer,
-              norm_eps=c.norm_eps, qkv_bias=c.qkv_bias, mlp_type=c.mlp_type, num_prefix_tokens=c.num_prefix_tokens)
+              norm_eps=c.norm_eps, qkv_bias=c.qkv_bias, mlp_type=c.mlp_type, num_prefix_tokens=c.num_prefix_tokens,
+              rel_pos_grid=self.grid if c.use_rel_pos_bias else 0)
         for i in range(1, c.depth + 1)])
     self.norm_pre = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps) if c.pre_norm else None
     if c.pooling == "cls":
@@ -470,6 +527,24 @@ class ViT(nnx.Module):
     if c.num_classes:
       out["logits"] = self.head(pooled)
     return out
+
+
+  def feature_maps(self, images, blocks: Sequence[int], *, rng=None) -> list[Any]:
+    """Patch tokens of the 1-based `blocks` as (B, grid, grid, D) maps in the compute dtype, in `blocks` order.
+
+    The output of block i (before any final norm), prefix tokens dropped, tokens back in row-major grid order
+    (BEiT / the authors' segmentation backbone `out_indices` are the 0-based i - 1). Runs blocks
+    1..max(blocks) only. `rng` enables drop path. Raises ValueError for a block outside 1..depth.
+    """
+    blocks = [int(i) for i in blocks]
+    if not blocks or min(blocks) < 1 or max(blocks) > self.config.depth:
+      raise ValueError(f"feature_maps blocks={blocks} must name blocks in 1..{self.config.depth}")
+    out = self(images, rng=rng, depth=max(blocks), capture=blocks)
+    maps = []
+    for i in blocks:
+      x = out["blocks"][i]["hidden"][:, self.num_prefix_tokens:]
+      maps.append(x.reshape(x.shape[0], self.grid, self.grid, x.shape[-1]))
+    return maps
 
 
 # --------------------------------------------------------------------------------------------------------

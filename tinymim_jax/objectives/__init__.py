@@ -8,6 +8,7 @@ flat trainer).
 
 An objective (a subclass of `Objective`, registered under its `name`, the config's `objective`) owns:
   data_mode       the train pipeline's mode (data.MODES): which views and labels a batch holds
+  dataset_info / steps_per_epoch  what the trainer reads of its data (default: config.data's pipeline)
   trains          whether it trains (and so checkpoints): an objective that only evaluates has no identity
   build           the model it trains and the extra layers trained beside it (builders.make_trainable asks it)
   feature_block   the default feature block of a model it trained (the frozen-feature evals read it)
@@ -51,6 +52,10 @@ class Setup:
   export: the model to export from the final state (host arrays), or None (a probe exports nothing).
   train_iterator: (evaluator, state, start_step, steps_per_epoch) -> an iterator of batches with `.skipped`; None:
     the data pipeline in the objective's data_mode.
+  make_evaluator: (state_sharding, mesh, workdir) -> evaluate(state) -> metrics, in place of evals.Evaluator
+    (a dense objective's own evals); None: evals.Evaluator on `predict`.
+  write_exports: (state, workdir) -> {name: path} of files exported beside the timm-named one (process 0 writes;
+    every process calls it), or None.
   """
   state: dict
   feature_spec: features.FeatureSpec
@@ -63,6 +68,8 @@ class Setup:
   export: Callable[[dict], Any] | None = None
   train_iterator: Callable | None = None
   record: dict | None = None
+  make_evaluator: Callable | None = None
+  write_exports: Callable | None = None
 
 
 class Objective:
@@ -97,6 +104,17 @@ class Objective:
   def resolve(self, config) -> None:
     """Completes the run's description in place (its own recipe; a frozen model's resolution). Called once, by
     resolve_run, on the run's own copy, before anything is built."""
+
+  def dataset_info(self, config):
+    """The data's name, num_classes, num_train, num_eval, image_size (default: data.dataset_info of config.data)."""
+    from tinymim_jax import data  # pylint: disable=g-import-not-at-top
+    return data.dataset_info(config.data)
+
+  def steps_per_epoch(self, config, info) -> int:
+    """Training steps per epoch of the train split (default: data.steps_per_epoch of config.data)."""
+    del info
+    from tinymim_jax import data  # pylint: disable=g-import-not-at-top
+    return data.steps_per_epoch(config.data, global_batch_size=config.batch_size)
 
   def check_data(self, config, info, where: str) -> None:
     """Raises config_base.ConfigError for data that can only give garbage (`where` names the data)."""
@@ -159,4 +177,4 @@ def names() -> tuple[str, ...]:
 def _load_all() -> None:
   # The objectives' modules register themselves; they import the builders and steps, which this package's
   # importers (config_base, config_identity) need not load until an objective is asked for.
-  from tinymim_jax.objectives import distill, mae_pretrain, finetune, linprobe, eval  # noqa: F401
+  from tinymim_jax.objectives import distill, mae_pretrain, finetune, linprobe, eval, segment  # noqa: F401
