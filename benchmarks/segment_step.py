@@ -32,7 +32,7 @@ def build(row: str, batch: int, crop: int):
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from tinymim_jax import config_base, objectives  # pylint: disable=g-import-not-at-top
-  from tinymim_jax.demo import load_config_module  # pylint: disable=g-import-not-at-top
+  from tinymim_jax.study import load_config_module  # pylint: disable=g-import-not-at-top
   from tinymim_jax.objectives.segment.objective import SegmentDataInfo  # pylint: disable=g-import-not-at-top
   c = load_config_module(os.path.join(common.ROOT, "configs", "segment.py")).get_config(f"model={row}")
   c.segment.crop, c.batch_size = crop, batch

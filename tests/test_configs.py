@@ -27,6 +27,8 @@ ARGS = {
                                            "baseline_finetune", "student_eval", "baseline_eval",
                                            "control_finetune")],
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
+    "segment": ["model=base", "model=small", "model=tiny", "model=tiny_star", "model=demo",
+                "model=demo,dataset=folder"],
     "fmnist_study": ["stage=teacher", "stage=teacher_eval", "stage=eval", "stage=ft", "stage=ft10", "stage=ft1",
                      "stage=ft,arm=control", "stage=ft,quick=True"]
                     + [f"stage=pretrain,arm={a}" for a in ("tinymim", "rel_last", "feature", "cls", "mae")],
@@ -51,6 +53,10 @@ def test_config_builds_abstractly(name, arg):
   c = load(name, arg)
   model, extras = nnx.eval_shape(lambda: builders.make_trainable(c, num_classes=1000))
   _, params, _ = ts.split_model(model, extras)
+  if c.objective == "segment":  # its optimizer (the Segmenter's layer ids): tests/segment/test_pieces.py
+    assert model.decode_head.conv_seg.kernel.shape[-1] == 1000
+    assert model.backbone.config.use_rel_pos_bias == c.model.use_rel_pos_bias
+    return
   spec = None
   if c.objective == "distill":
     teacher = nnx.eval_shape(lambda: distill.make_teacher(c))

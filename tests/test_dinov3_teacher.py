@@ -10,7 +10,7 @@ import torch
 from tests.helpers import tiny
 from tinymim_jax import builders, config_base, convert, create_model, losses, main as trainer
 from tinymim_jax import train_steps as ts
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 from tinymim_jax.objectives import distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,7 @@ def setup(tmp_path_factory):
   c.data.student_norm = c.data.teacher_norm = ((0.3,) * 3, (0.4,) * 3)
   c.batch_size = 32
   c.eval.max_train = 100
-  c.eval.fewshot.shots = (1, 2)
+  c.eval.fewshot.shots, c.eval.fewshot.val_per_class = (1, 2), 4
   c.linprobe.epochs, c.linprobe.batch_size = 2.0, 32
   return c, arrays
 

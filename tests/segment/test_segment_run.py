@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from tinymim_jax import config_base, main as trainer
-from tinymim_jax.demo import load_config_module
+from tinymim_jax.study import load_config_module
 from tinymim_jax.objectives import segment
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

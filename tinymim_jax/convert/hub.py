@@ -46,7 +46,7 @@ def hub_folder(path: str) -> HubFolder | None:
     return HubFolder(weights, timm_config_sidecar(cfg, cfg_path), "timm")
   if "model_type" in cfg:
     return HubFolder(weights, transformers_config_sidecar(cfg, cfg_path), f"transformers {cfg['model_type']}")
-  raise ConvertError(f"{cfg_path}: neither timm's config (no 'architecture') nor transformers' (no 'model_type')")
+  return None  # another config.json (e.g. a run's workdir, which also holds model.safetensors): not a hub folder
 
 
 def _sidecar(name: str, args: dict, *, global_pool: str = "token", num_classes: int = 0,
