@@ -71,6 +71,7 @@ def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
   """{dotted field: (old value, new value)} of the fields that differ, IGNORED left out. A field the old config
   lacks (added to the schema since) counts only if its new value is not the schema's default; a field the new
   schema lacks is gone and does not count; a model field left to the variant (None) equals the variant's value."""
+  raw = _flatten(_as_json(new))  # before the variant's values fill its None fields
   a, b = _flatten(_variant_values_filled_in(old)), _flatten(_variant_values_filled_in(_as_json(new)))
   defaults = None
   changes = {}
@@ -79,7 +80,7 @@ def config_changes(old: dict, new) -> dict[str, tuple[Any, Any]]:
       continue
     if k not in a:
       defaults = _schema_defaults() if defaults is None else defaults
-      if k in defaults and b[k] == defaults[k]:
+      if k in defaults and (b[k] == defaults[k] or raw.get(k) == defaults[k]):
         continue
     if a.get(k) != b[k]:
       changes[k] = (a.get(k), b[k])
