@@ -19,7 +19,7 @@ def _cfg(**overrides):
 def test_digits_is_the_default_and_its_split():
   assert data.default_config().name == 'digits'
   info = data.dataset_info(_cfg())
-  assert (info.num_classes, info.num_train, info.num_eval, info['image_size']) == (10, 1437, 360, 16)
+  assert (info.num_classes, info.num_train, info.num_eval, info.image_size) == (10, 1437, 360, 16)
   info = data.dataset_info(_cfg(digits_test_fraction=0.5))
   assert (info.num_train, info.num_eval) == (898, 899)
 

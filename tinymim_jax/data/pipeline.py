@@ -319,7 +319,7 @@ def make_eval_iterator(cfg, *, split='test', global_batch_size, process_index=No
 
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
-  """Sizes of a dataset; also readable as info['num_classes']."""
+  """Sizes of a dataset (name, classes, train and held-out examples, image side in pixels)."""
   name: str
   num_classes: int
   num_train: int
