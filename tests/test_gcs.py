@@ -282,7 +282,9 @@ def test_run_to_the_end_on_gcs_equals_the_local_run_and_teaches_from_gcs_files(g
   # The teacher from GCS: its workdir, and its weights as files there.
   files = f"{gcs}/files"
   paths.write_atomic(f"{files}/teacher.safetensors", paths.read_bytes(f"{wd}/model.safetensors"))
-  paths.write_atomic(f"{files}/teacher.config.json", paths.read_bytes(f"{wd}/model.config.json"))
+  side = json.loads(paths.read_bytes(f"{wd}/model.config.json"))
+  side["weights_file"] = "teacher.safetensors"  # a sidecar describes the file it names (copied: renamed with it)
+  paths.write_atomic(f"{files}/teacher.config.json", json.dumps(side))
   convert.save_pytorch_weights(_weights(f"{wd}/model.safetensors"), f"{files}/teacher.pth")
   hashes = {}
   for source in (wd, f"{files}/teacher.safetensors", f"{files}/teacher.pth", local):
