@@ -285,9 +285,12 @@ def test_run_to_the_end_on_gcs_equals_the_local_run_and_teaches_from_gcs_files(g
   side = json.loads(paths.read_bytes(f"{wd}/model.config.json"))
   side["weights_file"] = "teacher.safetensors"  # a sidecar describes the file it names (copied: renamed with it)
   paths.write_atomic(f"{files}/teacher.config.json", json.dumps(side))
-  convert.save_pytorch_weights(_weights(f"{wd}/model.safetensors"), f"{files}/teacher.pth")
+  # A .pth of its own stem, with its own sidecar (a sidecar describes one file, so teacher.pth would not read
+  # teacher.config.json, which names teacher.safetensors).
+  convert.save_pytorch_weights(_weights(f"{wd}/model.safetensors"), f"{files}/teacher_pt.pth",
+                               sidecar=json.loads(paths.read_bytes(f"{wd}/model.config.json")))
   hashes = {}
-  for source in (wd, f"{files}/teacher.safetensors", f"{files}/teacher.pth", local):
+  for source in (wd, f"{files}/teacher.safetensors", f"{files}/teacher_pt.pth", local):
     c = tiny_config("student_distill", f"{gcs}/r", **{"teacher.source": source, "teacher.num_heads": None})
     notes = builders.resolve_source_heads(c, teachers=c.teachers)
     if source.endswith(".safetensors"):  # recorded beside the file, on GCS
@@ -349,8 +352,11 @@ def test_sigkill_resume_export_and_eval_on_gcs(gcs, teacher_root, tmp_path):
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
   _assert_same_weights(_weights(out), _weights(f"{cut}/model.safetensors"))
-  assert (json.loads(paths.read_text(f"{gcs}/export/student.config.json"))
-          == json.loads(paths.read_text(f"{cut}/model.config.json")))
+  exported, saved = (json.loads(paths.read_text(p)) for p in (f"{gcs}/export/student.config.json",
+                                                               f"{cut}/model.config.json"))
+  # The same architecture; each sidecar names the file it describes.
+  assert (exported.pop("weights_file"), saved.pop("weights_file")) == ("student.safetensors", "model.safetensors")
+  assert exported == saved
 
   # The eval objective on the GCS workdir (config.init gs://...), into a GCS workdir.
   ev = trainer.train_and_evaluate(
