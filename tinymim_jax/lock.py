@@ -118,6 +118,9 @@ class _HeartbeatLock:
     self._lost: str | None = None  # why this run no longer holds the lock it took
     self._stop = threading.Event()
     self._thread = None
+    # verify() reads the lock while the heartbeat thread may be rewriting it: one at a time, or verify can see
+    # its own lock mid-rewrite (a new generation, or none for an instant) and take it for lost.
+    self._io = threading.Lock()
 
   def heartbeat(self) -> None:
     raise NotImplementedError
@@ -141,7 +144,8 @@ class _HeartbeatLock:
   def verify(self) -> None:
     """Raises WorkdirLockLostError if the lock is no longer this run's (read from the storage, not cached)."""
     if self._lost is None and self._held:
-      holder = self._current_holder()
+      with self._io:
+        holder = self._current_holder()
       if (holder or {}).get("run_id") != self.info["run_id"]:
         self._lose(holder)
     if self._lost is not None:
@@ -154,7 +158,8 @@ class _HeartbeatLock:
 
   def _beat(self) -> None:
     while not self._stop.wait(self.heartbeat_s):
-      self.heartbeat()
+      with self._io:
+        self.heartbeat()
 
   def _stop_heartbeat(self) -> bool:
     """Stops the heartbeat; -> whether the lock was held."""
