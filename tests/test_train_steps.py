@@ -13,23 +13,12 @@ import pytest
 from flax import nnx
 
 from tests.helpers import exact, tiny
+from tests.helpers.steps import run
 from tinymim_jax import create_model, optim, sharding as sh, train_steps as ts
 from tinymim_jax.features import FeatureSpec
 from tinymim_jax.objectives import distill
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def run(step_fn, state, batch, steps, mesh):
-  state_sh = sh.tree_sharding(state, mesh)
-  step = ts.jit_step(step_fn, state_sh, mesh)
-  state = jax.device_put(state, state_sh)
-  batch = jax.device_put(batch, sh.batch_sharding(mesh))
-  metrics = []
-  for _ in range(steps):
-    state, m = step(state, batch, jax.random.PRNGKey(0))
-    metrics.append(jax.device_get(m))
-  return jax.device_get(state), metrics
 
 
 def flat(tree):

@@ -1,11 +1,11 @@
 """The segment train step: sharded (data x fsdp) == single device, what moves, learning, NaN guard, eval fn."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
+from tests.helpers.steps import run
 from tinymim_jax import create_model, sharding as sh
 from tinymim_jax.objectives import segment
 from tinymim_jax.models import segmentation as seg_lib
@@ -37,23 +37,10 @@ def setup():
   return graphdef, state, batch, step_fn
 
 
-def run(step_fn, state, batch, steps, mesh):
-  state_sh = sh.tree_sharding(state, mesh)
-  step = jax.jit(step_fn, in_shardings=(state_sh, sh.batch_sharding(mesh), sh.replicated(mesh)),
-                 out_shardings=(state_sh, sh.replicated(mesh)))
-  state = jax.device_put(state, state_sh)
-  batch = jax.device_put(batch, sh.batch_sharding(mesh))
-  metrics = []
-  for _ in range(steps):
-    state, m = step(state, batch, jax.random.key(1))
-    metrics.append(jax.device_get(m))
-  return jax.device_get(state), metrics
-
-
 def test_sharded_equals_single_device_and_learns(setup):
   graphdef, state0, batch, step_fn = setup
-  ref, ref_m = run(step_fn, state0, batch, 6, sh.make_mesh(devices=jax.devices()[:1]))
-  got, got_m = run(step_fn, state0, batch, 6, sh.make_mesh(fsdp=2))
+  ref, ref_m = run(step_fn, state0, batch, 6, sh.make_mesh(devices=jax.devices()[:1]), key=jax.random.key(1))
+  got, got_m = run(step_fn, state0, batch, 6, sh.make_mesh(fsdp=2), key=jax.random.key(1))
   for a, b in zip(ref_m, got_m):
     np.testing.assert_allclose(a["loss"], b["loss"], rtol=2e-5)
   names = jax.tree.leaves(sh.optim.param_names(ref["params"]))
@@ -84,7 +71,7 @@ def test_sharded_equals_single_device_and_learns(setup):
 def test_nonfinite_step_leaves_state(setup):
   graphdef, state0, batch, step_fn = setup
   bad = {**batch, "image": np.full_like(batch["image"], np.nan)}
-  state, (m,) = run(step_fn, state0, bad, 1, sh.make_mesh(devices=jax.devices()[:1]))
+  state, (m,) = run(step_fn, state0, bad, 1, sh.make_mesh(devices=jax.devices()[:1]), key=jax.random.key(1))
   assert int(m["nonfinite"]) == 1 and int(state["step"]) == 0
   for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(state0["params"])):
     np.testing.assert_array_equal(x, y)
