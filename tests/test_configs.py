@@ -29,7 +29,7 @@ ARGS = {
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
     "segment": ["model=base", "model=small", "model=tiny", "model=tiny_star", "model=demo",
                 "model=demo,dataset=folder"],
-    "fmnist_study": ["stage=teacher", "stage=teacher_eval", "stage=eval", "stage=ft", "stage=ft10", "stage=ft1",
+    "fmnist_study": ["stage=teacher", "stage=teacher_eval", "stage=eval", "stage=ft", "stage=ft1",
                      "stage=ft,arm=control", "stage=ft,quick=True"]
                     + [f"stage=pretrain,arm={a}" for a in ("tinymim", "rel_last", "feature", "cls", "mae")],
 }
