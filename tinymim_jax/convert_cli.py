@@ -297,7 +297,8 @@ def _parser():
                    help="default: 'avg' if the file has fc_norm or --num-classes is given, else 'cls'")
   imp.add_argument("--resample", choices=convert.RESAMPLE_METHODS, default=None,
                    help="how a positional table of another grid is resampled: MAE's bicubic, DINOv2's (offset 0.1) "
-                        "or timm's antialiased bicubic (default: the file's family's own; DINOv2's for DINOv2 files)")
+                        "or timm's antialiased bicubic (default: the file's family's own; DINOv2's for DINOv2's hub "
+                        "files, transformers' for its Dinov2 snapshots)")
   imp.add_argument("--skip", action="append", default=[], metavar="REGEX", help="file keys to ignore")
   imp.add_argument("--allow-missing", action="append", default=[], metavar="REGEX",
                    help="model keys the file may lack (kept at init)")

@@ -295,7 +295,7 @@ def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
   """
   if isinstance(source, Checkpoint):
     return source
-  path, sidecar, sidecar_label = None, None, ""
+  path, sidecar, sidecar_label, folder = None, None, "", None
   if isinstance(source, (str, os.PathLike)):
     path = os.fspath(source)
     label = os.path.basename(path)
@@ -334,7 +334,7 @@ def read_checkpoint(source, *, ema: bool = True, prefix: str | None = None,
       extras[str(k)] = f"not a tensor ({type(v).__name__})"
     else:
       weights[str(k)] = arr
-  converted = layouts.to_timm(weights)
+  converted = layouts.to_timm(weights, model_type=folder and folder.model_type)
   if converted is not None:
     weights = converted.weights
     extras.update(converted.skipped)

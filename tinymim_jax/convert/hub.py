@@ -25,6 +25,7 @@ class HubFolder:
   weights: str          # the weight file's path
   sidecar: dict         # the architecture, as sidecar.architecture writes it
   kind: str             # 'timm' or 'transformers <model_type>'
+  model_type: str | None = None  # transformers' model_type ('vit_mae', ...); None for timm's
 
 
 def hub_folder(path: str) -> HubFolder | None:
@@ -45,7 +46,8 @@ def hub_folder(path: str) -> HubFolder | None:
   if "architecture" in cfg:
     return HubFolder(weights, timm_config_sidecar(cfg, cfg_path), "timm")
   if "model_type" in cfg:
-    return HubFolder(weights, transformers_config_sidecar(cfg, cfg_path), f"transformers {cfg['model_type']}")
+    return HubFolder(weights, transformers_config_sidecar(cfg, cfg_path), f"transformers {cfg['model_type']}",
+                     str(cfg["model_type"]))
   return None  # another config.json (e.g. a run's workdir, which also holds model.safetensors): not a hub folder
 
 
@@ -92,7 +94,9 @@ def transformers_config_sidecar(cfg: Mapping, where: str = HUB_CONFIG) -> dict:
   if kind == "dinov2_with_registers":
     args.update(reg_tokens=int(cfg.get("num_register_tokens", 4)), no_embed_class=True)
   decoder = None
-  if kind == "vit_mae":
+  archs = cfg.get("architectures") or []
+  # ViTMAEModel (the encoder alone) saves no decoder; ViTMAEForPreTraining, or a config naming no class, has one.
+  if kind == "vit_mae" and (not archs or any("ForPreTraining" in a for a in archs)):
     dd = int(cfg.get("decoder_hidden_size", 512))
     decoder = {"embed_dim": dd, "depth": int(cfg.get("decoder_num_hidden_layers", 8)),
                "num_heads": int(cfg.get("decoder_num_attention_heads", 16)),

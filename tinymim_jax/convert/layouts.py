@@ -21,7 +21,8 @@ import numpy as np
 class Converted:
   """A state dict in timm names, and what the conversion did."""
   layout: str                                  # the layout's name, as reports print it
-  family: str                                  # 'mae' | 'dinov2' | 'clip' | 'vit': picks the default resampling
+  family: str                                  # 'mae' | 'dinov2' | 'transformers_dinov2[_with_registers]' |
+                                               # 'clip' | 'vit': picks the default resampling (load.resample_method)
   weights: dict[str, np.ndarray]
   skipped: dict[str, str]                      # the file's keys not taken -> why
   notes: list[str] = dataclasses.field(default_factory=list)
@@ -41,6 +42,11 @@ _HF_LAYER = [
     ("mlp.fc1.", "mlp.fc1."), ("mlp.fc2.", "mlp.fc2."),                        # Dinov2
     ("layer_scale1.lambda1", "ls1.gamma"), ("layer_scale2.lambda1", "ls2.gamma"),
 ]
+
+
+# ViTMAEForPreTraining's decoder layers: as transformers 4 (and the hub's files) name them, and as transformers 5's
+# save_pretrained writes them (its reverse of the 'encoder.layer' -> 'layers' renaming also hits 'decoder_layers').
+_HF_MAE_DECODER_LAYERS = ("decoder.decoder_layers.", "decoder.decoder_encoder.layer.")
 
 
 def _hf_layer(rest: str) -> str | None:
@@ -73,7 +79,7 @@ def _hf_blocks(weights, src_prefix: str, dst_prefix: str, out: dict, used: set):
       used.update(parts[n][0] for n in parts)
 
 
-def _hf(weights: Mapping[str, np.ndarray]) -> Converted | None:
+def _hf(weights: Mapping[str, np.ndarray], model_type: str | None = None) -> Converted | None:
   anchors = [k[:-len(_HF_ANCHOR)] for k in weights if k == _HF_ANCHOR or k.endswith("." + _HF_ANCHOR)]
   if len(anchors) != 1:
     return None
@@ -81,7 +87,8 @@ def _hf(weights: Mapping[str, np.ndarray]) -> Converted | None:
   out, used, skipped, notes = {}, set(), {}, []
   dinov2 = any(k.startswith(p + "encoder.layer.") and ".layer_scale1." in k for k in weights)
   registers = p + "embeddings.register_tokens" in weights
-  mae = any(k.startswith("decoder.decoder_layers.") for k in weights)
+  # A bare ViTMAEModel holds ViTModel's names: only its config.json's model_type tells them apart.
+  mae = model_type == "vit_mae" or any(k.startswith(_HF_MAE_DECODER_LAYERS) for k in weights)
 
   def take(theirs, ours, fn=lambda x: x):
     if theirs in weights:
@@ -109,7 +116,8 @@ def _hf(weights: Mapping[str, np.ndarray]) -> Converted | None:
     for part in ("decoder_embed", "decoder_norm", "decoder_pred"):
       take(f"{d}{part}.weight", f"{part}.weight")
       take(f"{d}{part}.bias", f"{part}.bias")
-    _hf_blocks(weights, d + "decoder_layers.", "decoder_blocks.", out, used)
+    for layers in _HF_MAE_DECODER_LAYERS:
+      _hf_blocks(weights, layers, "decoder_blocks.", out, used)
   if "classifier.weight" in weights and not dinov2:  # ViTForImageClassification: CLS after layernorm -> Linear
     take("classifier.weight", "head.weight")
     take("classifier.bias", "head.bias")
@@ -126,7 +134,9 @@ def _hf(weights: Mapping[str, np.ndarray]) -> Converted | None:
       out[k] = weights[k]  # not a transformers name: left for the load to report
   name = ("Dinov2WithRegisters" if registers else "Dinov2" if dinov2 else "ViTMAE" if mae else "ViT")
   where = f", under {p!r}" if p else ""
-  return Converted(f"Hugging Face transformers {name}{where}", "dinov2" if dinov2 else "mae" if mae else "vit",
+  family = ("transformers_dinov2_with_registers" if registers else "transformers_dinov2" if dinov2 else
+            "mae" if mae else "vit")
+  return Converted(f"Hugging Face transformers {name}{where}", family,
                    out, skipped, notes)
 
 
@@ -296,12 +306,13 @@ def to_dinov3_hub(weights: Mapping[str, np.ndarray], head_dim: int) -> dict[str,
 _LAYOUTS: tuple[Callable[[Mapping[str, np.ndarray]], Converted | None], ...] = (_clip, _hf, _dinov3_hub, _timm_eva, _dinov2)
 
 
-def to_timm(weights: Mapping[str, np.ndarray]) -> Converted | None:
+def to_timm(weights: Mapping[str, np.ndarray], model_type: str | None = None) -> Converted | None:
   """The file's tensors in timm names when they are in one of the layouts above, else None (already timm / MAE
   names, or unknown). Values are not copied or cast; only DINOv2's registers' CLS fold and q / k / v
-  concatenation compute (in the file's dtype, as timm / transformers do)."""
+  concatenation compute (in the file's dtype, as timm / transformers do). `model_type`: a transformers
+  config.json's, where the file came with one (names a bare ViTMAEModel, whose names are ViTModel's)."""
   for convert in _LAYOUTS:
-    out = convert(weights)
+    out = convert(weights, model_type) if convert is _hf else convert(weights)
     if out is not None:
       return out
   return None

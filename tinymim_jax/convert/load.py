@@ -60,17 +60,27 @@ _METHOD_TEXT = {"mae": "MAE's bicubic interpolation", "dinov2": "DINOv2's bicubi
                 "timm": "timm's antialiased bicubic"}
 
 
+# A family's own resampling, where it is not MAE's: what the code that defines the file's layout computes at
+# another resolution. transformers' Dinov2 and Dinov2WithRegisters resize to the new size (modeling_dinov2.py,
+# modeling_dinov2_with_registers.py: interpolate_pos_encoding), not with DINOv2's offset scale factor.
+_FAMILY_RESAMPLE = {
+    "dinov2": ("dinov2", "the DINOv2 family's own"),
+    "transformers_dinov2": ("mae", "transformers Dinov2's own (interpolate_pos_encoding)"),
+    "transformers_dinov2_with_registers": ("timm", "transformers Dinov2WithRegisters' own "
+                                                   "(interpolate_pos_encoding, antialias=True)"),
+}
+
+
 def resample_method(ckpt: Checkpoint, resample: str | None) -> tuple[str, str]:
   """-> (the positional-table resampling to use, why): the caller's, else the file's family's own (DINOv2's for
-  DINOv2 files, MAE's otherwise: the method of the code that trained it). Raises ConvertError for an unknown one."""
+  DINOv2's own files, transformers' for its Dinov2 layouts, MAE's otherwise: the method of the code that defines
+  the layout's forward). Raises ConvertError for an unknown one."""
   if resample is not None:
     if resample not in RESAMPLE_METHODS:
       from tinymim_jax.convert.errors import ConvertError
       raise ConvertError(f"unknown resample={resample!r}; use one of {', '.join(RESAMPLE_METHODS)}")
     return resample, "as asked"
-  if ckpt.family == "dinov2":
-    return "dinov2", "the DINOv2 family's own"
-  return "mae", "the default: MAE's"
+  return _FAMILY_RESAMPLE.get(ckpt.family, ("mae", "the default: MAE's"))
 
 
 def _heads_line(model, ckpt: Checkpoint) -> str:
@@ -127,7 +137,8 @@ def load_pytorch_weights(model, source, *, skip: Sequence[str] = (), allow_missi
       file (reported as skipped), not required, and kept at init in the model (reported). The rest is strict.
     hint_context: how hints in errors and the report spell options: 'api', 'cli', or {option: config field}.
     resample: how a positional table of another grid is resampled: 'mae', 'dinov2' or 'timm' (RESAMPLE_METHODS,
-      convert/resample.py); None: the file's family's own (DINOv2's for DINOv2 files, else MAE's). Reported.
+      convert/resample.py); None: the file's family's own (DINOv2's for DINOv2's hub files, transformers' for
+      its Dinov2 / Dinov2WithRegisters layouts, else MAE's). Reported.
 
   Files in another library's layout (transformers ViT / ViTMAE / Dinov2, DINOv2's hub files, OpenAI / OpenCLIP
   visual towers; convert/layouts.py) and hub folders (convert/hub.py) are read in timm names; the report names
