@@ -1,6 +1,6 @@
 r"""The demo on the embedded digits data (scikit-learn's 1,797 handwritten digits, upsampled to 16 px).
 
-Twelve stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
+Eleven stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
   teacher_mae        MAE-pretrain a small ViT teacher (D 128, 6 blocks, 4 heads)
   student_distill    TinyMIM: distill a smaller student (D 64, 4 blocks, 2 heads; 4 in its relation block)
                      from the teacher's intermediate block 4 with Q-K / V-V relation KL
@@ -11,10 +11,10 @@ Twelve stages, each a normal run of the main job but the pixel floors (tinymim_j
   baseline_eval      features) and of the MAE baseline (objective 'eval'; seconds each)
   control_finetune   the floor of fine-tuning: the same student and recipe from a random init (no pretraining)
   floors             the floor of the frozen-feature evals: the same k-NN, few-shot and probe on raw pixels
-  student_segment    UperNet segmentation of the digits scenes (configs/segment.py:model=demo, 64 px, 200 steps)
-  baseline_segment   from the distilled student, from the MAE baseline, and (control_segment) from a random init;
-  control_segment    mIoU on the scenes' val split. The eval stages also train a linear segmentation probe on
-                     the frozen patch tokens (config.eval.segprobe; segprobe.py) on the same scenes
+  student_segment    UperNet segmentation of the digits scenes (configs/segment.py:model=demo, 64 px, 40 steps
+  baseline_segment   of 8) from the distilled student and from the MAE baseline; mIoU on the scenes' val split.
+                     The eval stages also train a linear segmentation probe on the frozen patch tokens
+                     (config.eval.segprobe; segprobe.py) on the same scenes
 `python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
@@ -28,10 +28,10 @@ import os
 from tinymim_jax import config_base
 
 STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune", "student_eval",
-          "baseline_eval", "control_finetune", "floors", "student_segment", "baseline_segment", "control_segment")
+          "baseline_eval", "control_finetune", "floors", "student_segment", "baseline_segment")
 # The segmentation stages: configs/segment.py:model=demo (UperNet on the student's architecture, digits scenes)
-# from each student's workdir, and from a random init (the floor).
-SEGMENT_INIT = {"student_segment": "student_distill", "baseline_segment": "baseline_mae", "control_segment": None}
+# from each student's workdir. (No random-init floor: a third UperNet run would cost as much again.)
+SEGMENT_INIT = {"student_segment": "student_distill", "baseline_segment": "baseline_mae"}
 TITLE = "The digits demo: TinyMIM vs MAE from scratch, one seed"
 SEEDS = (0,)
 
@@ -41,7 +41,9 @@ def plan(quick=False):
   del quick  # the demo is small already
   return [(stage, f"stage={stage}") for stage in STAGES]
 IMG, PATCH = 16, 4
-SEGMENT_STEPS = 200  # of configs/segment.py:model=demo's 600: the three segmentation stages in ~1-2 minutes
+# Of configs/segment.py:model=demo's 600 steps of 16: its step costs ~1.4 CPU-s per 8 crops on these cores
+# (BENCHMARKS.md "Segment step"), so both segmentation stages together stay near 2 minutes on 2 idle cores.
+SEGMENT_STEPS, SEGMENT_BATCH = 40, 8
 # The eval stages' linear segmentation probe (config.eval.segprobe; segprobe.py) on the same digits scenes at 64 px:
 # DINOv2's recipe (lr 1e-3, batch 16) shortened to 500 steps (8 epochs of the scenes' 1,000 windows).
 SEGPROBE = dict(enabled=True, dataset="digits_scenes", num_classes=11, reduce_zero_label=False, num_train=1000,
@@ -59,15 +61,18 @@ def _model(c, spec, **kw):
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
-                            finetune_epochs=30.0, quick=False, segment_steps=SEGMENT_STEPS)
+                            finetune_epochs=30.0, quick=False, segment_steps=SEGMENT_STEPS,
+                            segment_batch=SEGMENT_BATCH)
   if a.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
   if a.stage in SEGMENT_INIT:
     from tinymim_jax import study  # pylint: disable=g-import-not-at-top
     segment = study.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "segment.py"))
     c = segment.get_config(f"model=demo,steps={a.segment_steps}")
-    c.init = os.path.join(a.root, SEGMENT_INIT[a.stage]) if SEGMENT_INIT[a.stage] else ""
+    c.init = os.path.join(a.root, SEGMENT_INIT[a.stage])
+    c.batch_size = a.segment_batch
     c.eval_every_steps = 0               # the final eval only
+    c.warmup_steps = min(c.warmup_steps, c.total_steps // 4)  # a quarter of a short run at most
     return c
   c = config_base.base_config()
   c.seed = 0

@@ -57,7 +57,7 @@ COLUMNS = (("k-NN", "eval/knn_top1"), ("1-shot", "eval/fewshot_1shot_top1"), ("5
 ROWS = (("TinyMIM", "relation KL, MAE teacher block 4", "student_finetune", "student_eval", "student_segment"),
         ("MAE", "from scratch, baseline", "baseline_finetune", "baseline_eval", "baseline_segment"),
         ("floor: raw pixels", "the same frozen-feature evals", None, "floors", None),
-        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None, "control_segment"))
+        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None, None))
 
 
 def summary_rows(results: dict) -> list[tuple[str, dict[str, float | None]]]:
@@ -78,13 +78,15 @@ def main(argv=None) -> dict:
   p.add_argument("--workdir", default="workdirs/demo")
   p.add_argument("--pretrain_epochs", type=float, default=None)
   p.add_argument("--finetune_epochs", type=float, default=None)
+  p.add_argument("--segment_steps", type=int, default=None)
+  p.add_argument("--segment_batch", type=int, default=None)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
   from tinymim_jax import study  # after arg parsing: --help stays fast
   module = study.load_config_module(CONFIG)
-  base = ",".join(f"{k}={getattr(args, k)}" for k in ("pretrain_epochs", "finetune_epochs")
-                  if getattr(args, k) is not None)  # None: the config's default
+  base = ",".join(f"{k}={getattr(args, k)}"
+                  for k in ("pretrain_epochs", "finetune_epochs", "segment_steps", "segment_batch") if getattr(args, k) is not None)  # None: the config's default
   t0 = time.time()
   if not study.run_plan(module, args.workdir, base_arg=base):
     return {"preempted": True}
