@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
   from tinymim_jax import study  # after arg parsing: --help stays fast
   module = study.load_config_module(CONFIG)
   base = ",".join(f"{k}={getattr(args, k)}"
-                  for k in ("pretrain_epochs", "finetune_epochs", "segment_steps", "segment_batch") if getattr(args, k) is not None)  # None: the config's default
+                  for k in ("pretrain_epochs", "finetune_epochs", "segment_steps", "segment_batch")
+                  if getattr(args, k) is not None)  # None: the config's default
   t0 = time.time()
   if not study.run_plan(module, args.workdir, base_arg=base):
     return {"preempted": True}
