@@ -1,6 +1,6 @@
 r"""The demo on the embedded digits data (scikit-learn's 1,797 handwritten digits, upsampled to 16 px).
 
-Nine stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
+Eleven stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
   teacher_mae        MAE-pretrain a small ViT teacher (D 128, 6 blocks, 4 heads)
   student_distill    TinyMIM: distill a smaller student (D 64, 4 blocks, 2 heads; 4 in its relation block)
                      from the teacher's intermediate block 4 with Q-K / V-V relation KL
@@ -11,10 +11,14 @@ Nine stages, each a normal run of the main job but the pixel floors (tinymim_jax
   baseline_eval      features) and of the MAE baseline (objective 'eval'; seconds each)
   control_finetune   the floor of fine-tuning: the same student and recipe from a random init (no pretraining)
   floors             the floor of the frozen-feature evals: the same k-NN, few-shot and probe on raw pixels
+  student_segment    UperNet segmentation of the digits scenes (configs/segment.py:model=demo, 64 px, 40 steps
+  baseline_segment   of 8) from the distilled student and from the MAE baseline; mIoU on the scenes' val split.
+                     The eval stages also train a linear segmentation probe on the frozen patch tokens
+                     (config.eval.segprobe; segprobe.py) on the same scenes
 `python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
-All seven take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
+The first nine take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
 way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3; on frozen features k-NN 66.4 vs
 63.9, 10-shot 75.2 vs 69.7, linear probe 90.6 vs 85.6).
 """
@@ -24,7 +28,10 @@ import os
 from tinymim_jax import config_base
 
 STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune", "student_eval",
-          "baseline_eval", "control_finetune", "floors")
+          "baseline_eval", "control_finetune", "floors", "student_segment", "baseline_segment")
+# The segmentation stages: configs/segment.py:model=demo (UperNet on the student's architecture, digits scenes)
+# from each student's workdir. (No random-init floor: a third UperNet run would cost as much again.)
+SEGMENT_INIT = {"student_segment": "student_distill", "baseline_segment": "baseline_mae"}
 TITLE = "The digits demo: TinyMIM vs MAE from scratch, one seed"
 SEEDS = (0,)
 
@@ -34,6 +41,14 @@ def plan(quick=False):
   del quick  # the demo is small already
   return [(stage, f"stage={stage}") for stage in STAGES]
 IMG, PATCH = 16, 4
+# Of configs/segment.py:model=demo's 600 steps of 16: its step costs ~1.4 CPU-s per 8 crops on these cores
+# (BENCHMARKS.md "Segment step"), so both segmentation stages together stay near 2 minutes on 2 idle cores.
+SEGMENT_STEPS, SEGMENT_BATCH = 40, 8
+# The eval stages' linear segmentation probe (config.eval.segprobe; segprobe.py) on the same digits scenes at 64 px:
+# DINOv2's recipe (lr 1e-3, batch 16) shortened to 500 steps (8 epochs of the scenes' 1,000 windows).
+SEGPROBE = dict(enabled=True, dataset="digits_scenes", num_classes=11, reduce_zero_label=False, num_train=1000,
+                num_val=200, scene_size=64, crop=64, stride=48, scale=(64, 64), max_train=1000, steps=500,
+                batch_size=16, warmup_steps=50)
 TEACHER = dict(name="vit_tiny_patch16", embed_dim=128, depth=6, num_heads=4)
 STUDENT = dict(name="vit_tiny_patch16", embed_dim=64, depth=4, num_heads=2)
 
@@ -46,9 +61,19 @@ def _model(c, spec, **kw):
 
 def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
-                            finetune_epochs=30.0, quick=False)
+                            finetune_epochs=30.0, quick=False, segment_steps=SEGMENT_STEPS,
+                            segment_batch=SEGMENT_BATCH)
   if a.stage not in STAGES:
     raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
+  if a.stage in SEGMENT_INIT:
+    from tinymim_jax import study  # pylint: disable=g-import-not-at-top
+    segment = study.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "segment.py"))
+    c = segment.get_config(f"model=demo,steps={a.segment_steps}")
+    c.init = os.path.join(a.root, SEGMENT_INIT[a.stage])
+    c.batch_size = a.segment_batch
+    c.eval_every_steps = 0               # the final eval only
+    c.warmup_steps = min(c.warmup_steps, c.total_steps // 4)  # a quarter of a short run at most
+    return c
   c = config_base.base_config()
   c.seed = 0
   c.data.name = "digits"
@@ -93,6 +118,8 @@ def get_config(arg=None):
     _model(c.model, STUDENT)
     c.init = (None if a.stage == "floors" else
               os.path.join(a.root, "student_distill" if a.stage == "student_eval" else "baseline_mae"))
+    for k, v in SEGPROBE.items():
+      c.eval.segprobe[k] = v
   else:
     c.objective = "finetune"
     _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")

@@ -25,7 +25,7 @@ ARGS = {
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
                                            "baseline_finetune", "student_eval", "baseline_eval",
-                                           "control_finetune")],
+                                           "control_finetune", "student_segment", "baseline_segment")],
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
     "segment": ["model=base", "model=small", "model=tiny", "model=tiny_star", "model=demo",
                 "model=demo,dataset=folder"],
@@ -223,3 +223,33 @@ def test_inconsistent_lengths_are_an_error(overrides, message):
   c.update(overrides)
   with pytest.raises(config_base.ConfigError, match=message):
     config_base.finalize(c)
+
+
+def test_the_demo_segment_stages_are_segment_py_model_demo_after_the_others():
+  from tinymim_jax import demo
+  module = load_config_module(CONFIGS["digits_demo"])
+  names = [n for n, _ in module.plan()]
+  # Appended: the earlier stages (their seeds and numbers) are those of the demo before them.
+  assert names[:9] == ["teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune",
+                       "student_eval", "baseline_eval", "control_finetune", "floors"]
+  assert names[9:] == ["student_segment", "baseline_segment"]
+  ref = load_config_module(CONFIGS["segment"]).get_config("model=demo,steps=40").to_dict()
+  own = ("init", "eval_every_steps", "batch_size", "warmup_steps")   # what the demo sets on top
+  for stage, init in (("student_segment", "/r/student_distill"), ("baseline_segment", "/r/baseline_mae")):
+    c = module.get_config(f"stage={stage},root=/r").to_dict()
+    assert c["init"] == init and c["total_steps"] == 40 and c["batch_size"] == 8 and c["warmup_steps"] == 10
+    assert {k: v for k, v in c.items() if k not in own} == {k: v for k, v in ref.items() if k not in own}
+  ev = module.get_config("stage=student_eval,root=/r")
+  assert ev.eval.segprobe.enabled and ev.eval.segprobe.dataset == "digits_scenes"
+  # The table: the probe's mIoU beside the frozen-feature columns, UperNet's beside fine-tuning; None where a stage
+  # has no such number (the pixel floors have no patch tokens).
+  frozen = {"eval/knn_top1": 0.5, "eval/fewshot_1shot_top1": 0.2, "eval/fewshot_5shot_top1": 0.3,
+            "eval/fewshot_10shot_top1": 0.4, "eval/fewshot_25shot_top1": 0.45, "eval/linprobe_top1": 0.6}
+  results = {"student_eval": {**frozen, "eval/segprobe_miou": 0.31}, "baseline_eval": {**frozen, "eval/segprobe_miou": 0.21},
+             "floors": frozen, "student_finetune": {"eval/top1": 0.99}, "baseline_finetune": {"eval/top1": 0.98},
+             "control_finetune": {"eval/top1": 0.9}, "student_segment": {"eval/mIoU": 0.7},
+             "baseline_segment": {"eval/mIoU": 0.6}}
+  rows = dict(demo.summary_rows(results))
+  assert rows["TinyMIM"]["seg. probe mIoU"] == 0.31 and rows["TinyMIM"]["segment mIoU"] == 0.7
+  assert rows["MAE"]["segment mIoU"] == 0.6 and rows["floor: random init"]["segment mIoU"] is None
+  assert rows["floor: raw pixels"]["seg. probe mIoU"] is None and rows["floor: raw pixels"]["segment mIoU"] is None

@@ -130,6 +130,18 @@ def base_config() -> ml_collections.ConfigDict:
       fewshot=ml_collections.ConfigDict(dict(enabled=True, shots=(1, 5, 10, 25), draws=3, val_per_class=10,
                                              l2_regs=DEFAULT_L2)),
       cached_probe=True,                # objective 'eval': a linear probe on cached features of the whole train split
+      # Objective 'eval': a linear segmentation probe on the patch tokens (segprobe.py: DINOv2's protocol, features
+      # cached). The data source's fields are config.segment's (data/segmentation.make_source); the recipe is
+      # DINOv2's ADE20K linear one (lr 1e-3, wd 1e-4, 40k steps of 16, warmup 1,500 + poly).
+      segprobe=ml_collections.ConfigDict(dict(
+          enabled=False,
+          dataset="ade20k", path="", data_seed=0,
+          num_classes=150, reduce_zero_label=True, on_bad="skip",   # 'folder' only (ade20k: 150, reduced)
+          num_train=1000, num_val=200, scene_size=64,                # 'digits_scenes' only
+          crop=512, stride=341, scale=(2048, 512),                   # the backbone's input; the test path
+          max_train=20210,                                           # train images read (ADE20K: all)
+          steps=40000, batch_size=16, base_lr=1e-3, weight_decay=1e-4, warmup_steps=1500, warmup_ratio=1e-6,
+          power=1.0, ignore_index=255)),
   ))
   # The linear-probe recipe (MAE's main_linprobe.py): objective 'linprobe' trains with it (its batch_size,
   # epochs, warmup_epochs, base_lr and weight_decay replace the run's batch_size, total_epochs, warmup_epochs,
@@ -196,6 +208,22 @@ RANGES = {
     "eval.knn.temperature": (float, "(0, inf)"),
     "eval.fewshot.draws": (int, "[1, inf)"),
     "eval.fewshot.val_per_class": (int, "[0, inf)"),
+    "eval.segprobe.crop": (int, "[1, inf)"),
+    "eval.segprobe.stride": (int, "[1, inf)"),
+    "eval.segprobe.max_train": (int, "[1, inf)"),
+    "eval.segprobe.steps": (int, "[1, inf)"),
+    "eval.segprobe.batch_size": (int, "[1, inf)"),
+    "eval.segprobe.base_lr": (float, "(0, inf)"),
+    "eval.segprobe.weight_decay": (float, "[0, inf)"),
+    "eval.segprobe.warmup_steps": (int, "[0, inf)"),
+    "eval.segprobe.warmup_ratio": (float, "[0, 1]"),
+    "eval.segprobe.power": (float, "[0, inf)"),
+    "eval.segprobe.num_classes": (int, "[2, 255]"),   # 255 is the ignore label
+    "eval.segprobe.num_train": (int, "[1, inf)"),
+    "eval.segprobe.num_val": (int, "[1, inf)"),
+    "eval.segprobe.scene_size": (int, "[1, inf)"),
+    "eval.segprobe.data_seed": (int, "[0, inf)"),
+    "eval.segprobe.ignore_index": (int, "[0, 255]"),
     "linprobe.batch_size": (int, "[1, inf)"),
     "linprobe.epochs": (float, "(0, inf)"),
     "linprobe.warmup_epochs": (float, "[0, inf)"),

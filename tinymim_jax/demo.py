@@ -4,7 +4,8 @@
 
 Runs the stages of configs/digits_demo.py with the main job (a rerun skips finished stages and resumes an
 interrupted one), then prints a table of both students (frozen-feature k-NN, few-shot and linear-probe top-1,
-and top-1 after fine-tuning, all on the held-out 20%) and writes workdir/summary.png.
+and top-1 after fine-tuning, all on the held-out 20%; mIoU of a linear segmentation probe on frozen patch tokens
+and of UperNet fine-tuned, on the digits scenes) and writes workdir/summary.png.
 """
 
 from __future__ import annotations
@@ -48,22 +49,26 @@ def summary_plot(path: str, rows: list[tuple[str, dict[str, float]]]) -> None:
 
 COLUMNS = (("k-NN", "eval/knn_top1"), ("1-shot", "eval/fewshot_1shot_top1"), ("5-shot", "eval/fewshot_5shot_top1"),
            ("10-shot", "eval/fewshot_10shot_top1"), ("25-shot", "eval/fewshot_25shot_top1"),
-           ("linear probe", "eval/linprobe_top1"))
+           ("linear probe", "eval/linprobe_top1"), ("seg. probe mIoU", "eval/segprobe_miou"))
 
 
-# (row, how, the fine-tuned stage, the frozen-feature stage): the students, then the two floors.
-ROWS = (("TinyMIM", "relation KL, MAE teacher block 4", "student_finetune", "student_eval"),
-        ("MAE", "from scratch, baseline", "baseline_finetune", "baseline_eval"),
-        ("floor: raw pixels", "the same frozen-feature evals", None, "floors"),
-        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None))
+# (row, how, the fine-tuned stage, the frozen-feature stage, the segmentation stage): the students, then the two
+# floors.
+ROWS = (("TinyMIM", "relation KL, MAE teacher block 4", "student_finetune", "student_eval", "student_segment"),
+        ("MAE", "from scratch, baseline", "baseline_finetune", "baseline_eval", "baseline_segment"),
+        ("floor: raw pixels", "the same frozen-feature evals", None, "floors", None),
+        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None, None))
 
 
 def summary_rows(results: dict) -> list[tuple[str, dict[str, float | None]]]:
-  """(row, {column: top-1 or None}) for both students and the two floors: frozen-feature evals, then fine-tuned."""
+  """(row, {column: top-1 / mIoU or None}) for both students and the two floors: frozen-feature evals, then
+  fine-tuned (classification top-1, segmentation mIoU). An eval a stage does not run (the pixel floors have no
+  patch tokens to probe) is None."""
   rows = []
-  for name, _, finetuned, frozen in ROWS:
-    values = {col: results[frozen][key] if frozen else None for col, key in COLUMNS}
+  for name, _, finetuned, frozen, segment in ROWS:
+    values = {col: results[frozen].get(key) if frozen else None for col, key in COLUMNS}
     values["fine-tuned"] = results[finetuned]["eval/top1"] if finetuned else None
+    values["segment mIoU"] = results[segment]["eval/mIoU"] if segment else None
     rows.append((name, values))
   return rows
 
@@ -73,12 +78,15 @@ def main(argv=None) -> dict:
   p.add_argument("--workdir", default="workdirs/demo")
   p.add_argument("--pretrain_epochs", type=float, default=None)
   p.add_argument("--finetune_epochs", type=float, default=None)
+  p.add_argument("--segment_steps", type=int, default=None)
+  p.add_argument("--segment_batch", type=int, default=None)
   args = p.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
 
   from tinymim_jax import study  # after arg parsing: --help stays fast
   module = study.load_config_module(CONFIG)
-  base = ",".join(f"{k}={getattr(args, k)}" for k in ("pretrain_epochs", "finetune_epochs")
+  base = ",".join(f"{k}={getattr(args, k)}"
+                  for k in ("pretrain_epochs", "finetune_epochs", "segment_steps", "segment_batch")
                   if getattr(args, k) is not None)  # None: the config's default
   t0 = time.time()
   if not study.run_plan(module, args.workdir, base_arg=base):
@@ -91,11 +99,12 @@ def main(argv=None) -> dict:
   print()
   print("| student (D=64, 4 blocks) | " + " | ".join(rows[0][1]) + " |")
   print("|---|" + "---|" * len(rows[0][1]))
-  for (name, values), (_, how, _, _) in zip(rows, ROWS):
+  for (name, values), (_, how, *_) in zip(rows, ROWS):
     print(f"| {name} ({how}) | " + " | ".join("—" if v is None else f"{100 * v:.1f}" for v in values.values()) + " |")
   print(f"(held-out top-1, %. Frozen features: mean of patch tokens after a parameter-free LayerNorm, block "
         f"{blocks['student']} of the TinyMIM student (its relation block's input), block {blocks['baseline']} of the "
-        f"MAE student; raw pixels: the normalised pixels through the same evals; few-shot: mean of 3 draws.)")
+        f"MAE student; raw pixels: the normalised pixels through the same evals; few-shot: mean of 3 draws. mIoU on the "
+        f"digits scenes' val split: the seg. probe on frozen patch tokens, segment: UperNet fine-tuned.)")
   print(f"\ntotal {time.time() - t0:.0f}s; plots: {args.workdir}/*/curves.png and {args.workdir}/summary.png")
   summary_plot(os.path.join(args.workdir, "summary.png"), rows[:2])
   paths.write_atomic(os.path.join(args.workdir, "summary.json"), json.dumps(results, indent=2))

@@ -1,6 +1,7 @@
 """The evals of a run on its held-out split: the head's top-1 (or a linear probe's), and the evals on frozen
 features (FEATURE_EVALS: k-NN and few-shot top-1, knn.py, fewshot.py; config.eval), every eval_every_steps and at
-the end. What they read is the objective's predict function (objectives.Setup.predict:
+the end, and for the eval objective the dense evals on a frozen encoder's patch tokens (DENSE_EVALS: the linear
+segmentation probe, segprobe.py). What they read is the objective's predict function (objectives.Setup.predict:
 train_steps.make_predict_fn for a model with its head, linprobe.make_predict_fn for a probe on a frozen encoder)."""
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from tinymim_jax import data, fewshot, knn, linprobe
+from tinymim_jax import data, fewshot, knn, linprobe, segprobe
 from tinymim_jax import sharding as sh
 
 
@@ -24,10 +25,14 @@ class Evaluator:
 
   predict(sub_state, images) -> {'feature', 'logits' (optional)} reads the state entries named in `keys`.
   After cache_features() (a probe on fixed features) both splits come from the cache and only the probe runs.
+  encoder(host arrays of the `keys` entries) -> the frozen ViT, and feature_spec: what the DENSE_EVALS read (None:
+  none run).
   """
 
-  def __init__(self, config, predict, state_sharding, keys, mesh, info, *, head: str = "top1"):
+  def __init__(self, config, predict, state_sharding, keys, mesh, info, *, head: str = "top1",
+               encoder: Callable | None = None, feature_spec=None):
     self.config, self.mesh, self.info, self.keys, self.head = config, mesh, info, tuple(keys), head
+    self.encoder, self.feature_spec = encoder, feature_spec  # the DENSE_EVALS' frozen ViT (the eval objective)
     sub = {k: state_sharding[k] for k in self.keys}
 
     def fn(state, batch):  # labels and masks ride along so every process sees the global batch
@@ -93,6 +98,13 @@ class Evaluator:
             momentum=lp.momentum, trust_coefficient=lp.trust_coefficient, seed=self.config.seed,
             lr_scaling_batch=self.config.optim.lr_scaling_batch, min_lr=self.config.optim.min_lr)
         res.update(_head_metrics(linprobe.predict_on_cache(params, consts, f_test), y_test, "linprobe"))
+    if self.encoder is not None:
+      sections = {name: e[name] for name in DENSE_EVALS if e[name].enabled}
+      if sections:
+        vit = self.encoder(_host({k: state[k] for k in self.keys}))  # the dense evals run their own passes
+        for name, section in sections.items():
+          res.update(DENSE_EVALS[name](section, vit, self.feature_spec, data_dir=self.config.data.data_dir,
+                                       seed=self.config.seed))
     res["time/eval_seconds"] = time.time() - t0
     return res
 
@@ -173,6 +185,12 @@ def plan_feature_evals(e, info) -> tuple[dict[str, ml_collections.ConfigDict], l
 # section's `enabled` is set. fn(section, f_train (n, D), y_train (n,), f_test, y_test, num_classes) -> metrics.
 # A new one (a teacher's k-NN, a dense eval) is one entry here and its section in config_base.base_config().eval.
 FEATURE_EVALS: dict[str, Callable[..., dict[str, float]]] = {"knn": _knn, "fewshot": _fewshot}
+
+
+# The dense evals on a frozen ViT's patch tokens, by their section of config.eval, each when its `enabled` is set:
+# fn(section, vit (eval mode, host arrays), feature spec, *, data_dir, seed) -> metrics. They read their own
+# (segmentation) data, so only an objective that hands the Evaluator its frozen encoder runs them: 'eval'.
+DENSE_EVALS: dict[str, Callable[..., dict[str, float]]] = {"segprobe": segprobe.evaluate}
 
 
 def _enabled(e) -> list[str]:

@@ -82,6 +82,22 @@ def pool(hidden, spec: FeatureSpec, num_prefix_tokens: int = 1):
   return h[:, 0] if spec.pool == "cls" else h[:, num_prefix_tokens:].mean(axis=1)  # 'mean': the patch tokens
 
 
+def patch_tokens(vit, images, spec: FeatureSpec):
+  """(B, H, W, 3) images -> (B, H / p, W / p, D) float32 patch tokens of a ViT in eval mode: the hidden state
+  after block spec.block (0: the embeddings), put through the parameter-free LayerNorm when spec.norm, prefix
+  tokens (CLS, registers) dropped, in row-major grid order. spec.pool plays no part. What the dense
+  frozen-feature evals read (segprobe.py); the forward stops at the spec's block."""
+  if spec.block == 0:
+    hidden = vit.embed(images)
+  else:
+    hidden = vit(images, capture=(spec.block,), depth=spec.block)["blocks"][spec.block]["hidden"]
+  h = hidden.astype(jnp.float32)
+  if spec.norm:
+    h = losses.layer_norm(h, LN_EPS)
+  h = h[:, vit.num_prefix_tokens:]
+  return h.reshape(h.shape[0], vit.grid, vit.grid, h.shape[-1])
+
+
 def extract(vit, images, spec: FeatureSpec, *, logits: bool = False) -> dict[str, Any]:
   """{'feature': (B, D) float32} of a ViT in eval mode, plus {'logits': (B, C) float32} when `logits` and the
   ViT has a head. Without logits the forward stops at the spec's block.

@@ -304,7 +304,8 @@ def _final_evals(config, run, workdir, mesh, meta, info, lock=None):
   """An objective that trains nothing (eval): every eval of its frozen model, written as step 0."""
   shardings = sh.tree_sharding(run.state, mesh)
   state = jax.device_put(run.state, shardings)
-  evaluator = evals.Evaluator(config, run.predict, shardings, run.predict_keys, mesh, info, head=run.head)
+  evaluator = evals.Evaluator(config, run.predict, shardings, run.predict_keys, mesh, info, head=run.head,
+                              encoder=run.frozen_encoder, feature_spec=run.feature_spec)
   res = evaluator(state, cached_probe=config.eval.cached_probe)
   _check_lock(lock)
   if jax.process_index() == 0:

@@ -388,11 +388,17 @@ def train_dataset(source, *, batch_size, seed, crop=512, scale=(2048, 512), rati
   return ds.map(lambda image, label: {'image': image, 'label': label}).prefetch(2)
 
 
-def eval_examples(source, *, scale=(2048, 512)):
+def eval_examples(source, *, scale=(2048, 512), resize_label=False):
   """One pass: {'image' float32 (h, w, 3) resized to fit `scale`, 'label' int32 (H, W) at the annotation's
-  size} per example, for segment.slide_inference (out_size = the label's size)."""
+  size} per example, for segment.slide_inference (out_size = the label's size). resize_label: the label
+  resized to the image's (h, w) by nearest neighbour instead (mmseg Resize's label path; a probe's train
+  windows, segprobe.py)."""
   for image, label in _examples(source):
-    yield {'image': test_transform(tf.constant(image), scale=scale).numpy(), 'label': label.astype(np.int32)}
+    image = test_transform(tf.constant(image), scale=scale)
+    if resize_label:
+      label = tf.image.resize(tf.constant(label, tf.int32)[..., None], tf.shape(image)[:2], method='nearest')
+      label = label[..., 0].numpy()
+    yield {'image': image.numpy(), 'label': label.astype(np.int32)}
 
 
 # ---------------------------------------------------------------------------------------------------------

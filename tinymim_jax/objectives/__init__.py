@@ -56,6 +56,7 @@ class Setup:
     (a dense objective's own evals); None: evals.Evaluator on `predict`.
   write_exports: (state, workdir) -> {name: path} of files exported beside the timm-named one (process 0 writes;
     every process calls it), or None.
+  frozen_encoder: (state) -> the frozen ViT the dense evals read (evals.DENSE_EVALS), or None (none run).
   """
   state: dict
   feature_spec: features.FeatureSpec
@@ -70,6 +71,7 @@ class Setup:
   record: dict | None = None
   make_evaluator: Callable | None = None
   write_exports: Callable | None = None
+  frozen_encoder: Callable | None = None
 
 
 class Objective:

@@ -1,5 +1,6 @@
 """Evaluation of a trained model without training: k-NN, few-shot and a linear probe on cached features of its
-frozen encoder, plus its head's top-1 if it has one (`init`: a workdir or a .pth / .safetensors file)."""
+frozen encoder, plus its head's top-1 if it has one (`init`: a workdir or a .pth / .safetensors file), and the
+linear segmentation probe on its patch tokens when config.eval.segprobe.enabled (segprobe.py)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,11 @@ class Eval(Objective):
   def setup(self, config, info, *, total_steps: int, warmup_steps: int, is_main: bool) -> Setup:
     model, spec, meta = frozen_encoder(config)
     modeldef, params, consts = ts.split_model(features.vit_of(model))
+    def encoder(state):
+      return features.vit_of(ts.merge_model(modeldef, state["params"], state["consts"]))
+
     return Setup(state={"params": params, "consts": consts}, feature_spec=spec,
-                 predict=ts.make_predict_fn(modeldef, spec), meta=meta)
+                 predict=ts.make_predict_fn(modeldef, spec), meta=meta, frozen_encoder=encoder)
 
 
 register(Eval())
