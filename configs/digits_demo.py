@@ -1,6 +1,6 @@
 r"""The demo on the embedded digits data (scikit-learn's 1,797 handwritten digits, upsampled to 16 px).
 
-Eleven stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
+Twelve stages, each a normal run of the main job but the pixel floors (tinymim_jax/floors.py):
   teacher_mae        MAE-pretrain a small ViT teacher (D 128, 6 blocks, 4 heads)
   student_distill    TinyMIM: distill a smaller student (D 64, 4 blocks, 2 heads; 4 in its relation block)
                      from the teacher's intermediate block 4 with Q-K / V-V relation KL
@@ -12,7 +12,8 @@ Eleven stages, each a normal run of the main job but the pixel floors (tinymim_j
   control_finetune   the floor of fine-tuning: the same student and recipe from a random init (no pretraining)
   floors             the floor of the frozen-feature evals: the same k-NN, few-shot and probe on raw pixels
   student_segment    UperNet segmentation of the digits scenes (configs/segment.py:model=demo, 64 px, 40 steps
-  baseline_segment   of 8) from the distilled student and from the MAE baseline; mIoU on the scenes' val split.
+  baseline_segment   of 8) from the distilled student, from the MAE baseline and, as their floor, from a random
+  control_segment    init; mIoU on the scenes' val split.
                      The eval stages also train a linear segmentation probe on the frozen patch tokens
                      (config.eval.segprobe; segprobe.py) on the same scenes
 `python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
@@ -28,10 +29,10 @@ import os
 from tinymim_jax import config_base
 
 STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune", "student_eval",
-          "baseline_eval", "control_finetune", "floors", "student_segment", "baseline_segment")
+          "baseline_eval", "control_finetune", "floors", "student_segment", "baseline_segment", "control_segment")
 # The segmentation stages: configs/segment.py:model=demo (UperNet on the student's architecture, digits scenes)
-# from each student's workdir. (No random-init floor: a third UperNet run would cost as much again.)
-SEGMENT_INIT = {"student_segment": "student_distill", "baseline_segment": "baseline_mae"}
+# from each student's workdir, and from a random init as their floor (None).
+SEGMENT_INIT = {"student_segment": "student_distill", "baseline_segment": "baseline_mae", "control_segment": None}
 TITLE = "The digits demo: TinyMIM vs MAE from scratch, one seed"
 SEEDS = (0,)
 
@@ -69,7 +70,7 @@ def get_config(arg=None):
     from tinymim_jax import study  # pylint: disable=g-import-not-at-top
     segment = study.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "segment.py"))
     c = segment.get_config(f"model=demo,steps={a.segment_steps}")
-    c.init = os.path.join(a.root, SEGMENT_INIT[a.stage])
+    c.init = SEGMENT_INIT[a.stage] and os.path.join(a.root, SEGMENT_INIT[a.stage])
     c.batch_size = a.segment_batch
     c.eval_every_steps = 0               # the final eval only
     c.warmup_steps = min(c.warmup_steps, c.total_steps // 4)  # a quarter of a short run at most

@@ -25,7 +25,8 @@ ARGS = {
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
                                            "baseline_finetune", "student_eval", "baseline_eval",
-                                           "control_finetune", "student_segment", "baseline_segment")],
+                                           "control_finetune", "student_segment", "baseline_segment",
+                                           "control_segment")],
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
     "segment": ["model=base", "model=small", "model=tiny", "model=tiny_star", "model=demo",
                 "model=demo,dataset=folder"],
@@ -232,10 +233,11 @@ def test_the_demo_segment_stages_are_segment_py_model_demo_after_the_others():
   # Appended: the earlier stages (their seeds and numbers) are those of the demo before them.
   assert names[:9] == ["teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune",
                        "student_eval", "baseline_eval", "control_finetune", "floors"]
-  assert names[9:] == ["student_segment", "baseline_segment"]
+  assert names[9:] == ["student_segment", "baseline_segment", "control_segment"]
   ref = load_config_module(CONFIGS["segment"]).get_config("model=demo,steps=40").to_dict()
   own = ("init", "eval_every_steps", "batch_size", "warmup_steps")   # what the demo sets on top
-  for stage, init in (("student_segment", "/r/student_distill"), ("baseline_segment", "/r/baseline_mae")):
+  for stage, init in (("student_segment", "/r/student_distill"), ("baseline_segment", "/r/baseline_mae"),
+                      ("control_segment", None)):
     c = module.get_config(f"stage={stage},root=/r").to_dict()
     assert c["init"] == init and c["total_steps"] == 40 and c["batch_size"] == 8 and c["warmup_steps"] == 10
     assert {k: v for k, v in c.items() if k not in own} == {k: v for k, v in ref.items() if k not in own}
@@ -248,8 +250,8 @@ def test_the_demo_segment_stages_are_segment_py_model_demo_after_the_others():
   results = {"student_eval": {**frozen, "eval/segprobe_miou": 0.31}, "baseline_eval": {**frozen, "eval/segprobe_miou": 0.21},
              "floors": frozen, "student_finetune": {"eval/top1": 0.99}, "baseline_finetune": {"eval/top1": 0.98},
              "control_finetune": {"eval/top1": 0.9}, "student_segment": {"eval/mIoU": 0.7},
-             "baseline_segment": {"eval/mIoU": 0.6}}
+             "baseline_segment": {"eval/mIoU": 0.6}, "control_segment": {"eval/mIoU": 0.4}}
   rows = dict(demo.summary_rows(results))
   assert rows["TinyMIM"]["seg. probe mIoU"] == 0.31 and rows["TinyMIM"]["segment mIoU"] == 0.7
-  assert rows["MAE"]["segment mIoU"] == 0.6 and rows["floor: random init"]["segment mIoU"] is None
+  assert rows["MAE"]["segment mIoU"] == 0.6 and rows["floor: random init"]["segment mIoU"] == 0.4
   assert rows["floor: raw pixels"]["seg. probe mIoU"] is None and rows["floor: raw pixels"]["segment mIoU"] is None

@@ -57,7 +57,7 @@ COLUMNS = (("k-NN", "eval/knn_top1"), ("1-shot", "eval/fewshot_1shot_top1"), ("5
 ROWS = (("TinyMIM", "relation KL, MAE teacher block 4", "student_finetune", "student_eval", "student_segment"),
         ("MAE", "from scratch, baseline", "baseline_finetune", "baseline_eval", "baseline_segment"),
         ("floor: raw pixels", "the same frozen-feature evals", None, "floors", None),
-        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None, None))
+        ("floor: random init", "the same fine-tuning, no pretraining", "control_finetune", None, "control_segment"))
 
 
 def summary_rows(results: dict) -> list[tuple[str, dict[str, float | None]]]:
