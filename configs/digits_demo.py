@@ -19,7 +19,7 @@ Twelve stages, each a normal run of the main job but the pixel floors (tinymim_j
 `python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
-The first nine take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
+The first nine take ~4-5 minutes on 2 uncontended CPU cores (the segmentation stages ~1 minute each); the student reaches ~0.98+ top-1 on the held-out 20% either
 way, with the TinyMIM student ahead of the MAE baseline (README: 99.2 vs 98.3; on frozen features k-NN 66.4 vs
 63.9, 10-shot 75.2 vs 69.7, linear probe 90.6 vs 85.6).
 """
