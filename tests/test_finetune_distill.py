@@ -96,7 +96,8 @@ def setup(kind="hard", *, dtype="float32", ema_decay=None, tx=None, mixup=0.8, s
   for head in (h for h in (student.head, student.head_dist) if h is not None):
     head.kernel[...] = 0.3 * jax.random.normal(jax.random.PRNGKey(id(head) % 97), head.kernel.shape, head.kernel.dtype)
   teacher = create_model("vit_tiny_patch16", num_classes=C, pooling="avg", seed=1, **{**kw, "embed_dim": 48})
-  teacher.head.kernel[...] = jax.random.normal(jax.random.PRNGKey(5), teacher.head.kernel.shape, teacher.head.kernel.dtype)
+  kernel = teacher.head.kernel
+  kernel[...] = jax.random.normal(jax.random.PRNGKey(5), kernel.shape, kernel.dtype)
   schedule = optim.lr_schedule(base_lr=1e-3, global_batch_size=256, total_steps=100, warmup_steps=0)
   tx = tx or exact.grad_recorder()
   graphdef, tgraphs, state = ts.init_state(student, tx, teachers={"teacher": teacher})

@@ -391,7 +391,8 @@ class ViT(nnx.Module):
 
   def embed(self, images, keep_ids=None):
     """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then the prefix (CLS, the
-    distillation token, registers) in front, then `norm_pre` if the model has one (timm VisionTransformer._pos_embed, patch_drop, norm_pre)."""
+    distillation token, registers) in front, then `norm_pre` if the model has one (timm
+    VisionTransformer._pos_embed, patch_drop, norm_pre)."""
     c = self.config
     if images.ndim != 4 or images.shape[1:] != (c.img_size, c.img_size, 3):
       raise ValueError(f"expected NHWC images (B, {c.img_size}, {c.img_size}, 3), got {images.shape}")
