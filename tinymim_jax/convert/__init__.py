@@ -6,12 +6,16 @@ The only module of the project that knows PyTorch parameter names. Name mapping 
   [encoder.]patch_embed.kernel (p,p,3,D)      patch_embed.proj.weight (D,3,p,p)  conv transpose
   [encoder.]cls_token / pos_embed             cls_token / pos_embed              -
   reg_token / norm_pre / blocks.i.ls1.gamma   the same names (DINOv2 / CLIP)     -
+  dist_token / head_dist                      the same names (DeiT distilled)    -
+  conv1x1.norm | conv1x1.fc (TinyMIM*-T)      conv1x1.0 | conv1x1.1              as above
   [encoder.]blocks.i.<lin>.kernel (in,out)    blocks.i.<lin>.weight (out,in)     transpose
   <norm>.scale                                <norm>.weight                      -
   norm | fc_norm | head                       norm | fc_norm | head              -
   mask_token, decoder_* (MAE)                 mask_token, decoder_*              as above
 
-MAE keeps the encoder keys at the top level of its state dict, so our `encoder.` prefix is dropped.
+MAE keeps the encoder keys at the top level of its state dict, so our `encoder.` prefix is dropped. Layer scale
+named `blocks.i.gamma_1` / `gamma_2` (BEiT / the TinyMIM*-T segmentation backbone) is read as `ls1.gamma` /
+`ls2.gamma`, as timm's checkpoint_filter_fn(adapt_layer_scale=True) does; exports use timm's names.
 
 Loading is all-or-nothing: every key of the file is either loaded or reported as skipped with a reason,
 and any missing / unexpected / mis-shaped key raises one WeightMismatchError listing all of them before
@@ -517,7 +521,7 @@ def architecture(model) -> dict:
          "img_size": enc.img_size, "patch_size": enc.patch_size, "embed_dim": enc.embed_dim, "depth": enc.depth,
          "heads_per_block": [enc.block_heads(i) for i in range(1, enc.depth + 1)],
          "global_pool": {"cls": "token", "avg": "avg"}.get(enc.pooling, enc.pooling),
-         "num_classes": enc.num_classes, "num_features": enc.embed_dim,
+         "num_classes": enc.num_classes, "num_features": enc.num_features,
          "model_args": {f.name: _jsonable(getattr(enc, f.name)) for f in dataclasses.fields(enc)}}
   if dec is not None:
     out["decoder_args"] = {f.name: _jsonable(getattr(dec, f.name)) for f in dataclasses.fields(dec)}
@@ -592,6 +596,12 @@ def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
   names = set(names)
   if any(_DECODER_RE.match(k) for k in names):
     kind = "MAE pretrain (encoder + decoder)"
+  elif "dist_token" in names and any(k.startswith("conv1x1.") for k in names):
+    kind = "TinyMIM*-T (distillation token, conv1x1 layer" + (", fc_norm + head + head_dist)" if "head_dist.weight"
+                                                               in names else ")")
+  elif "dist_token" in names:
+    kind = "DeiT distilled (timm VisionTransformerDistilled: dist_token" + (
+        ", head + head_dist)" if "head_dist.weight" in names else ")")
   elif "fc_norm.weight" in names:
     kind = "fine-tuned, global-avg pool (MAE fine-tune / timm global_pool='avg': fc_norm + head)"
   elif "norm.weight" in names and "head.weight" in names:
@@ -615,6 +625,22 @@ def _flat_state(model) -> dict[tuple, Any]:
   return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
 
 
+_CONV1X1_INDEX = {"norm": "0", "fc": "1"}
+_LAYER_SCALE_RE = re.compile(r"^(.*blocks\.\d+\.)gamma_([12])$")
+
+
+def _adapt_layer_scale(weights: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+  """BEiT-style `blocks.i.gamma_1` / `gamma_2` -> timm's `blocks.i.ls1.gamma` / `ls2.gamma` (timm
+  vision_transformer.checkpoint_filter_fn, adapt_layer_scale); -> (weights, how many were renamed)."""
+  out, renamed = {}, 0
+  for name, arr in weights.items():
+    m = _LAYER_SCALE_RE.match(name)
+    if m:
+      name, renamed = f"{m[1]}ls{m[2]}.gamma", renamed + 1
+    out[name] = arr
+  return out, renamed
+
+
 def _torch_name(path: tuple) -> str:
   parts = [str(p) for p in path]
   if parts[0] == "encoder":  # MAE: encoder keys sit at the top level of the PyTorch state dict
@@ -622,6 +648,8 @@ def _torch_name(path: tuple) -> str:
   *mod, leaf = parts
   if mod == ["patch_embed"]:
     mod = ["patch_embed", "proj"]
+  if mod[:1] == ["conv1x1"]:  # the authors' nn.Sequential(LayerNorm, Linear, GELU)
+    mod = ["conv1x1", _CONV1X1_INDEX[mod[1]]] + mod[2:]
   if leaf in ("kernel", "scale"):
     leaf = "weight"
   return ".".join(mod + [leaf])
@@ -654,9 +682,10 @@ def _torch_shape(path: tuple, shape: tuple) -> tuple:
 # PyTorch's state_dict order (a module's own parameters, then its children in definition order) for timm's
 # VisionTransformer and MAE's MaskedAutoencoderViT; one ranking serves every level of the name.
 _ORDER = {n: i for i, n in enumerate([
-    "cls_token", "reg_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre", "blocks",
-    "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn",
-    "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
+    "cls_token", "reg_token", "pos_embed", "dist_token", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre",
+    "blocks", "conv1x1", "norm", "fc_norm", "head", "head_dist", "decoder_embed", "decoder_blocks", "decoder_norm",
+    "decoder_pred", "norm1", "attn", "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias",
+    "gamma"])}
 
 
 def _sort_key(name: str):
@@ -798,7 +827,7 @@ def _runs(name: str, depth: int | None) -> bool:
     return int(m[1]) < depth
   # After the blocks: the final norm, the fine-tuned tail, an MAE decoder. Anything else (the embeddings, or a
   # part this ViT does not know, e.g. DeiT's dist_token) is taken as run: loaded, or unexpected.
-  return not (name.split(".")[0] in ("norm", "fc_norm", "head") or _DECODER_RE.match(name))
+  return not (name.split(".")[0] in ("conv1x1", "norm", "fc_norm", "head", "head_dist") or _DECODER_RE.match(name))
 
 
 def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
@@ -807,6 +836,10 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
   report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
   report.skipped.update(ckpt.extras)
   report.info += ckpt.describe(hint_context)
+  weights, renamed = _adapt_layer_scale(weights)
+  if renamed:
+    report.info.append(f"{renamed} layer-scale tensor(s) blocks.i.gamma_1 / gamma_2 read as blocks.i.ls1.gamma / "
+                       f"ls2.gamma (timm's names)")
   target = _mapping(model)
   is_vit_only = not any(_DECODER_RE.match(k) for k in target)
   # The prefix tokens' rows of pos_embed (CLS, registers; none with no_embed_class) are kept as they are when the
@@ -928,6 +961,14 @@ def _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing, 
                                     else rf"^{re.escape(o)}$" for o in others])
     if fix:
       hints.append(f"to ignore the file's {', '.join(others)} (the model has no such part): {fix}")
+  # The distilled layouts are parts of the model's config, not of the file: say which fields build them.
+  parts = {u.split()[0].split(".")[0] for u in unexpected}
+  wanted = (("dist_token", "dist_token=True"),
+            ("conv1x1", "conv1x1_dim=<the file's conv1x1.1 rows, 1280 for TinyMIM*-T>"))
+  fields = [f for part, f in wanted if part in parts]
+  if fields:
+    hints.append(f"the file holds {' and '.join(p for p in ('dist_token', 'conv1x1') if p in parts)}: build the "
+                 f"model with {', '.join(fields)} (ViTConfig fields) to load them")
   if any(n.startswith("head.") for n in mismatched_names):
     options = {"skip": [r"^head\."]}
     if _first_match(allow_missing, "head.weight") is None:
