@@ -216,6 +216,7 @@ VIT_RANGES = {
     "num_classes": (int, "[0, inf)"),   # 0: no head
     "init_values": (float, "[0, inf)"),  # LayerScale; 0: off
     "reg_tokens": (int, "[0, inf)"),
+    "conv1x1_dim": (int, "[0, inf)"),  # TinyMIM*-T's extra layer width; 0: off
     "norm_eps": (float, "(0, inf)"),
 }
 

@@ -6,12 +6,16 @@ The only module of the project that knows PyTorch parameter names. Name mapping 
   [encoder.]patch_embed.kernel (p,p,3,D)      patch_embed.proj.weight (D,3,p,p)  conv transpose
   [encoder.]cls_token / pos_embed             cls_token / pos_embed              -
   reg_token / norm_pre / blocks.i.ls1.gamma   the same names (DINOv2 / CLIP)     -
+  dist_token / head_dist                      the same names (DeiT distilled)    -
+  conv1x1.norm | conv1x1.fc (TinyMIM*-T)      conv1x1.0 | conv1x1.1              as above
   [encoder.]blocks.i.<lin>.kernel (in,out)    blocks.i.<lin>.weight (out,in)     transpose
   <norm>.scale                                <norm>.weight                      -
   norm | fc_norm | head                       norm | fc_norm | head              -
   mask_token, decoder_* (MAE)                 mask_token, decoder_*              as above
 
-MAE keeps the encoder keys at the top level of its state dict, so our `encoder.` prefix is dropped.
+MAE keeps the encoder keys at the top level of its state dict, so our `encoder.` prefix is dropped. Layer scale
+named `blocks.i.gamma_1` / `gamma_2` (BEiT / the TinyMIM*-T segmentation backbone) is read as `ls1.gamma` /
+`ls2.gamma`, as timm's checkpoint_filter_fn(adapt_layer_scale=True) does; exports use timm's names.
 
 Loading is all-or-nothing: every key of the file is either loaded or reported as skipped with a reason,
 and any missing / unexpected / mis-shaped key raises one WeightMismatchError listing all of them before

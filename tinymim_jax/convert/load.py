@@ -13,7 +13,7 @@ from tinymim_jax.convert.errors import HintContext, WeightMismatchError, render_
 from tinymim_jax.convert.files import Checkpoint, read_checkpoint
 from tinymim_jax.convert.dtypes import dtype_summary
 from tinymim_jax.convert.sidecar import architecture, heads_text, model_configs, sidecar_configs
-from tinymim_jax.convert.names import DECODER_RE, detect_layout, from_torch_layout, torch_names, torch_shape
+from tinymim_jax.convert.names import DECODER_RE, adapt_layer_scale, detect_layout, from_torch_layout, torch_names, torch_shape
 from tinymim_jax.convert.resample import resample_grids, resample_pos_embed
 
 
@@ -121,7 +121,7 @@ def _runs(name: str, depth: int | None) -> bool:
     return int(m[1]) < depth
   # After the blocks: the final norm, the fine-tuned tail, an MAE decoder. Anything else (the embeddings, or a
   # part this ViT does not know, e.g. DeiT's dist_token) is taken as run: loaded, or unexpected.
-  return not (name.split(".")[0] in ("norm", "fc_norm", "head") or DECODER_RE.match(name))
+  return not (name.split(".")[0] in ("conv1x1", "norm", "fc_norm", "head", "head_dist") or DECODER_RE.match(name))
 
 
 def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, depth=None,
@@ -130,6 +130,10 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
   report = LoadReport(source=label, layout=detect_layout(weights, ckpt.extras))
   report.skipped.update(ckpt.extras)
   report.info += ckpt.describe(hint_context)
+  weights, renamed = adapt_layer_scale(weights)
+  if renamed:
+    report.info.append(f"{renamed} layer-scale tensor(s) blocks.i.gamma_1 / gamma_2 read as blocks.i.ls1.gamma / "
+                       f"ls2.gamma (timm's names)")
   target = torch_names(model)
   is_vit_only = not any(DECODER_RE.match(k) for k in target)
   # The prefix tokens' rows of pos_embed (CLS, registers; none with no_embed_class) are kept as they are when the
@@ -251,6 +255,14 @@ def _mismatch_hints(missing_names, unexpected, mismatched_names, allow_missing, 
                                     else rf"^{re.escape(o)}$" for o in others])
     if fix:
       hints.append(f"to ignore the file's {', '.join(others)} (the model has no such part): {fix}")
+  # The distilled layouts are parts of the model's config, not of the file: say which fields build them.
+  parts = {u.split()[0].split(".")[0] for u in unexpected}
+  wanted = (("dist_token", "dist_token=True"),
+            ("conv1x1", "conv1x1_dim=<the file's conv1x1.1 rows, 1280 for TinyMIM*-T>"))
+  fields = [f for part, f in wanted if part in parts]
+  if fields:
+    hints.append(f"the file holds {' and '.join(p for p in ('dist_token', 'conv1x1') if p in parts)}: build the "
+                 f"model with {', '.join(fields)} (ViTConfig fields) to load them")
   if any(n.startswith("head.") for n in mismatched_names):
     options = {"skip": [r"^head\."]}
     if _first_match(allow_missing, "head.weight") is None:

@@ -18,6 +18,12 @@ def detect_layout(names, extras: Mapping[str, str] = ()) -> str:
   names = set(names)
   if any(DECODER_RE.match(k) for k in names):
     kind = "MAE pretrain (encoder + decoder)"
+  elif "dist_token" in names and any(k.startswith("conv1x1.") for k in names):
+    kind = "TinyMIM*-T (distillation token, conv1x1 layer" + (", fc_norm + head + head_dist)" if "head_dist.weight"
+                                                               in names else ")")
+  elif "dist_token" in names:
+    kind = "DeiT distilled (timm VisionTransformerDistilled: dist_token" + (
+        ", head + head_dist)" if "head_dist.weight" in names else ")")
   elif "fc_norm.weight" in names:
     kind = "fine-tuned, global-avg pool (MAE fine-tune / timm global_pool='avg': fc_norm + head)"
   elif "norm.weight" in names and "head.weight" in names:
@@ -38,6 +44,22 @@ def flat_state(model) -> dict[tuple, Any]:
   return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
 
 
+_CONV1X1_INDEX = {"norm": "0", "fc": "1"}
+_LAYER_SCALE_RE = re.compile(r"^(.*blocks\.\d+\.)gamma_([12])$")
+
+
+def adapt_layer_scale(weights: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], int]:
+  """BEiT-style `blocks.i.gamma_1` / `gamma_2` -> timm's `blocks.i.ls1.gamma` / `ls2.gamma` (timm
+  vision_transformer.checkpoint_filter_fn, adapt_layer_scale); -> (weights, how many were renamed)."""
+  out, renamed = {}, 0
+  for name, arr in weights.items():
+    m = _LAYER_SCALE_RE.match(name)
+    if m:
+      name, renamed = f"{m[1]}ls{m[2]}.gamma", renamed + 1
+    out[name] = arr
+  return out, renamed
+
+
 def _torch_name(path: tuple) -> str:
   parts = [str(p) for p in path]
   if parts[0] == "encoder":  # MAE: encoder keys sit at the top level of the PyTorch state dict
@@ -45,6 +67,8 @@ def _torch_name(path: tuple) -> str:
   *mod, leaf = parts
   if mod == ["patch_embed"]:
     mod = ["patch_embed", "proj"]
+  if mod[:1] == ["conv1x1"]:  # the authors' nn.Sequential(LayerNorm, Linear, GELU)
+    mod = ["conv1x1", _CONV1X1_INDEX[mod[1]]] + mod[2:]
   if leaf in ("kernel", "scale"):
     leaf = "weight"
   return ".".join(mod + [leaf])
@@ -77,9 +101,10 @@ def torch_shape(path: tuple, shape: tuple) -> tuple:
 # PyTorch's state_dict order (a module's own parameters, then its children in definition order) for timm's
 # VisionTransformer and MAE's MaskedAutoencoderViT; one ranking serves every level of the name.
 _ORDER = {n: i for i, n in enumerate([
-    "cls_token", "reg_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre", "blocks",
-    "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn",
-    "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
+    "cls_token", "reg_token", "pos_embed", "dist_token", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre",
+    "blocks", "conv1x1", "norm", "fc_norm", "head", "head_dist", "decoder_embed", "decoder_blocks", "decoder_norm",
+    "decoder_pred", "norm1", "attn", "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias",
+    "gamma"])}
 
 
 def state_dict_order(name: str):
