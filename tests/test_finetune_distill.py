@@ -10,7 +10,7 @@ import pytest
 
 from tests.helpers import exact
 from tinymim_jax import create_model, losses, optim
-from tinymim_jax import finetune_distill as fd
+from tinymim_jax.objectives import finetune as fd
 from tinymim_jax import train_steps as ts
 from tinymim_jax.data import mixup_cutmix
 
@@ -59,9 +59,9 @@ def test_distillation_loss_errors():
   with pytest.raises(ValueError, match="distillation type must be one of"):
     losses.distillation_loss(jnp.zeros((2, 3)), None, jnp.ones((2, 3)) / 3, None, kind="kl")
   with pytest.raises(ValueError, match="distillation type must be one of"):
-    fd.DistillFinetuneSpec(num_classes=3, distillation_type="Hard")
+    fd.FinetuneSpec(num_classes=3, distillation_type="Hard")
   with pytest.raises(ValueError, match="EMA decay must be in"):
-    fd.DistillFinetuneSpec(num_classes=3, ema_decay=1.0)
+    fd.FinetuneSpec(num_classes=3, ema_decay=1.0)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -103,9 +103,9 @@ def setup(kind="hard", *, dtype="float32", ema_decay=None, tx=None, mixup=0.8, s
   graphdef, tgraphs, state = ts.init_state(student, tx, teachers={"teacher": teacher})
   if ema_decay is not None:
     state = fd.init_ema(state)
-  spec = fd.DistillFinetuneSpec(num_classes=C, distillation_type=kind, alpha=0.5, tau=2.0, ema_decay=ema_decay,
+  spec = fd.FinetuneSpec(num_classes=C, distillation_type=kind, alpha=0.5, tau=2.0, ema_decay=ema_decay,
                                 mixup=mixup, cutmix=1.0 if mixup else 0.0)
-  step = fd.make_distill_finetune_step(graphdef, tgraphs["teacher"], tx, schedule, spec)
+  step = fd.make_finetune_step(graphdef, tgraphs["teacher"], tx, schedule, spec)
   x = np.random.RandomState(0).randn(4, 32, 32, 3).astype(dtype)
   return step, state, {"image": x, "label": np.arange(4, dtype=np.int32) % C}, (graphdef, tgraphs)
 

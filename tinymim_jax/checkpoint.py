@@ -3,6 +3,7 @@
 A checkpoint at step s holds three items:
   model  {'params', 'consts'}: the trained model (never the teacher)
   opt    the optimizer state
+  extra  (only when the state has them) its other trained trees, e.g. a fine-tuning run's weight EMA ('ema')
   meta   JSON: the resolved config, the step (the data position is derived from it), the seed, the
          teacher's source and weight hash, and a checksum of every saved array ('checksums')
 Orbax writes each checkpoint into a temporary directory and renames it when complete, so a crash or a
@@ -217,6 +218,14 @@ def _quiet_unraisable():
 # -----------------------------------------------------------------------------------------------------
 # The checkpointer.
 # -----------------------------------------------------------------------------------------------------
+_OWN_ITEMS = ("step", "params", "consts", "opt")
+
+
+def _extra(state: dict) -> dict:
+  """The train state's trees beside the model and the optimizer (a weight EMA), saved as the 'extra' item."""
+  return {k: v for k, v in state.items() if k not in _OWN_ITEMS}
+
+
 class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int = 3, keep_every: int | None = None, async_save: bool = True,
@@ -235,6 +244,7 @@ class Checkpointer:
                                              cleanup_tmp_directories=True)
     self.directory = os.path.join(paths.abspath(workdir), workdir_lib.CHECKPOINTS)
     handlers = {"model": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+                "extra": ocp.StandardCheckpointHandler(),
                 "meta": ocp.JsonCheckpointHandler()}
     self.mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     self._pending: int | None = None  # the step of a save that may still be in flight
@@ -252,11 +262,13 @@ class Checkpointer:
     if self._pending is not None:  # Orbax would wait for it too; this way a failure names its own step
       self.wait()
     model = {"params": state["params"], "consts": state["consts"]}
-    meta = {**meta, "checksums": {"model": array_checksums(model), "opt": array_checksums(state["opt"])}}
+    items = {"model": model, "opt": state["opt"]}
+    if _extra(state):
+      items["extra"] = _extra(state)
+    meta = {**meta, "checksums": {k: array_checksums(v) for k, v in items.items()}}
     try:
       self.mngr.save(int(step), force=True, args=ocp.args.Composite(
-          model=ocp.args.StandardSave(model), opt=ocp.args.StandardSave(state["opt"]),
-          meta=ocp.args.JsonSave(meta)))
+          **{k: ocp.args.StandardSave(v) for k, v in items.items()}, meta=ocp.args.JsonSave(meta)))
     except Exception as e:  # pylint: disable=broad-except
       self._failed(int(step), e)
     self._pending = int(step)
@@ -351,8 +363,11 @@ class Checkpointer:
     saved it: -> (state, meta). Damaged ones are moved aside (move_aside) or skipped, with a warning."""
     abstract = {"model": {"params": abstract_state["params"], "consts": abstract_state["consts"]},
                 "opt": abstract_state["opt"]}
+    if _extra(abstract_state):
+      abstract["extra"] = _extra(abstract_state)
     step, restored, meta = self.restore_intact(lambda _: abstract, move_aside=move_aside)
-    state = {**restored["model"], "opt": restored["opt"], "step": jnp.asarray(step, jnp.int32)}
+    state = {**restored["model"], "opt": restored["opt"], **restored.get("extra", {}),
+             "step": jnp.asarray(step, jnp.int32)}
     return state, meta
 
   def restore_intact(self, abstract_fn: Callable[[dict], dict[str, Any]], *, move_aside: bool = False

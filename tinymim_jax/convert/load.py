@@ -188,6 +188,19 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
         missing.append(f"{name} {want} (skipped by {skip_pattern!r} but not allowed missing)")
         missing_names.append(name)
       continue
+    if (name.endswith("pos_embed") and enc.dist_token and prefix and "dist_token" not in weights
+        and _first_match(allow_missing, "dist_token") is not None and not _is_abstract(value)):
+      # A file without a distillation token (a pretrained encoder under a distilled student): its table lacks the
+      # dist row, which starts from the model's init with the token itself (DeiT trains both from scratch).
+      own = np.asarray(value)
+      arr = np.asarray(arr)
+      grids = resample_grids(arr.shape, (want[0], want[1] - 1, want[2]), prefix - 1)
+      if grids is not None and grids[0] != grids[1]:
+        arr = resample_pos_embed(arr, grids[1][0], prefix - 1)
+        report.resampled[name] = grids
+      if arr.shape[1] == want[1] - 1:
+        arr = np.concatenate([arr[:, :1], own[:, 1:2].astype(arr.dtype), arr[:, 1:]], axis=1)
+        report.missing_kept_init.append(f"{name}[:, 1] (the distillation token's row)")
     if name.endswith("pos_embed") and tuple(arr.shape) != want:
       grids = resample_grids(arr.shape, want, prefix)
       if grids is not None:

@@ -50,6 +50,8 @@ class Setup:
   export: the model to export from the final state (host arrays), or None (a probe exports nothing).
   train_iterator: (evaluator, state, start_step, steps_per_epoch) -> an iterator of batches with `.skipped`; None:
     the data pipeline in the objective's data_mode.
+  extra_evals: {name: (predict, predict_keys)}: other weights of the state whose head's top-1 is evaluated beside
+    the model's, as eval/<name>_top1 (a fine-tuning EMA: {'ema': ...}); no frozen-feature evals.
   """
   state: dict
   feature_spec: features.FeatureSpec
@@ -62,6 +64,7 @@ class Setup:
   export: Callable[[dict], Any] | None = None
   train_iterator: Callable | None = None
   record: dict | None = None
+  extra_evals: dict[str, tuple[Callable, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
 
 class Objective:
