@@ -138,3 +138,22 @@ def test_distilled_file_into_plain_model_says_which_fields():
   sd = tstar_state_dict(TStar())
   with pytest.raises(convert.WeightMismatchError, match=r"dist_token=True, conv1x1_dim=<the file's conv1x1.1 rows"):
     convert.load_pytorch_weights(ours(dist_token=False, pooling="avg"), sd)
+
+
+def test_pretrain_file_into_a_distilled_student_starts_the_dist_parts_fresh():
+  """Fine-tuning's init (builders.FRESH_PARTS): a plain pretrained encoder loads into a student with a distillation
+  token; the file's CLS and patch rows of pos_embed land around the dist row, which keeps the student's init."""
+  from tinymim_jax import builders
+  plain = create_model("vit_tiny_patch16", **{**SHAPE, "pooling": "cls", "pos_embed": "learn"}, seed=3)
+  sd = convert.export_pytorch_weights(plain)
+  student = ours(num_classes=5, conv1x1_dim=24, pooling="avg")  # TinyMIM*-T: fc_norm, the file's norm dropped
+  init_row = np.asarray(student.pos_embed[...])[:, 1]
+  with pytest.raises(convert.WeightMismatchError):  # strict without the fresh parts allowed
+    convert.load_pytorch_weights(ours(num_classes=5), sd)
+  report = convert.load_pytorch_weights(student, sd, allow_missing=builders.FRESH_PARTS)
+  got = np.asarray(student.pos_embed[...])
+  np.testing.assert_array_equal(got[:, 0], sd["pos_embed"][:, 0])
+  np.testing.assert_array_equal(got[:, 2:], sd["pos_embed"][:, 1:])
+  np.testing.assert_array_equal(got[:, 1], init_row)
+  assert "dist_token" in report.missing_kept_init and any("conv1x1" in n for n in report.missing_kept_init)
+  assert any("distillation token's row" in n for n in report.missing_kept_init)
