@@ -12,6 +12,11 @@ Nine stages, each a normal run of the main job but the pixel floors (tinymim_jax
   control_finetune   the floor of fine-tuning: the same student and recipe from a random init (no pretraining)
   floors             the floor of the frozen-feature evals: the same k-NN, few-shot and probe on raw pixels
 `python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
+Beside them (not run by the demo), DeiT-style distillation fine-tuning as TinyMIM*-T's (docs/method.md section 11):
+  student_finetune_deit  fine-tune the distilled student with a distillation token and head, hard distillation
+                     from the fine-tuned MAE baseline (baseline_finetune, frozen) and a weight EMA (decay 0.99):
+                     python -m tinymim_jax.main --config configs/digits_demo.py:stage=student_finetune_deit,\
+                       root=workdirs/demo --workdir workdirs/demo/student_finetune_deit
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
 All seven take ~4 minutes on 2 uncontended CPU cores; the student reaches ~0.98+ top-1 on the held-out 20% either
@@ -25,6 +30,7 @@ from tinymim_jax import config_base
 
 STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", "baseline_finetune", "student_eval",
           "baseline_eval", "control_finetune", "floors")
+EXTRA_STAGES = ("student_finetune_deit",)
 TITLE = "The digits demo: TinyMIM vs MAE from scratch, one seed"
 SEEDS = (0,)
 
@@ -47,8 +53,8 @@ def _model(c, spec, **kw):
 def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
                             finetune_epochs=30.0, quick=False)
-  if a.stage not in STAGES:
-    raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
+  if a.stage not in STAGES + EXTRA_STAGES:
+    raise ValueError(f"stage must be one of {STAGES + EXTRA_STAGES}, got {a.stage!r}")
   c = config_base.base_config()
   c.seed = 0
   c.data.name = "digits"
@@ -97,6 +103,7 @@ def get_config(arg=None):
     c.objective = "finetune"
     _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
     c.init = {"student_finetune": os.path.join(a.root, "student_distill"),
+              "student_finetune_deit": os.path.join(a.root, "student_distill"),
               "baseline_finetune": os.path.join(a.root, "baseline_mae"), "control_finetune": None}[a.stage]
     c.total_epochs = a.finetune_epochs
     c.optim.base_lr = 4e-3
@@ -106,4 +113,11 @@ def get_config(arg=None):
     c.optim.no_decay = ("pos_embed", "cls_token")
     c.finetune.mixup, c.finetune.cutmix, c.finetune.label_smoothing = 0.0, 0.0, 0.1
     c.eval.knn.enabled = c.eval.fewshot.enabled = False
+    if a.stage == "student_finetune_deit":
+      c.model.dist_token = True            # CLS + dist tokens, head + head_dist (both fresh on the distilled init)
+      c.finetune.distillation_type = "hard"  # DeiT's and TinyMIM*-T's
+      _model(c.finetune_teacher, STUDENT)  # the baseline: the student's size
+      c.finetune_teacher.update(dict(dtype="float32",
+                                     source=os.path.join(a.root, "baseline_finetune")))
+      c.finetune.ema_decay = 0.99          # DeiT's 0.99996 is for ~1.25 M steps; ~300 here
   return c

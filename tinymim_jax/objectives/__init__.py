@@ -56,6 +56,8 @@ class Setup:
     (a dense objective's own evals); None: evals.Evaluator on `predict`.
   write_exports: (state, workdir) -> {name: path} of files exported beside the timm-named one (process 0 writes;
     every process calls it), or None.
+  extra_evals: {name: (predict, predict_keys)}: other weights of the state whose head's top-1 is evaluated beside
+    the model's, as eval/<name>_top1 (a fine-tuning EMA: {'ema': ...}); no frozen-feature evals.
   """
   state: dict
   feature_spec: features.FeatureSpec
@@ -70,6 +72,7 @@ class Setup:
   record: dict | None = None
   make_evaluator: Callable | None = None
   write_exports: Callable | None = None
+  extra_evals: dict[str, tuple[Callable, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
 
 class Objective:
