@@ -191,8 +191,9 @@ def _numeric_fields(c, prefix=""):
 
 def test_every_numeric_field_has_a_checked_range():
   c = config_base.base_config()
-  ranges = set(config_base.RANGES) | {f"{s}.{k}" for s in ("model", "teacher") for k in config_base.VIT_RANGES}
-  ranges |= {f"teacher.{k}" for k in config_base.TEACHER_RANGES}
+  sections = ("model", "teacher", "finetune_teacher")
+  ranges = set(config_base.RANGES) | {f"{s}.{k}" for s in sections for k in config_base.VIT_RANGES}
+  ranges |= {f"{s}.{k}" for s in sections[1:] for k in config_base.TEACHER_RANGES}
   assert set(_numeric_fields(c)) <= ranges, set(_numeric_fields(c)) - ranges
 
 

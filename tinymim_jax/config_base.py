@@ -262,7 +262,7 @@ def _ranges(teachers) -> dict[str, tuple[type, str]]:
   out = dict(RANGES)
   for section in ("model", "finetune_teacher", *teachers):
     out.update({f"{section}.{k}": v for k, v in VIT_RANGES.items()})
-  for section in teachers:
+  for section in ("finetune_teacher", *teachers):  # unused by the fine-tuning teacher, checked all the same
     out.update({f"{section}.{k}": v for k, v in TEACHER_RANGES.items()})
   return out
 
