@@ -17,6 +17,11 @@ Twelve stages, each a normal run of the main job but the pixel floors (tinymim_j
                      The eval stages also train a linear segmentation probe on the frozen patch tokens
                      (config.eval.segprobe; segprobe.py) on the same scenes
 `python -m tinymim_jax.demo` runs them in order with the study runner and prints the table.
+Beside them (not run by the demo), DeiT-style distillation fine-tuning as TinyMIM*-T's (docs/method.md section 11):
+  student_finetune_deit  fine-tune the distilled student with a distillation token and head, hard distillation
+                     from the fine-tuned MAE baseline (baseline_finetune, frozen) and a weight EMA (decay 0.99):
+                     python -m tinymim_jax.main --config configs/digits_demo.py:stage=student_finetune_deit,\
+                       root=workdirs/demo --workdir workdirs/demo/student_finetune_deit
 One stage alone: python -m tinymim_jax.main --config configs/digits_demo.py:stage=teacher_mae,root=workdirs/demo \
                      --workdir workdirs/demo/teacher_mae
 The first nine take ~4-5 minutes on 2 uncontended CPU cores (the segmentation stages ~1 minute each); the student reaches ~0.98+ top-1 on the held-out 20% either
@@ -33,6 +38,7 @@ STAGES = ("teacher_mae", "student_distill", "student_finetune", "baseline_mae", 
 # The segmentation stages: configs/segment.py:model=demo (UperNet on the student's architecture, digits scenes)
 # from each student's workdir, and from a random init as their floor (None).
 SEGMENT_INIT = {"student_segment": "student_distill", "baseline_segment": "baseline_mae", "control_segment": None}
+EXTRA_STAGES = ("student_finetune_deit",)
 TITLE = "The digits demo: TinyMIM vs MAE from scratch, one seed"
 SEEDS = (0,)
 
@@ -64,8 +70,8 @@ def get_config(arg=None):
   a = config_base.parse_arg(arg, stage="student_distill", root="workdirs/demo", pretrain_epochs=25.0,
                             finetune_epochs=30.0, quick=False, segment_steps=SEGMENT_STEPS,
                             segment_batch=SEGMENT_BATCH)
-  if a.stage not in STAGES:
-    raise ValueError(f"stage must be one of {STAGES}, got {a.stage!r}")
+  if a.stage not in STAGES + EXTRA_STAGES:
+    raise ValueError(f"stage must be one of {STAGES + EXTRA_STAGES}, got {a.stage!r}")
   if a.stage in SEGMENT_INIT:
     from tinymim_jax import study  # pylint: disable=g-import-not-at-top
     segment = study.load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "segment.py"))
@@ -125,6 +131,7 @@ def get_config(arg=None):
     c.objective = "finetune"
     _model(c.model, STUDENT, drop_path=0.1, pooling="avg", num_classes=10, pos_embed="learn")
     c.init = {"student_finetune": os.path.join(a.root, "student_distill"),
+              "student_finetune_deit": os.path.join(a.root, "student_distill"),
               "baseline_finetune": os.path.join(a.root, "baseline_mae"), "control_finetune": None}[a.stage]
     c.total_epochs = a.finetune_epochs
     c.optim.base_lr = 4e-3
@@ -134,4 +141,11 @@ def get_config(arg=None):
     c.optim.no_decay = ("pos_embed", "cls_token")
     c.finetune.mixup, c.finetune.cutmix, c.finetune.label_smoothing = 0.0, 0.0, 0.1
     c.eval.knn.enabled = c.eval.fewshot.enabled = False
+    if a.stage == "student_finetune_deit":
+      c.model.dist_token = True            # CLS + dist tokens, head + head_dist (both fresh on the distilled init)
+      c.finetune.distillation_type = "hard"  # DeiT's and TinyMIM*-T's
+      _model(c.finetune_teacher, STUDENT)  # the baseline: the student's size
+      c.finetune_teacher.update(dict(dtype="float32",
+                                     source=os.path.join(a.root, "baseline_finetune")))
+      c.finetune.ema_decay = 0.99          # DeiT's 0.99996 is for ~1.25 M steps; ~300 here
   return c

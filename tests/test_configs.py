@@ -21,12 +21,12 @@ ARGS = {
                         "teacher=clip_quickgelu_base",
                         "student=tiny,target=cls,teacher_block=9,relation_heads=6,mask_ratio=0.5",
                         "student=base,dtype=bfloat16,attention=cudnn"],
-    "finetune": ["model=tiny", "model=small", "model=base"],
+    "finetune": ["model=tiny", "model=small", "model=base", "model=tstar,teacher=t.pth"],
     "mae_pretrain": ["model=tiny", "model=base", "model=large"],
     "digits_demo": ["stage=" + s for s in ("teacher_mae", "student_distill", "student_finetune", "baseline_mae",
                                            "baseline_finetune", "student_eval", "baseline_eval",
                                            "control_finetune", "student_segment", "baseline_segment",
-                                           "control_segment")],
+                                           "control_segment", "student_finetune_deit")],
     "linprobe": ["model=base", "model=large,pool=cls", "data=digits,augment=False", "objective=eval,block=11"],
     "segment": ["model=base", "model=small", "model=tiny", "model=tiny_star", "model=demo",
                 "model=demo,dataset=folder"],
@@ -128,6 +128,11 @@ def test_finetune_config_matches_spec():
   assert round(d.image_size / d.crop_pct) == 256
   for model, heads in (("tiny", 3), ("small", 6)):
     assert load("finetune", f"model={model}").model.num_heads == heads
+  t = load("finetune", "model=tstar,teacher=t.pth")
+  assert (t.model.num_heads, t.model.dist_token, t.model.conv1x1_dim, t.total_epochs) == (12, True, 1280, 1000.0)
+  assert (t.finetune.distillation_type, t.finetune.alpha, t.finetune.tau, t.finetune.ema_decay) == (
+      "hard", 0.5, 1.0, 0.99996)
+  assert t.finetune_teacher.source == "t.pth" and t.finetune.mixup == 0.8
 
 
 def test_mae_config_matches_spec():
@@ -187,8 +192,9 @@ def _numeric_fields(c, prefix=""):
 
 def test_every_numeric_field_has_a_checked_range():
   c = config_base.base_config()
-  ranges = set(config_base.RANGES) | {f"{s}.{k}" for s in ("model", "teacher") for k in config_base.VIT_RANGES}
-  ranges |= {f"teacher.{k}" for k in config_base.TEACHER_RANGES}
+  sections = ("model", "teacher", "finetune_teacher")
+  ranges = set(config_base.RANGES) | {f"{s}.{k}" for s in sections for k in config_base.VIT_RANGES}
+  ranges |= {f"{s}.{k}" for s in sections[1:] for k in config_base.TEACHER_RANGES}
   assert set(_numeric_fields(c)) <= ranges, set(_numeric_fields(c)) - ranges
 
 

@@ -16,7 +16,7 @@ from tests.helpers import exact, tiny
 from tests.helpers.steps import run
 from tinymim_jax import create_model, optim, sharding as sh, train_steps as ts
 from tinymim_jax.features import FeatureSpec
-from tinymim_jax.objectives import distill
+from tinymim_jax.objectives import distill, finetune
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -145,8 +145,8 @@ def test_finetune_overfits_a_small_batch():
                             no_decay=("pos_embed", "cls_token"))
   graphdef, _, state = ts.init_state(model, tx)
   batch = {"image": tiny.images(8, seed=3), "label": np.arange(8, dtype=np.int32) % 4}
-  step = ts.make_finetune_step(graphdef, tx, schedule, num_classes=4, mixup=0.0, cutmix=0.0,
-                               label_smoothing=0.0)
+  step = finetune.make_finetune_step(graphdef, None, tx, schedule,
+                                    finetune.FinetuneSpec(num_classes=4, mixup=0.0, cutmix=0.0, label_smoothing=0.0))
   state, m = run(step, state, batch, 40, sh.make_mesh(devices=jax.devices()[:1]))
   assert m[-1]["train_top1"] == 1.0 and m[-1]["loss"] < 0.1
   preds = ts.make_predict_fn(graphdef, FeatureSpec(block=2))(state, batch["image"])
@@ -183,7 +183,7 @@ def _float64_step(objective):
     # A head of the size training gives it (its init, std 2e-5, makes the loss blind to everything before it).
     model.head.kernel[...] = 0.3 * jax.random.normal(jax.random.PRNGKey(1), model.head.kernel.shape, jnp.float64)
     graphdef, _, state = ts.init_state(model, rec)
-    return (ts.make_finetune_step(graphdef, rec, schedule, num_classes=5), state,
+    return (finetune.make_finetune_step(graphdef, None, rec, schedule, finetune.FinetuneSpec(num_classes=5)), state,
             {"image": x, "label": np.arange(4, dtype=np.int32) % 5})
   # Feature distillation through the width projection (student D 32 -> teacher D 48).
   student = create_model("vit_tiny_patch16", drop_path=0.1, drop_path_mode="constant", **F64)

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+from typing import Mapping
 
 import jax
 import ml_collections
@@ -153,6 +154,10 @@ def _restore(workdir: str) -> tuple[nnx.Module, dict]:
       built["modeldef"], params, consts = ts.split_model(model)
       built["extras"] = set(extras)
       target = {"params": {**params, **extras}, "consts": consts}
+      # A fine-tuning run's weight EMA rides in the model item (checkpoint._model_item), the params' tree: read
+      # so the item fits, then left out (the model is the raw weights, as trained).
+      if any(k.startswith("ema.") for k in ((meta or {}).get("checksums") or {}).get("model", {})):
+        target["ema"] = target["params"]
       return {"model": checkpoint.abstract(target, jax.tree.map(lambda _: local, target))}
 
     _, restored, meta = ckpt.restore_intact(abstract_model)
@@ -208,11 +213,50 @@ def load_weights(model: nnx.Module, source: str, *, skip=(), allow_missing=(), e
 # How the main job's user sets the loader's options (config fields), for the hints of its errors and reports.
 INIT_OPTIONS = {"skip": "init_skip", "ema": "init_ema", "prefix": "init_prefix", "pooling": "model.pooling"}
 
+# The parts fine-tuning starts fresh when the init file has none: the classifier tail, and a distilled student's
+# distillation token (its positional row too), head_dist and TinyMIM*-T's conv1x1 layer (DeiT / TinyMIM*-T start
+# them from their init on a pretrained encoder).
+FRESH_PARTS = (r"fc_norm\..*", r"head\..*", r"dist_token", r"head_dist\..*", r"conv1x1\..*")
+
+
 def load_init(model: nnx.Module, config) -> convert.LoadReport:
   """config.init into the model a run trains. Fine-tuning starts from a pretrained / distilled encoder: a fresh
-  fc_norm + head, the file's `norm` dropped (a frozen model for evals is read strictly: frozen_model)."""
+  fc_norm + head (and dist_token, head_dist, conv1x1 where the file has none: FRESH_PARTS), the file's `norm`
+  dropped (a frozen model for evals is read strictly: frozen_model)."""
   return load_weights(model, config.init, skip=config.init_skip, ema=config.init_ema, prefix=config.init_prefix,
-                      allow_missing=(r"fc_norm\..*", r"head\..*"), hint_context=INIT_OPTIONS)
+                      allow_missing=FRESH_PARTS, hint_context=INIT_OPTIONS)
+
+
+def layout_kwargs(weights) -> dict:
+  """The ViTConfig fields a timm-named state dict's keys decide: {'pooling': 'avg' with fc_norm, else 'cls';
+  'num_classes': head.weight's rows, 0 without a head; 'dist_token': whether it holds DeiT's dist_token;
+  'conv1x1_dim': TinyMIM*-T's conv1x1.1.weight rows, 0 without one}."""
+  return {"pooling": "avg" if "fc_norm.weight" in weights else "cls",
+          "num_classes": int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0,
+          "dist_token": "dist_token" in weights,
+          "conv1x1_dim": int(weights["conv1x1.1.weight"].shape[0]) if "conv1x1.1.weight" in weights else 0}
+
+
+def frozen_classifier(section, options: Mapping[str, str]) -> tuple[nnx.Module, convert.LoadReport | str]:
+  """A frozen classifier (a fine-tuning teacher) from a teacher section (config_base.teacher_config): its `source`
+  a tinymim-jax workdir (its model exactly as trained, restore_model) or a .pth / .safetensors file or hub folder of
+  any layout we read, built as `section` says (size, heads, dtype) in the file's layout (layout_kwargs), loaded strictly.
+  -> (model, its load report or where it was restored from). `options`: the config fields of the loader's options,
+  for the errors' hints. Raises convert.MissingSourceError for a source that is neither, ValueError for a file
+  without a classifier head, convert.WeightMismatchError for one that does not fit."""
+  source = section.source
+  if is_run(source):
+    return restore_model(source), f"restored from the checkpoint in {source}"
+  if not paths.exists(source):
+    raise convert.MissingSourceError(f"teacher source {source!r} is neither a file nor a tinymim-jax workdir")
+  weights, _, _ = convert.read_pytorch_weights(source, ema=section.ema, prefix=section.prefix, hint_context=options)
+  kw = vit_kwargs(section)
+  kw.update(drop_path=0.0, **layout_kwargs(weights))
+  if not kw["num_classes"]:
+    raise ValueError(f"teacher source {source!r} has no classifier head (head.weight): a fine-tuning teacher "
+                     f"must be a fine-tuned classifier")
+  model = create_model(section.name, seed=0, **kw)
+  return model, convert.load_pytorch_weights(model, weights, skip=tuple(section.skip), hint_context=options)
 
 
 def resolve_source_heads(config, teachers=()) -> list[str]:
@@ -271,8 +315,7 @@ def frozen_model(config) -> tuple[nnx.Module, dict]:
                                                         hint_context=INIT_OPTIONS)
   kw = vit_kwargs(config.model)
   kw.update(drop_path=0.0, pos_embed="learn",  # whatever table the file holds (frozen all the same)
-            pooling="avg" if "fc_norm.weight" in weights else "cls",
-            num_classes=int(weights["head.weight"].shape[0]) if "head.weight" in weights else 0)
+            **layout_kwargs(weights))
   model = create_model(config.model.name, seed=config.seed, **kw)
   report = convert.load_pytorch_weights(model, weights, skip=tuple(config.init_skip), hint_context=INIT_OPTIONS)
   logging.info("frozen model from %s [%s]:\n%s", label, convert.detect_layout(weights, extras), report)

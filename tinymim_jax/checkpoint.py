@@ -1,7 +1,8 @@
 """Checkpoints: Orbax CheckpointManager (async), keep-last-K plus keep-every-M, verified restore onto any mesh.
 
 A checkpoint at step s holds three items:
-  model  {'params', 'consts'}: the trained model (never the teacher)
+  model  {'params', 'consts', ...}: the trained model (never the teacher) and every other trained tree of the
+         state but the optimizer's (a segmenter's 'batch_stats', a fine-tuning run's weight EMA 'ema'; _model_item)
   opt    the optimizer state
   meta   JSON: the resolved config, the step (the data position is derived from it), the seed, the
          teacher's source and weight hash, and a checksum of every saved array ('checksums')
@@ -474,8 +475,7 @@ class Checkpointer:
     """Restores checkpoint `step` (on the shardings of `abstract_state`, as restore does) and checks it against
     its checksums: -> None when it is intact, else what is wrong. Waits for a save in flight first."""
     self.wait()
-    abstract = {"model": {"params": abstract_state["params"], "consts": abstract_state["consts"]},
-                "opt": abstract_state["opt"]}
+    abstract = {"model": _model_item(abstract_state), "opt": abstract_state["opt"]}
     try:
       meta = self.mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
       with _quiet_unraisable(), _quiet_library_errors():
@@ -550,7 +550,7 @@ def has_checkpoint(workdir: str) -> bool:
 
 def _model_item(state: dict) -> dict:
   """The checkpoint's 'model' item: params, consts and any other tree of the state but the optimizer's and the
-  step (e.g. a segmenter's BatchNorm statistics, 'batch_stats')."""
+  step (e.g. a segmenter's BatchNorm statistics, 'batch_stats'; a fine-tuning run's weight EMA, 'ema')."""
   return {k: v for k, v in state.items() if k not in ("opt", "step")}
 
 

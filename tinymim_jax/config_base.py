@@ -96,7 +96,17 @@ def base_config() -> ml_collections.ConfigDict:
                                          decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16))
 
   # Fine-tuning (objective 'finetune').
-  c.finetune = ml_collections.ConfigDict(dict(mixup=0.8, cutmix=1.0, switch_prob=0.5, label_smoothing=0.1))
+  # DeiT-style distillation (DeiT main.py --distillation-type / -alpha / -tau; docs/method.md section 11): 'hard' /
+  # 'soft' read the frozen classifier in config.finetune_teacher, which sees the student's (mixed) batch; the student
+  # needs model.dist_token=True. ema_decay (None: off; DeiT 0.99996) keeps a weight EMA, checkpointed and evaluated
+  # as eval/ema_top1; export_ema exports it instead of the raw weights.
+  c.finetune = ml_collections.ConfigDict(dict(mixup=0.8, cutmix=1.0, switch_prob=0.5, label_smoothing=0.1,
+                                              distillation_type="none", alpha=0.5, tau=1.0,
+                                              ema_decay=config_dict.placeholder(float), export_ema=False))
+  # The fine-tuning teacher: a classifier with its head (a tinymim-jax fine-tune workdir, or a file of any layout we
+  # read: its pooling, head, distillation token and conv1x1 layer come from the file's keys); run frozen, never
+  # checkpointed. block / weight are unused here.
+  c.finetune_teacher = teacher_config("vit_base_patch16")
 
   c.optim = ml_collections.ConfigDict(dict(
       base_lr=1.5e-4, lr_scaling_batch=256, min_lr=0.0,
@@ -186,6 +196,9 @@ RANGES = {
     "finetune.cutmix": (float, "[0, inf)"),
     "finetune.switch_prob": (float, "[0, 1]"),
     "finetune.label_smoothing": (float, "[0, 1)"),
+    "finetune.alpha": (float, "[0, 1]"),
+    "finetune.tau": (float, "(0, inf)"),
+    "finetune.ema_decay": (float, "[0, 1)"),
     "optim.base_lr": (float, "(0, inf)"),
     "optim.lr_scaling_batch": (int, "[1, inf)"),
     "optim.min_lr": (float, "[0, inf)"),
@@ -244,6 +257,7 @@ VIT_RANGES = {
     "num_classes": (int, "[0, inf)"),   # 0: no head
     "init_values": (float, "[0, inf)"),  # LayerScale; 0: off
     "reg_tokens": (int, "[0, inf)"),
+    "conv1x1_dim": (int, "[0, inf)"),  # TinyMIM*-T's extra layer width; 0: off
     "norm_eps": (float, "(0, inf)"),
     "rope_temperature": (float, "(0, inf)"),  # DINOv3's rotary periods' base
 }
@@ -274,9 +288,9 @@ TEACHER_RANGES = {
 
 def _ranges(teachers) -> dict[str, tuple[type, str]]:
   out = dict(RANGES)
-  for section in ("model", *teachers):
+  for section in ("model", "finetune_teacher", *teachers):
     out.update({f"{section}.{k}": v for k, v in VIT_RANGES.items()})
-  for section in teachers:
+  for section in ("finetune_teacher", *teachers):  # unused by the fine-tuning teacher, checked all the same
     out.update({f"{section}.{k}": v for k, v in TEACHER_RANGES.items()})
   return out
 
@@ -306,6 +320,16 @@ def finalize(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   if c.objective not in objectives.names():
     raise ConfigError(f"config.objective must be one of {objectives.names()}, got {c.objective!r}")
   _check_teachers(c)
+  if c.finetune.distillation_type not in ("none", "soft", "hard"):
+    raise ConfigError(f"config.finetune.distillation_type={c.finetune.distillation_type!r}: one of 'none', 'soft', "
+                      f"'hard' (DeiT's)")
+  if c.objective == "finetune" and c.finetune.distillation_type != "none":
+    if not c.finetune_teacher.source:
+      raise ConfigError(f"config.finetune.distillation_type={c.finetune.distillation_type!r} needs a teacher: set "
+                        f"--config.finetune_teacher.source=<a fine-tune workdir or a .pth / .safetensors file>")
+    if not c.model.dist_token:
+      raise ConfigError(f"config.finetune.distillation_type={c.finetune.distillation_type!r} trains the student's "
+                        f"distillation head: set --config.model.dist_token=True (or distillation_type='none')")
   if c.objective in ("eval", "linprobe") and not c.init:
     raise ConfigError(f"config.init is empty: objective {c.objective!r} needs weights to evaluate (a .pth / "
                       f".safetensors file or a tinymim-jax workdir)")

@@ -30,8 +30,11 @@ class Evaluator:
   """
 
   def __init__(self, config, predict, state_sharding, keys, mesh, info, *, head: str = "top1",
-               encoder: Callable | None = None, feature_spec=None):
+               encoder: Callable | None = None, feature_spec=None, name: str = "", frozen_features: bool = True):
+    # name: the weights evaluated, a prefix of the head's metric (eval/<name>_top1; '' the model's own);
+    # frozen_features: False runs the head only (no k-NN / few-shot).
     self.config, self.mesh, self.info, self.keys, self.head = config, mesh, info, tuple(keys), head
+    self.name, self.frozen_features = name, frozen_features
     self.encoder, self.feature_spec = encoder, feature_spec  # the DENSE_EVALS' frozen ViT (the eval objective)
     sub = {k: state_sharding[k] for k in self.keys}
 
@@ -42,10 +45,12 @@ class Evaluator:
     self.cache: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     # What the data can give the evals is known now: an eval that cannot run is skipped with one warning here,
     # not found out after the last step.
-    self.sections, notes = plan_feature_evals(config.eval, info)
-    _WARNED.clear()  # each run says its own warnings once
-    for note in notes:
-      logging.warning("%s", note)
+    self.sections = ()
+    if frozen_features:
+      self.sections, notes = plan_feature_evals(config.eval, info)
+      _WARNED.clear()  # each run says its own warnings once
+      for note in notes:
+        logging.warning("%s", note)
 
   def features(self, state, split: str, limit: int | None = None):
     """-> (features (n, D), logits (n, C) or None, labels (n,)) of the first `limit` examples of `split`."""
@@ -82,7 +87,7 @@ class Evaluator:
     else:
       f_test, logits, y_test = self.features(state, "test")
     if logits is not None:
-      res.update(_head_metrics(logits, y_test, self.head))
+      res.update(_head_metrics(logits, y_test, self.head, self.name))
     if self.sections or cached_probe:
       if "train" in self.cache:
         f_train, y_train = self.cache["train"]
@@ -105,7 +110,7 @@ class Evaluator:
         for name, section in sections.items():
           res.update(DENSE_EVALS[name](section, vit, self.feature_spec, data_dir=self.config.data.data_dir,
                                        seed=self.config.seed))
-    res["time/eval_seconds"] = time.time() - t0
+    res[f"time/{self.name + '_' if self.name else ''}eval_seconds"] = time.time() - t0
     return res
 
 
@@ -114,11 +119,12 @@ def _host(tree):
   return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
-def _head_metrics(logits, labels, head: str) -> dict[str, float]:
+def _head_metrics(logits, labels, head: str, name: str = "") -> dict[str, float]:
+  pre = f"{name}_" if name else ""
   if head == "top1":
-    return {"eval/top1": linprobe.topk_accuracy(logits, labels, 1)}
-  return {f"eval/{head}_top1": linprobe.topk_accuracy(logits, labels, 1),
-          f"eval/{head}_top5": linprobe.topk_accuracy(logits, labels, 5)}
+    return {f"eval/{pre}top1": linprobe.topk_accuracy(logits, labels, 1)}
+  return {f"eval/{pre}{head}_top1": linprobe.topk_accuracy(logits, labels, 1),
+          f"eval/{pre}{head}_top5": linprobe.topk_accuracy(logits, labels, 5)}
 
 
 def _knn(section, f_train, y_train, f_test, y_test, num_classes) -> dict[str, float]:

@@ -236,3 +236,53 @@ def soft_cross_entropy(logits, targets):
 def top1_correct(logits, labels):
   """(B, C) logits, (B,) int labels -> (B,) bool."""
   return jnp.argmax(logits, axis=-1) == labels
+
+
+# --------------------------------------------------------------------------------------------------------
+# DeiT-style distillation through a distillation token (Touvron et al., ICML 2021; DeiT losses.py
+# DistillationLoss; docs/method.md section 11.3).
+# --------------------------------------------------------------------------------------------------------
+DISTILLATION_TYPES = ("none", "soft", "hard")
+
+
+def soft_distillation(student_logits, teacher_logits, tau=1.0):
+  """DeiT's soft term: KL(softmax(t / tau) || softmax(s / tau)) summed over batch and classes, times tau^2,
+  divided by the number of logits B * C (not by B: DeiT keeps "the legacy PyTorch behavior", its issue 61).
+
+  (B, C) logits each -> scalar (float32, float64 for float64 inputs). The teacher's side gets no gradient.
+  """
+  s, t = _f32(student_logits), jax.lax.stop_gradient(_f32(teacher_logits))
+  logp_s = jax.nn.log_softmax(s / tau, axis=-1)
+  logp_t = jax.nn.log_softmax(t / tau, axis=-1)
+  kl = jnp.sum(jnp.exp(logp_t) * (logp_t - logp_s))  # F.kl_div(logp_s, logp_t, 'sum', log_target=True)
+  return kl * (tau * tau) / s.size
+
+
+def hard_distillation(student_logits, teacher_logits):
+  """DeiT's hard term: cross-entropy of the student's logits to the teacher's argmax (no label smoothing),
+  averaged over the batch. (B, C) each -> scalar."""
+  labels = jnp.argmax(jax.lax.stop_gradient(teacher_logits), axis=-1)
+  logp = jax.nn.log_softmax(_f32(student_logits), axis=-1)
+  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def distillation_loss(logits_cls, logits_dist, targets, teacher_logits, *, kind="hard", alpha=0.5, tau=1.0):
+  """DeiT's DistillationLoss: base = soft_cross_entropy(logits_cls, targets) (the class head against the
+  (mixed, smoothed) label distribution, DeiT's SoftTargetCrossEntropy); then
+
+    'none': base (the distillation head gets nothing; DeiT returns base_loss unweighted)
+    'hard': (1 - alpha) base + alpha CE(logits_dist, argmax teacher)   (alpha 0.5: DeiT's paper recipe)
+    'soft': (1 - alpha) base + alpha soft_distillation(logits_dist, teacher, tau)
+
+  logits_cls / logits_dist / teacher_logits (B, C), targets (B, C) rows summing to 1; teacher_logits and
+  logits_dist may be None with kind 'none'. Returns (loss, {'loss_cls': base, 'loss_dist': the distillation
+  term (0 for 'none')}). Raises ValueError for an unknown kind (at trace time).
+  """
+  if kind not in DISTILLATION_TYPES:
+    raise ValueError(f"distillation type must be one of {DISTILLATION_TYPES}, got {kind!r}")
+  base = soft_cross_entropy(logits_cls, targets)
+  if kind == "none":
+    return base, {"loss_cls": base, "loss_dist": jnp.zeros_like(base)}
+  dist = (hard_distillation(logits_dist, teacher_logits) if kind == "hard"
+          else soft_distillation(logits_dist, teacher_logits, tau))
+  return base * (1 - alpha) + dist * alpha, {"loss_cls": base, "loss_dist": dist}

@@ -203,6 +203,15 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
     evaluator = run.make_evaluator(state_sharding, mesh, workdir)
   else:
     evaluator = evals.Evaluator(config, run.predict, state_sharding, run.predict_keys, mesh, info, head=run.head)
+  others = [evals.Evaluator(config, predict, state_sharding, keys, mesh, info, head=run.head, name=name,
+                            frozen_features=False) for name, (predict, keys) in run.extra_evals.items()]
+
+  def evaluate(state):
+    res = evaluator(state)
+    for other in others:
+      res.update(other(state))
+    return res
+
   if run.train_iterator is not None:
     it = run.train_iterator(evaluator, state, start_step, steps_per_epoch)
   else:
@@ -234,7 +243,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
         writer.write(step, train)
         buffer = []
       if periodic.is_due(step, config.eval_every_steps) and not last:  # the last step's eval is the final one
-        writer.write(step, evaluator(state))
+        writer.write(step, evaluate(state))
       save_error = _poll_saves(ckpt)
       preempted, save_failed = preemption.check(save_error is not None)
       if save_failed:  # stop at once, on every process, with the earlier checkpoints intact
@@ -257,7 +266,7 @@ def _train_and_evaluate(config, workdir: str, preemption: _Preemption, config_ch
     ckpt.wait()
 
   # Final evals and export.
-  final = evaluator(state)
+  final = evaluate(state)
   writer.write(total_steps, final)
   writer.close()
   ckpt.close()

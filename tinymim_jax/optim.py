@@ -212,3 +212,15 @@ def describe(params, *, no_decay=(), frozen=(), layer_decay=None, depth=None, la
       scale = layer_decay ** (depth + 1 - lid)
       lines.append(f"{lid:>8} {scale:>10.4g} {per_layer[lid]:>13,}")
   return "\n".join(lines)
+
+
+def ema_update(ema_params, params, decay: float):
+  """One step of an exponential moving average of the weights: decay * ema + (1 - decay) * params, leaf by leaf.
+
+  timm ModelEmaV2 / DeiT's ModelEma (timm/utils/model_ema.py): applied after every optimizer update, with a
+  constant decay (DeiT: --model-ema-decay 0.99996) and no warmup, starting from the weights training starts
+  from (the EMA is a copy of the model made before the first step). timm averages every state_dict entry; a
+  ViT's only non-parameter entries are fixed tables, so the params are the whole average here. Trees of equal
+  structure; returns the new EMA tree in ema_params' dtypes (optax.incremental_update).
+  """
+  return optax.incremental_update(params, ema_params, step_size=1.0 - decay)

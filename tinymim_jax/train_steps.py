@@ -154,36 +154,6 @@ def make_mae_step(modeldef, tx, schedule, *, mask_ratio: float = 0.75, norm_pix:
 
 
 # --------------------------------------------------------------------------------------------------------
-# Fine-tuning.
-# --------------------------------------------------------------------------------------------------------
-def make_finetune_step(modeldef, tx, schedule, *, num_classes: int, mixup: float = 0.8, cutmix: float = 1.0,
-                       switch_prob: float = 0.5, label_smoothing: float = 0.1) -> Callable:
-  if mixup > 0 or cutmix > 0:
-    from tinymim_jax.data import mixup_cutmix  # pure jnp; the data package imports TF only lazily
-
-  def step(state, batch, rng):
-    dp_rng, mix_rng = step_rngs(rng, state["step"], 2)
-    images, labels = batch["image"], batch["label"]
-    if mixup > 0 or cutmix > 0:
-      images, targets = mixup_cutmix(mix_rng, images, labels, num_classes=num_classes,
-                                     mixup_alpha=mixup, cutmix_alpha=cutmix, switch_prob=switch_prob,
-                                     label_smoothing=label_smoothing)
-    else:
-      targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
-
-    def loss_fn(params):
-      model = merge_model(modeldef, params, state["consts"])
-      logits = model(images, rng=dp_rng)["logits"]
-      correct = losses.top1_correct(logits, labels)
-      return losses.soft_cross_entropy(logits, targets), {"train_top1": correct.mean()}
-
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-    return apply_guarded_update(state, grads, loss, aux, tx, schedule)
-
-  return step
-
-
-# --------------------------------------------------------------------------------------------------------
 # Evaluation.
 # --------------------------------------------------------------------------------------------------------
 def make_predict_fn(modeldef, spec) -> Callable:

@@ -10,12 +10,16 @@ The only module of the project that knows PyTorch parameter names. Name mapping 
                                               segmentation backbone)
   blocks.i.attn.relative_position_bias_table  the same name; a file's relative_position_index is checked
                                               against the model's and skipped
+  dist_token / head_dist                      the same names (DeiT distilled)    -
+  conv1x1.norm | conv1x1.fc (TinyMIM*-T)      conv1x1.0 | conv1x1.1              as above
   [encoder.]blocks.i.<lin>.kernel (in,out)    blocks.i.<lin>.weight (out,in)     transpose
   <norm>.scale                                <norm>.weight                      -
   norm | fc_norm | head                       norm | fc_norm | head              -
   mask_token, decoder_* (MAE)                 mask_token, decoder_*              as above
 
-MAE keeps the encoder keys at the top level of its state dict, so our `encoder.` prefix is dropped.
+MAE keeps the encoder keys at the top level of its state dict, so our `encoder.` prefix is dropped. Layer scale
+is read from `gamma_1` / `gamma_2` as timm's checkpoint_filter_fn(adapt_layer_scale=True) does; exports use timm's
+names.
 
 Loading is all-or-nothing: every key of the file is either loaded or reported as skipped with a reason,
 and any missing / unexpected / mis-shaped key raises one WeightMismatchError listing all of them before

@@ -211,7 +211,9 @@ def _qkv_bias(q, v):
 
 
 def _timm_eva(weights: Mapping[str, np.ndarray]) -> Converted | None:
-  if not any(_EVA_GAMMA.match(k) for k in weights):
+  # DINOv3's Eva has a rotary embedding and no pos_embed; BEiT-style files (the authors' segmentation and
+  # TinyMIM*-T backbones) share gamma_1 / gamma_2 but keep pos_embed and are read through names.FILE_ALIASES.
+  if not any(_EVA_GAMMA.match(k) for k in weights) or "pos_embed" in weights:
     return None
   out = {}
   for k, v in weights.items():

@@ -162,7 +162,7 @@ def _runs(name: str, depth: int | None) -> bool:
     return int(m[1]) < depth
   # After the blocks: the final norm, the fine-tuned tail, an MAE decoder. Anything else (the embeddings, or a
   # part this ViT does not know, e.g. DeiT's dist_token) is taken as run: loaded, or unexpected.
-  return not (name.split(".")[0] in ("norm", "fc_norm", "head") or DECODER_RE.match(name))
+  return not (name.split(".")[0] in ("conv1x1", "norm", "fc_norm", "head", "head_dist") or DECODER_RE.match(name))
 
 
 def _same_rel_pos_index(arr, grid: int) -> bool:
@@ -249,6 +249,19 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
         missing.append(f"{name} {want} (skipped by {skip_pattern!r} but not allowed missing)")
         missing_names.append(name)
       continue
+    if (name.endswith("pos_embed") and enc.dist_token and prefix and "dist_token" not in weights
+        and _first_match(allow_missing, "dist_token") is not None and not _is_abstract(value)):
+      # A file without a distillation token (a pretrained encoder under a distilled student): its table lacks the
+      # dist row, which starts from the model's init with the token itself (DeiT trains both from scratch).
+      own = np.asarray(value)
+      arr = np.asarray(arr)
+      grids = resample_grids(arr.shape, (want[0], want[1] - 1, want[2]), prefix - 1)
+      if grids is not None and grids[0] != grids[1]:
+        arr = resample_pos_embed(arr, grids[1][0], prefix - 1, method=report.resample)
+        report.resampled[name] = grids
+      if arr.shape[1] == want[1] - 1:
+        arr = np.concatenate([arr[:, :1], own[:, 1:2].astype(arr.dtype), arr[:, 1:]], axis=1)
+        report.missing_kept_init.append(f"{name}[:, 1] (the distillation token's row)")
     if name.endswith("pos_embed") and tuple(arr.shape) != want:
       grids = resample_grids(arr.shape, want, prefix)
       if grids is not None:
@@ -351,6 +364,14 @@ def _mismatch_hints(model, follow, missing_names, unexpected, mismatched_names, 
     fix = render_fix(context, **options)
     if fix and _follows(model, follow, options):
       hints.append(f"{text}: {fix}")
+  # The distilled layouts are parts of the model's config, not of the file: say which fields build them.
+  parts = {u.split()[0].split(".")[0] for u in unexpected}
+  wanted = (("dist_token", "dist_token=True"),
+            ("conv1x1", "conv1x1_dim=<the file's conv1x1.1 rows, 1280 for TinyMIM*-T>"))
+  fields = [f for part, f in wanted if part in parts]
+  if fields:
+    hints.append(f"the file holds {' and '.join(p for p in ('dist_token', 'conv1x1') if p in parts)}: build the "
+                 f"model with {', '.join(fields)} (ViTConfig fields) to load them")
   if any(u.startswith("fc_norm.") for u in unexpected) and "fc_norm" not in model_parts:
     avg = _avg_pooled(model)
     fix = render_fix(context, pooling="avg")

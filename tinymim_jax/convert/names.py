@@ -19,6 +19,12 @@ def detect_layout(names, extras: Mapping[str, str] = (), source_layout: str | No
   names = set(names)
   if any(DECODER_RE.match(k) for k in names):
     kind = "MAE pretrain (encoder + decoder)"
+  elif "dist_token" in names and any(k.startswith("conv1x1.") for k in names):
+    kind = "TinyMIM*-T (distillation token, conv1x1 layer" + (", fc_norm + head + head_dist)" if "head_dist.weight"
+                                                               in names else ")")
+  elif "dist_token" in names:
+    kind = "DeiT distilled (timm VisionTransformerDistilled: dist_token" + (
+        ", head + head_dist)" if "head_dist.weight" in names else ")")
   elif "fc_norm.weight" in names:
     kind = "fine-tuned, global-avg pool (MAE fine-tune / timm global_pool='avg': fc_norm + head)"
   elif "norm.weight" in names and "head.weight" in names:
@@ -41,6 +47,9 @@ def flat_state(model) -> dict[tuple, Any]:
   return traverse_util.flatten_dict(nnx.to_pure_dict(nnx.state(model)))
 
 
+_CONV1X1_INDEX = {"norm": "0", "fc": "1"}
+
+
 def _torch_name(path: tuple) -> str:
   parts = [str(p) for p in path]
   if parts[0] == "encoder":  # MAE: encoder keys sit at the top level of the PyTorch state dict
@@ -48,6 +57,8 @@ def _torch_name(path: tuple) -> str:
   *mod, leaf = parts
   if mod == ["patch_embed"]:
     mod = ["patch_embed", "proj"]
+  if mod[:1] == ["conv1x1"]:  # the authors' nn.Sequential(LayerNorm, Linear, GELU)
+    mod = ["conv1x1", _CONV1X1_INDEX[mod[1]]] + mod[2:]
   if leaf in ("kernel", "scale"):
     leaf = "weight"
   return ".".join(mod + [leaf])
@@ -80,9 +91,10 @@ def torch_shape(path: tuple, shape: tuple) -> tuple:
 # PyTorch's state_dict order (a module's own parameters, then its children in definition order) for timm's
 # VisionTransformer and MAE's MaskedAutoencoderViT; one ranking serves every level of the name.
 _ORDER = {n: i for i, n in enumerate([
-    "cls_token", "reg_token", "pos_embed", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre", "blocks",
-    "norm", "fc_norm", "head", "decoder_embed", "decoder_blocks", "decoder_norm", "decoder_pred", "norm1", "attn",
-    "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias", "gamma"])}
+    "cls_token", "reg_token", "pos_embed", "dist_token", "mask_token", "decoder_pos_embed", "patch_embed", "norm_pre",
+    "blocks", "conv1x1", "norm", "fc_norm", "head", "head_dist", "decoder_embed", "decoder_blocks", "decoder_norm",
+    "decoder_pred", "norm1", "attn", "ls1", "norm2", "mlp", "ls2", "qkv", "proj", "fc1", "fc2", "weight", "bias",
+    "gamma"])}
 # timm's Eva (DINOv3) registers gamma_1 / gamma_2 before norm1, q_bias / v_bias before qkv, SwiGLU's fc1_g, fc1_x.
 _EVA_ORDER = {n: i for i, n in enumerate([
     "cls_token", "reg_token", "patch_embed", "blocks", "norm", "fc_norm", "head", "gamma_1", "gamma_2", "norm1",

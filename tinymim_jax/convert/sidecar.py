@@ -71,7 +71,7 @@ def architecture(model) -> dict:
          "img_size": enc.img_size, "patch_size": enc.patch_size, "embed_dim": enc.embed_dim, "depth": enc.depth,
          "heads_per_block": [enc.block_heads(i) for i in range(1, enc.depth + 1)],
          "global_pool": {"cls": "token", "avg": "avg"}.get(enc.pooling, enc.pooling),
-         "num_classes": enc.num_classes, "num_features": enc.embed_dim,
+         "num_classes": enc.num_classes, "num_features": enc.num_features,
          "model_args": {f.name: _jsonable(getattr(enc, f.name)) for f in dataclasses.fields(enc)}}
   if dec is not None:
     out["decoder_args"] = {f.name: _jsonable(getattr(dec, f.name)) for f in dataclasses.fields(dec)}

@@ -48,6 +48,9 @@ class MAE(nnx.Module):
     if encoder.reg_tokens:  # the decoder takes token 0 as the only prefix token (MAE has no registers)
       raise ValueError(f"MAE pretraining with register tokens (reg_tokens={encoder.reg_tokens}) is not supported: "
                        "MAE's encoder has the CLS token only; register tokens belong to distillation teachers")
+    if encoder.dist_token or encoder.conv1x1_dim:
+      raise ValueError("MAE pretraining takes a plain ViT encoder: dist_token and conv1x1_dim belong to the "
+                       "distilled fine-tuning layout (set them at fine-tuning)")
     self.config = (encoder, decoder)
     self.encoder = vit_lib.ViT(encoder, rngs=rngs)
     # The decoder computes in the encoder's dtype and keeps its parameters in the encoder's param_dtype.

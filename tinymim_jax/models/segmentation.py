@@ -77,11 +77,6 @@ def adaptive_avg_pool(x, size: int):
   return jnp.einsum("ih,jw,bhwc->bijc", ph, pw, x)
 
 
-def gelu(x):
-  """Exact (erf) GELU, torch nn.GELU()."""
-  return jax.nn.gelu(x, approximate=False)
-
-
 def _batch_norm(features, *, dtype, param_dtype, rngs):
   # use_fast_variance=False: E[(x - mean)^2], as torch (E[x^2] - mean^2 loses ~1e-4 in float32 here).
   return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, use_fast_variance=False, dtype=dtype,
@@ -185,7 +180,7 @@ class Fpn1(nnx.Module):
     self.deconv2 = _deconv2x2(dim, **kw)
 
   def __call__(self, x, *, train: bool):
-    return self.deconv2(gelu(self.bn(self.deconv1(x), use_running_average=not train)))
+    return self.deconv2(vit_lib.gelu(self.bn(self.deconv1(x), use_running_average=not train)))
 
 
 class Fpn2(nnx.Module):

@@ -7,15 +7,20 @@ returns a dict of named intermediates so that a loss can read the q/k/v of any b
   out['tokens']   (B, N, D)  final tokens (timm forward_features: after `norm`; raw for the 'avg' layout)
   out['cls']      (B, D)     CLS token of out['tokens']
   out['pooled']   (B, D)     pre-logits feature (timm forward_head(pre_logits=True))
-  out['logits']   (B, C)     only when num_classes > 0
+  out['logits']   (B, C)     only when num_classes > 0: the prediction (with a distillation token, the mean of
+                              the two heads, as timm's VisionTransformerDistilled in eval mode)
+  out['logits_cls'], out['logits_dist']  (B, C)  with a distillation token and a head: the class head's and the
+                              distillation head's logits (what that model returns in distilled training)
   out['blocks'][i] = {'hidden': (B, N, D) output of block i, 'q'|'k'|'v': (B, H_i, N, dh_i)}
                               for each 1-based i in `capture`
 
 Dense features (segmentation): `model.feature_maps(images, blocks)` -> the patch tokens of the chosen blocks as
 (B, grid, grid, D) maps, read from out['blocks'][i]['hidden'].
 
-N = num_prefix_tokens + grid^2: the prefix is CLS, then `reg_tokens` registers (DINOv2 with registers), then
-the patch tokens. q/k/v and the hidden states hold every token.
+N = num_prefix_tokens + grid^2: the prefix is CLS, then the distillation token (DeiT, `dist_token`), then
+`reg_tokens` registers (DINOv2 with registers; DINOv3's storage tokens), then the patch tokens. q/k/v and the
+hidden states hold every token. With `conv1x1_dim` (TinyMIM*-T), 'tokens' are the extra layer's
+(B, N, conv1x1_dim) outputs and the final norm, pooling and heads have that width.
 
 `depth=k` runs only blocks 1..k (a teacher never computes past its target block); then 'tokens' is the
 raw output of block k and no norm/pooling/head is computed. `qkv_only=True` additionally stops block k right
@@ -239,6 +244,12 @@ class Attention(nnx.Module):
 _SQRT_HALF = np.sqrt(0.5)  # float64; rounded to the compute dtype where it is used
 
 
+def gelu(h):
+  """Exact erf GELU written as torch computes it, 0.5 h (1 + erf(h / sqrt 2)). (jax.nn.gelu's exact form goes
+  through erfc, which XLA's CPU backend evaluates ~2.5x slower.)"""
+  return 0.5 * h * (1 + jax.lax.erf(h * _SQRT_HALF.astype(h.dtype)))
+
+
 class Mlp(nnx.Module):
 
   def __init__(self, dim: int, hidden: int, *, dtype, rngs: nnx.Rngs, param_dtype=jnp.float32, act: str = "gelu"):
@@ -249,12 +260,10 @@ class Mlp(nnx.Module):
     self.fc2 = nnx.Linear(hidden, dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
 
   def __call__(self, x):
-    # Exact erf GELU written as torch computes it, 0.5 x (1 + erf(x / sqrt 2)). (jax.nn.gelu's exact form
-    # goes through erfc, which XLA's CPU backend evaluates ~2.5x slower.)
     h = linear(self.fc1, x)
     if self.act == "quick_gelu":  # OpenAI CLIP's x * sigmoid(1.702 x) (timm layers.quick_gelu)
       return linear(self.fc2, h * jax.nn.sigmoid(jnp.asarray(1.702, h.dtype) * h))
-    return linear(self.fc2, 0.5 * h * (1 + jax.lax.erf(h * _SQRT_HALF.astype(h.dtype))))
+    return linear(self.fc2, gelu(h))
 
 
 class SwiGLU(nnx.Module):
@@ -283,6 +292,25 @@ class LayerScale(nnx.Module):
 
   def __call__(self, x):
     return x * self.gamma[...].astype(x.dtype)
+
+
+class Conv1x1(nnx.Module):
+  """TinyMIM*-T's extra layer on the last block's tokens: LayerNorm(D) -> Linear(D, width) -> GELU (exact).
+
+  (B, N, D) -> (B, N, width). The authors' `conv1x1 = nn.Sequential(nn.LayerNorm(192), nn.Linear(192, 1280),
+  nn.GELU())` (Segmentation/TinyMIMstar-T/backbone/mae.py); its LayerNorm has torch's default eps 1e-5 (the
+  segmentation log prints `LayerNorm((192,), eps=1e-05)`), unlike the blocks' 1e-6. Named `norm` / `fc` here,
+  `conv1x1.0` / `conv1x1.1` in PyTorch files (tinymim_jax/convert).
+  """
+
+  EPS = 1e-5
+
+  def __init__(self, dim: int, width: int, *, dtype, rngs: nnx.Rngs, param_dtype=jnp.float32):
+    self.norm = layer_norm(dim, dtype, rngs, param_dtype, self.EPS)
+    self.fc = nnx.Linear(dim, width, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform, rngs=rngs)
+
+  def __call__(self, x):
+    return gelu(linear(self.fc, self.norm(x)))
 
 
 class Block(nnx.Module):
@@ -361,10 +389,18 @@ class ViTConfig:
   # Parts of other ViT families, named as timm's VisionTransformer arguments (DINOv2 / CLIP towers:
   # models/variants.py). init_values: LayerScale after attention and MLP (blocks.i.ls1 / ls2 gamma), off when 0.
   init_values: float = 0.0
-  # reg_tokens: register tokens (Darcet et al. 2024) after CLS; the prefix is CLS + registers. no_embed_class:
+  # reg_tokens: register tokens (Darcet et al. 2024; DINOv3's storage tokens) after CLS and the distillation
+  # token; the prefix is CLS + dist + registers (num_prefix_tokens). no_embed_class:
   # the positional table has rows for the patches only (the prefix gets none), else one per token, prefix first.
   reg_tokens: int = 0
   no_embed_class: bool = False
+  # dist_token: DeiT's distillation token (Touvron et al. 2021; timm VisionTransformerDistilled) right after CLS,
+  # with its own positional row, and with num_classes > 0 a second head `head_dist` reading it; 'logits' is then
+  # the mean of both heads (docs/method.md section 11).
+  dist_token: bool = False
+  # conv1x1_dim > 0: TinyMIM*-T's extra layer (Conv1x1: LayerNorm -> Linear(D, conv1x1_dim) -> GELU, the
+  # authors' `conv1x1`, 1280 wide) on the last block's tokens, before the final norm / pooling / heads.
+  conv1x1_dim: int = 0
   # pre_norm: a LayerNorm `norm_pre` on the tokens before the blocks, and no patch-embedding bias (CLIP).
   pre_norm: bool = False
   act_layer: str = "gelu"           # MLP activation: 'gelu' (exact, erf) | 'quick_gelu' (OpenAI CLIP)
@@ -376,14 +412,19 @@ class ViTConfig:
   qkv_bias: bool = True
   mlp_type: str = "mlp"
   # BEiT's per-block relative position bias (blocks.i.attn.relative_position_bias_table, zero init), as the
-  # authors' segmentation backbone has it (docs/method.md section 11; their `use_rel_pos_bias`). Needs CLS as the
+  # authors' segmentation backbone has it (docs/method.md section 10.1; their `use_rel_pos_bias`). Needs CLS as the
   # only prefix token and every patch token (no keep_ids).
   use_rel_pos_bias: bool = False
 
   @property
   def num_prefix_tokens(self) -> int:
-    """Tokens before the patch tokens: CLS and the registers (timm's num_prefix_tokens)."""
-    return 1 + self.reg_tokens
+    """Tokens before the patch tokens: CLS, the distillation token, the registers (timm's num_prefix_tokens)."""
+    return 1 + int(self.dist_token) + self.reg_tokens
+
+  @property
+  def num_features(self) -> int:
+    """Width of 'tokens' / 'pooled' and of the heads' input: conv1x1_dim when set, else embed_dim."""
+    return self.conv1x1_dim or self.embed_dim
 
   def block_heads(self, i: int) -> int:
     return int(self.head_overrides.get(i, self.num_heads))
@@ -418,7 +459,8 @@ class ViT(nnx.Module):
       if not 1 <= i <= c.depth:
         raise ValueError(f"per-block override names block {i}, but the model has blocks 1..{c.depth}")
     if c.use_rel_pos_bias and c.num_prefix_tokens != 1:
-      raise ValueError(f"use_rel_pos_bias needs CLS as the only prefix token, got reg_tokens={c.reg_tokens}")
+      raise ValueError(f"use_rel_pos_bias needs CLS as the only prefix token, got dist_token={c.dist_token}, "
+                       f"reg_tokens={c.reg_tokens}")
     d, p = c.embed_dim, c.patch_size
     self.grid = c.img_size // p
     pdt = c.param_dtype
@@ -428,6 +470,8 @@ class ViT(nnx.Module):
     if c.reg_tokens < 0:
       raise ValueError(f"reg_tokens must be >= 0, got {c.reg_tokens}")
     self.reg_token = nnx.Param(token_init(rngs.params(), (1, c.reg_tokens, d), pdt)) if c.reg_tokens else None
+    # timm: trunc_normal_(dist_token, std=.02), the same draw as cls_token's
+    self.dist_token = nnx.Param(token_init(rngs.params(), (1, 1, d), pdt)) if c.dist_token else None
     # Positional rows for the prefix tokens (all zeros in the sin-cos table) unless no_embed_class.
     table = sincos_pos_embed(d, self.grid, cls_token=False)
     pos_prefix = 0 if c.no_embed_class else c.num_prefix_tokens
@@ -452,23 +496,32 @@ class ViT(nnx.Module):
               rel_pos_grid=self.grid if c.use_rel_pos_bias else 0)
         for i in range(1, c.depth + 1)])
     self.norm_pre = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps) if c.pre_norm else None
+    if c.conv1x1_dim < 0:
+      raise ValueError(f"conv1x1_dim must be >= 0 (0 = no TinyMIM*-T extra layer), got {c.conv1x1_dim}")
+    self.conv1x1 = (Conv1x1(d, c.conv1x1_dim, dtype=c.dtype, param_dtype=pdt, rngs=rngs) if c.conv1x1_dim
+                    else None)
+    f = c.num_features
     if c.pooling == "cls":
-      self.norm = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps)
+      self.norm = layer_norm(f, c.dtype, rngs, pdt, c.norm_eps)
     else:
-      self.fc_norm = layer_norm(d, c.dtype, rngs, pdt, c.norm_eps)
+      self.fc_norm = layer_norm(f, c.dtype, rngs, pdt, c.norm_eps)
     if c.num_classes:
-      # MAE: trunc_normal_(std=2e-5) with bounds +-2 (absolute): in effect a plain normal(0, 2e-5).
+      # MAE: trunc_normal_(std=2e-5) with bounds +-2 (absolute): in effect a plain normal(0, 2e-5). head_dist
+      # gets the same init (fine-tuning starts both classifiers near zero).
       head_init = drawn_in_float32(jax.nn.initializers.normal(2e-5))
-      self.head = nnx.Linear(d, c.num_classes, dtype=c.dtype, param_dtype=pdt, kernel_init=head_init, rngs=rngs)
+      self.head = nnx.Linear(f, c.num_classes, dtype=c.dtype, param_dtype=pdt, kernel_init=head_init, rngs=rngs)
+    self.head_dist = nnx.Linear(f, c.num_classes, dtype=c.dtype, param_dtype=pdt, kernel_init=head_init,
+                                rngs=rngs) if c.num_classes and c.dist_token else None
 
   @property
   def num_prefix_tokens(self) -> int:
-    """Tokens before the patch tokens in every (B, N, .) output: CLS and the registers."""
+    """Tokens before the patch tokens in every (B, N, .) output: CLS, the distillation token, the registers."""
     return self.config.num_prefix_tokens
 
   def embed(self, images, keep_ids=None):
-    """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then the prefix (CLS, registers)
-    in front, then `norm_pre` if the model has one (timm VisionTransformer._pos_embed, patch_drop, norm_pre)."""
+    """Patch tokens + positions, optionally only those in keep_ids (B, L_keep), then the prefix (CLS, the
+    distillation token, registers) in front, then `norm_pre` if the model has one (timm
+    VisionTransformer._pos_embed, patch_drop, norm_pre)."""
     c = self.config
     if images.ndim != 4 or images.shape[1:] != (c.img_size, c.img_size, 3):
       raise ValueError(f"expected NHWC images (B, {c.img_size}, {c.img_size}, 3), got {images.shape}")
@@ -479,6 +532,8 @@ class ViT(nnx.Module):
     if keep_ids is not None:
       x = jnp.take_along_axis(x, keep_ids[..., None], axis=1)
     prefix = self.cls_token[...]
+    if self.dist_token is not None:
+      prefix = jnp.concatenate([prefix, self.dist_token[...]], axis=1)
     if self.reg_token is not None:
       prefix = jnp.concatenate([prefix, self.reg_token[...]], axis=1)
     if n_pos_prefix:
@@ -518,16 +573,28 @@ class ViT(nnx.Module):
     if depth < c.depth:
       out["tokens"] = x
       return out
+    if self.conv1x1 is not None:
+      x = self.conv1x1(x)
     if c.pooling == "cls":
       x = self.norm(x)
       pooled = x[:, 0]
     else:
-      pooled = self.fc_norm(x[:, self.num_prefix_tokens:].mean(axis=1))  # patch tokens: all but CLS / registers
-    out.update(tokens=x, cls=x[:, 0], pooled=pooled)
+      pooled = self.fc_norm(x[:, self.num_prefix_tokens:].mean(axis=1))  # patch tokens: all but the prefix
+    out.update(tokens=x, cls=x[:, 0])
+    if not c.dist_token:
+      out["pooled"] = pooled
+      if c.num_classes:
+        out["logits"] = self.head(pooled)
+      return out
+    # The distillation token, through the same norm as the class read-out (docs/method.md section 11.1).
+    dist = x[:, 1] if c.pooling == "cls" else self.fc_norm(x[:, 1])
+    # timm VisionTransformerDistilled.forward_head: pre_logits = the mean of the two read-outs; eval-mode logits
+    # the mean of the two heads' (distilled training uses both heads' logits apart).
+    out["pooled"] = (pooled + dist) / 2
     if c.num_classes:
-      out["logits"] = self.head(pooled)
+      out["logits_cls"], out["logits_dist"] = self.head(pooled), self.head_dist(dist)
+      out["logits"] = (out["logits_cls"] + out["logits_dist"]) / 2
     return out
-
 
   def feature_maps(self, images, blocks: Sequence[int], *, rng=None) -> list[Any]:
     """Patch tokens of the 1-based `blocks` as (B, grid, grid, D) maps in the compute dtype, in `blocks` order.

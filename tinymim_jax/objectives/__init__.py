@@ -57,6 +57,8 @@ class Setup:
   write_exports: (state, workdir) -> {name: path} of files exported beside the timm-named one (process 0 writes;
     every process calls it), or None.
   frozen_encoder: (state) -> the frozen ViT the dense evals read (evals.DENSE_EVALS), or None (none run).
+  extra_evals: {name: (predict, predict_keys)}: other weights of the state whose head's top-1 is evaluated beside
+    the model's, as eval/<name>_top1 (a fine-tuning EMA: {'ema': ...}); no frozen-feature evals.
   """
   state: dict
   feature_spec: features.FeatureSpec
@@ -72,6 +74,7 @@ class Setup:
   make_evaluator: Callable | None = None
   write_exports: Callable | None = None
   frozen_encoder: Callable | None = None
+  extra_evals: dict[str, tuple[Callable, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
 
 
 class Objective:
