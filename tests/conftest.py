@@ -8,6 +8,26 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
+
+def _compilation_cache():
+  """JAX's persistent compilation cache in a directory of this test run (as the study runner keeps one per study:
+  tinymim_jax/study.py): the tiny runs compile the same steps and evals again and again (a resume, a second run of
+  the same config, a subprocess of the CLI), and a cached executable is the one XLA compiled, so no result
+  changes. Made by the first pytest process and read from its environment by the xdist workers and the
+  subprocesses the tests start; removed when that process exits. A cache set outside is used as is."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix="tinymim_test_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # the many small evals too
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_compilation_cache()
+
 # torchvision / timm / triton segfault when imported after TensorFlow on this stack; the reverse order is fine.
 # Tests import both, so the torch side goes first in every test process (when the dev extras are installed).
 try:
