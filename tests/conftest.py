@@ -61,6 +61,31 @@ def teacher_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def distilled_root(teacher_root, tmp_path_factory):
+  """The digits demo's second stage on teacher_root's teacher: a tiny TinyMIM student (6 steps, one checkpoint,
+  final evals), trained once per test run as teacher_root is, under <root>/student_distill, with
+  <root>/teacher_mae linking to the teacher. Tests that build on it link both into a root of their own;
+  train_and_evaluate on the finished workdir returns its final metrics (done.json)."""
+  import fcntl
+  from test_main import tiny_config
+  from tinymim_jax import main as trainer
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  root = base / "distilled_demo"
+  with open(base / "distilled_demo.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / "student_distill" / "done.json").exists():
+      root.mkdir(exist_ok=True)
+      if not (root / "teacher_mae").exists():
+        os.symlink(os.path.join(teacher_root, "teacher_mae"), root / "teacher_mae")
+      res = trainer.train_and_evaluate(tiny_config("student_distill", str(root), total_steps=6, ckpt_every_steps=6),
+                                       str(root / "student_distill"))
+      assert res["step"] == 6
+  return str(root)
+
+
+@pytest.fixture(scope="session")
 def gcs(tmp_path_factory):
   """A GCS JSON-API server on a free loopback port (tests/helpers/gcs_emulator.py: gcp-storage-emulator in memory,
   with GCS's request preconditions) holding the bucket 'tinymim', started once and stopped at the end of the
