@@ -8,6 +8,26 @@ os.environ.setdefault("TFDS_DISABLE_GCS", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("NO_GCE_CHECK", "true")
 
+
+def _compilation_cache():
+  """JAX's persistent compilation cache in a directory of this test run (as the study runner keeps one per study:
+  tinymim_jax/study.py): the tiny runs compile the same steps and evals again and again (a resume, a second run of
+  the same config, a subprocess of the CLI), and a cached executable is the one XLA compiled, so no result
+  changes. Made by the first pytest process and read from its environment by the xdist workers and the
+  subprocesses the tests start; removed when that process exits. A cache set outside is used as is."""
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return
+  import atexit
+  import shutil
+  import tempfile
+  path = tempfile.mkdtemp(prefix="tinymim_test_jax_cache_")
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+  os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # the many small evals too
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+
+
+_compilation_cache()
+
 # torchvision / timm / triton segfault when imported after TensorFlow on this stack; the reverse order is fine.
 # Tests import both, so the torch side goes first in every test process (when the dev extras are installed).
 try:
@@ -37,6 +57,31 @@ def teacher_root(tmp_path_factory):
       res = trainer.train_and_evaluate(tiny_config("teacher_mae", str(root), total_steps=12, ckpt_every_steps=4),
                                        str(root / "teacher_mae"))
       assert res["step"] == 12 and 0 < res["eval/knn_top1"] <= 1
+  return str(root)
+
+
+@pytest.fixture(scope="session")
+def distilled_root(teacher_root, tmp_path_factory):
+  """The digits demo's second stage on teacher_root's teacher: a tiny TinyMIM student (6 steps, one checkpoint,
+  final evals), trained once per test run as teacher_root is, under <root>/student_distill, with
+  <root>/teacher_mae linking to the teacher. Tests that build on it link both into a root of their own;
+  train_and_evaluate on the finished workdir returns its final metrics (done.json)."""
+  import fcntl
+  from test_main import tiny_config
+  from tinymim_jax import main as trainer
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  root = base / "distilled_demo"
+  with open(base / "distilled_demo.lock", "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not (root / "student_distill" / "done.json").exists():
+      root.mkdir(exist_ok=True)
+      if not (root / "teacher_mae").exists():
+        os.symlink(os.path.join(teacher_root, "teacher_mae"), root / "teacher_mae")
+      res = trainer.train_and_evaluate(tiny_config("student_distill", str(root), total_steps=6, ckpt_every_steps=6),
+                                       str(root / "student_distill"))
+      assert res["step"] == 6
   return str(root)
 
 

@@ -31,6 +31,13 @@ def tiny_args(stage, root, steps=12, ckpt=4):
           "--config.batch_size=32", "--config.eval.max_train=256"]
 
 
+# For runs whose test reads no final eval (a changed eval config is allowed on resume: tinymim_jax/config_identity.py).
+NO_EVALS = {"eval.knn.enabled": False, "eval.fewshot.enabled": False}
+
+
+NO_EVALS_ARGS = [f"--config.{k}={v}" for k, v in NO_EVALS.items()]
+
+
 def tiny_config(stage, root, **overrides):
   c = load_config_module(DEMO).get_config(f"stage={stage},root={root}")
   c.batch_size, c.log_every_steps, c.eval_every_steps, c.eval.max_train = 32, 2, 0, 256
@@ -80,7 +87,7 @@ def test_run_leaves_checkpoints_metrics_plots_and_export(teacher_root):
 
 def test_sigkill_between_saves_then_resume_equals_uninterrupted(teacher_root, tmp_path):
   ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
-  args = tiny_args("student_distill", teacher_root, steps=60, ckpt=5)  # margin: the kill lands mid-run
+  args = tiny_args("student_distill", teacher_root, steps=60, ckpt=5) + NO_EVALS_ARGS  # margin: the kill lands mid-run
   ref = run_cli(args, ref_root / "student_distill")
   cut = run_cli(args, cut_root / "student_distill")
   wait_for(str(cut_root / "student_distill/checkpoints/10"), cut)
@@ -156,11 +163,18 @@ def test_unknown_config_field_is_an_error_naming_it(tmp_path):
     load_config_module(DEMO).get_config("stag=x")
 
 
-def test_finetune_from_distilled_student_then_eval_and_export(teacher_root, tmp_path):
+def _on_the_distilled_student(distilled_root, tmp_path):
+  """A root of the test's own holding (links to) the session's teacher and distilled student; -> (root, the
+  student's final metrics)."""
   root = str(tmp_path)
-  os.symlink(os.path.join(teacher_root, "teacher_mae"), os.path.join(root, "teacher_mae"))
-  trainer.train_and_evaluate(tiny_config("student_distill", root, total_steps=6, ckpt_every_steps=6),
-                             os.path.join(root, "student_distill"))
+  for stage in ("teacher_mae", "student_distill"):
+    os.symlink(os.path.realpath(os.path.join(distilled_root, stage)), os.path.join(root, stage))
+  return root, trainer.train_and_evaluate(tiny_config("student_distill", root, total_steps=6, ckpt_every_steps=6),
+                                          os.path.join(root, "student_distill"))
+
+
+def test_finetune_from_distilled_student_then_eval_and_export(distilled_root, tmp_path):
+  root, _ = _on_the_distilled_student(distilled_root, tmp_path)
   res = trainer.train_and_evaluate(tiny_config("student_finetune", root, total_steps=8, ckpt_every_steps=8),
                                    os.path.join(root, "student_finetune"))
   assert 0 <= res["eval/top1"] <= 1
@@ -185,7 +199,7 @@ def test_two_process_run_through_the_slurm_code_path(teacher_root, tmp_path):
   env.pop("XLA_FLAGS", None)
   cmd = [sys.executable, os.path.join(ROOT, "launch", "local.py"), "--num_processes", "2", "--",
          sys.executable, "-m", "tinymim_jax.main", *tiny_args("teacher_mae", teacher_root, steps=6, ckpt=3),
-         f"--workdir={wd}"]
+         *NO_EVALS_ARGS, f"--workdir={wd}"]
   proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
   done = json.load(open(wd / "done.json"))
@@ -196,14 +210,14 @@ def test_two_process_run_through_the_slurm_code_path(teacher_root, tmp_path):
 
 def test_resume_onto_a_different_mesh(tmp_path):
   root = str(tmp_path)
-  ref = trainer.train_and_evaluate(tiny_config("baseline_mae", root, total_steps=8, ckpt_every_steps=4),
-                                   os.path.join(root, "ref"))
-  cut = os.path.join(root, "cut")
-  trainer.train_and_evaluate(tiny_config("baseline_mae", root, total_steps=8, ckpt_every_steps=4), cut)
-  for p in glob.glob(os.path.join(cut, "checkpoints", "8")) + [os.path.join(cut, "done.json")]:
-    subprocess.run(["rm", "-rf", p], check=True)  # as if the run had stopped after step 4
-  res = trainer.train_and_evaluate(
-      tiny_config("baseline_mae", root, total_steps=8, ckpt_every_steps=4, **{"mesh.fsdp": 4}), cut)
+  quiet = {"total_steps": 8, "ckpt_every_steps": 4, **NO_EVALS}
+  ref = trainer.train_and_evaluate(tiny_config("baseline_mae", root, **quiet), os.path.join(root, "ref"))
+  # The same run stopped after step 4: the reference's workdir without its step-8 checkpoint (a rerun of the
+  # same config writes the same step 4: test_sigkill_between_saves_then_resume_equals_uninterrupted).
+  cut = copy_run(os.path.join(root, "ref"), os.path.join(root, "cut"))
+  subprocess.run(["rm", "-rf", os.path.join(cut, "checkpoints", "8")], check=True)
+  os.remove(os.path.join(cut, workdir.EXPORT))  # compared below: the resumed run's own export
+  res = trainer.train_and_evaluate(tiny_config("baseline_mae", root, **quiet, **{"mesh.fsdp": 4}), cut)
   assert res["step"] == ref["step"] == 8
   a, b = load_file(os.path.join(root, "ref", "model.safetensors")), load_file(os.path.join(cut, "model.safetensors"))
   for k in a:
@@ -215,12 +229,9 @@ def test_resume_onto_a_different_mesh(tmp_path):
     np.testing.assert_allclose(y, x, rtol=1e-4, atol=1e-6, err_msg=k)
 
 
-def test_eval_and_linprobe_objectives_on_a_distilled_student(teacher_root, tmp_path):
-  root = str(tmp_path)
-  os.symlink(os.path.join(teacher_root, "teacher_mae"), os.path.join(root, "teacher_mae"))
+def test_eval_and_linprobe_objectives_on_a_distilled_student(distilled_root, tmp_path):
+  root, distilled = _on_the_distilled_student(distilled_root, tmp_path)
   student = os.path.join(root, "student_distill")
-  distilled = trainer.train_and_evaluate(tiny_config("student_distill", root, total_steps=6, ckpt_every_steps=6),
-                                         student)
   # The distilled student's features are its relation block's input (block 4 - 1), recorded in the workdir.
   spec = {"block": 3, "pool": "mean", "norm": True}
   assert distilled["feature"] == spec and json.load(open(os.path.join(student, "run.json")))["feature"] == spec
@@ -301,7 +312,8 @@ def test_resume_checks_the_config_and_survives_a_damaged_latest_checkpoint(teach
   # Bit rot in the latest checkpoint, and changes that are allowed (lr, schedule length): the run resumes from
   # the newest intact checkpoint, moves the damaged one aside, and records the changes.
   damage(wd, 12, "flip1")
-  config = tiny_config("teacher_mae", teacher_root, total_steps=14, ckpt_every_steps=4, **{"optim.base_lr": 1e-3})
+  config = tiny_config("teacher_mae", teacher_root, total_steps=14, ckpt_every_steps=4, **{"optim.base_lr": 1e-3},
+                       **NO_EVALS)
   with caplog.at_level(logging.WARNING):
     res = trainer.train_and_evaluate(config, wd)
   assert res["step"] == 14

@@ -15,7 +15,7 @@ import pytest
 from tinymim_jax import checkpoint, config_base, lock as lock_lib, main as trainer, workdir
 from tinymim_jax.study import load_config_module
 
-from tests.test_main import ROOT, tiny_config
+from tests.test_main import NO_EVALS, ROOT, tiny_config
 
 LINPROBE = os.path.join(ROOT, "configs", "linprobe.py")
 _SHORT = {"total_steps": 3, "ckpt_every_steps": 100, "eval.knn.enabled": False, "eval.fewshot.enabled": False,
@@ -207,8 +207,8 @@ def test_identity_from_the_checkpoint_without_config_json_and_damaged_metadata_i
   del md["tree_metadata"][sorted(md["tree_metadata"])[0]]
   json.dump(md, open(path, "w"))
   with caplog.at_level(logging.WARNING):
-    res = trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12, ckpt_every_steps=4),
-                                     wd)
+    res = trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12, ckpt_every_steps=4,
+                                                 **NO_EVALS), wd)
   assert res["step"] == 12
   assert "checkpoint step 12" in caplog.text and "does not list what was saved with it" in caplog.text
   assert "resuming from step 8" in caplog.text and glob.glob(os.path.join(wd, "checkpoints", "12.damaged-*"))
@@ -263,7 +263,8 @@ def test_a_full_disk_during_the_final_export_is_one_line_and_leaves_everything_i
 
   monkeypatch.setattr("builtins.open", full_disk_open)
   with pytest.raises(workdir.ExportError) as e:
-    trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12, ckpt_every_steps=4), wd)
+    trainer.train_and_evaluate(tiny_config("teacher_mae", teacher_root, total_steps=12, ckpt_every_steps=4,
+                                           **NO_EVALS), wd)
   monkeypatch.undo()
   msg = str(e.value)
   assert "\n" not in msg and f"{wd}/{workdir.EXPORT}: [Errno 28] No space left on device" in msg, msg

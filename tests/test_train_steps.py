@@ -238,7 +238,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _worker(env_extra, devices, fsdp=1):
+def _worker(env_extra, devices, fsdp="1"):
   env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_") or k == "JAX_PLATFORMS"}
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT, **env_extra)
@@ -246,22 +246,26 @@ def _worker(env_extra, devices, fsdp=1):
                           env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def _result(proc):
+def _results(proc):
+  """{fsdp: the worker's result line for that mesh}."""
   out, err = proc.communicate(timeout=240)
   assert proc.returncode == 0, err[-3000:]
-  line = [l for l in out.splitlines() if l.startswith("RESULT ")][-1]
-  return json.loads(line[len("RESULT "):])
+  lines = [json.loads(l[len("RESULT "):]) for l in out.splitlines() if l.startswith("RESULT ")]
+  return {r["fsdp"]: r for r in lines}
 
 
-@pytest.mark.parametrize("fsdp", [1, 2])
-def test_two_processes_equal_one(fsdp):
+def test_two_processes_equal_one():
+  """Each process runs the step on both meshes (fsdp 1 and 2) in turn: one process start per side."""
   port = _free_port()
   procs = [_worker({"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                    "JAX_PROCESS_ID": str(i)}, devices=2, fsdp=fsdp) for i in range(2)]
-  ref = _result(_worker({}, devices=4, fsdp=fsdp))
-  results = [_result(p) for p in procs]
-  assert [r["count"] for r in results] == [2, 2] and ref["count"] == 1
-  for r in results:
-    np.testing.assert_allclose(r["losses"], ref["losses"], rtol=1e-5)
-    np.testing.assert_allclose(r["qkv_head"], ref["qkv_head"], rtol=1e-5, atol=1e-7)
-    np.testing.assert_allclose(r["qkv_sum"], ref["qkv_sum"], rtol=1e-5)
+                    "JAX_PROCESS_ID": str(i)}, devices=2, fsdp="1,2") for i in range(2)]
+  ref = _results(_worker({}, devices=4, fsdp="1,2"))
+  results = [_results(p) for p in procs]
+  assert sorted(ref) == [1, 2] and all(sorted(r) == [1, 2] for r in results)
+  for fsdp in (1, 2):
+    assert [r[fsdp]["count"] for r in results] == [2, 2] and ref[fsdp]["count"] == 1
+    for r in results:
+      np.testing.assert_allclose(r[fsdp]["losses"], ref[fsdp]["losses"], rtol=1e-5, err_msg=f"fsdp={fsdp}")
+      np.testing.assert_allclose(r[fsdp]["qkv_head"], ref[fsdp]["qkv_head"], rtol=1e-5, atol=1e-7,
+                                 err_msg=f"fsdp={fsdp}")
+      np.testing.assert_allclose(r[fsdp]["qkv_sum"], ref[fsdp]["qkv_sum"], rtol=1e-5, err_msg=f"fsdp={fsdp}")

@@ -1,10 +1,9 @@
-"""The converter's command line: import, export, inspect, help, and `python -m tinymim_jax.convert`."""
+"""The converter's command line: import, export, inspect, help (in-process; `python -m tinymim_jax.convert` runs in
+subprocesses in tests/test_main.py::test_finetune_from_distilled_student_then_eval_and_export and tests/test_gcs.py)."""
 
 import argparse
 import json
 import os
-import subprocess
-import sys
 
 import ml_dtypes
 import numpy as np
@@ -90,14 +89,6 @@ def test_cli_help_has_examples(command, capsys):
     cli.main([command, "--help"])
   assert exit_.value.code == 0
   assert "Example" in capsys.readouterr().out
-
-
-def test_cli_runs_as_module(finetuned_vit_tiny):
-  src, _ = finetuned_vit_tiny
-  run = subprocess.run([sys.executable, "-m", "tinymim_jax.convert", "inspect", str(src)], capture_output=True,
-                       text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
-  assert run.returncode == 0, run.stderr
-  assert "vit_tiny_patch16" in run.stdout
 
 
 def test_cli_top_level_help(capsys):
