@@ -13,8 +13,8 @@ def _compilation_cache():
   """JAX's persistent compilation cache in a directory of this test run (as the study runner keeps one per study:
   tinymim_jax/study.py): the tiny runs compile the same steps and evals again and again (a resume, a second run of
   the same config, a subprocess of the CLI), and a cached executable is the one XLA compiled, so no result
-  changes. Made by the first pytest process and read from its environment by the xdist workers and the
-  subprocesses the tests start; removed when that process exits. A cache set outside is used as is."""
+  changes. Each pytest process (each xdist worker) makes its own, which the subprocesses its tests start read
+  from its environment; removed when that process exits. A cache set outside is used as is."""
   if "JAX_COMPILATION_CACHE_DIR" in os.environ:
     return
   import atexit

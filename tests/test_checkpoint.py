@@ -106,7 +106,9 @@ def weights_at(teacher_root, tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize("how", ["flip1", "flip2", "flip3", "truncate", "no_metadata"])
+# One case per kind of damage: a bit flip (the checksum; 1 bit, the least a checksum must see: 2 flipped bits take
+# the same path in test_the_trainer_moves_a_damaged_checkpoint_aside), a truncated data file, lost metadata.
+@pytest.mark.parametrize("how", ["flip1", "truncate", "no_metadata"])
 def test_damaged_latest_checkpoint_falls_back_to_the_newest_intact_one(run_copy, weights_at, how, caplog):
   damage(run_copy, 12, how)
   with caplog.at_level(logging.WARNING):

@@ -128,11 +128,11 @@ def test_sigterm_saves_and_exits_75_and_a_second_run_stops_at_once(teacher_root,
 def test_nonfinite_loss_stops_saving_and_deleting_nothing(teacher_root, tmp_path):
   wd = str(tmp_path / "nan")
   trainer.train_and_evaluate(tiny_config("student_distill", teacher_root, total_steps=4, ckpt_every_steps=4,
-                                         export=False), wd)
+                                         export=False, **NO_EVALS), wd)
   os.remove(os.path.join(wd, "done.json"))  # continue the run, now with an lr that blows it up
   # A save every step and a log line only at the end: the non-finite step must be checked before any save.
   config = tiny_config("student_distill", teacher_root, total_steps=30, ckpt_every_steps=1, log_every_steps=1000,
-                       warmup_steps=0, **{"optim.base_lr": 1e12})
+                       warmup_steps=0, **{"optim.base_lr": 1e12}, **NO_EVALS)
   with pytest.raises(trainer.NonFiniteLossError, match="NaN/Inf at step") as e:
     trainer.train_and_evaluate(config, wd)
   bad = int(re.search(r"at step (\d+)", str(e.value)).group(1))
