@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh dev
 export HF_HUB_OFFLINE=1 TF_CPP_MIN_LOG_LEVEL=2 JAX_PLATFORMS=cpu
-exec .venv/bin/python -m pytest -q -n 2 --durations=15 "$@" tests
+# Tests marked slow cover again what another test covers; TEST_MARKERS= (empty) runs them too.
+exec .venv/bin/python -m pytest -q -n 2 --durations=15 -m "${TEST_MARKERS-not slow}" "$@" tests

@@ -85,6 +85,7 @@ def test_run_leaves_checkpoints_metrics_plots_and_export(teacher_root):
   assert again["step"] == 12 and time.time() - t < 5
 
 
+@pytest.mark.slow  # in CI: test_gcs.py::test_sigkill_resume_export_and_eval_on_gcs (the same kill, takeover, resume)
 def test_sigkill_between_saves_then_resume_equals_uninterrupted(teacher_root, tmp_path):
   ref_root, cut_root = tmp_path / "ref", tmp_path / "cut"
   args = tiny_args("student_distill", teacher_root, steps=60, ckpt=5) + NO_EVALS_ARGS  # margin: the kill lands mid-run
@@ -193,6 +194,7 @@ def test_finetune_from_distilled_student_then_eval_and_export(distilled_root, tm
   assert sd.keys() == sd2.keys() and all(np.array_equal(sd[k], sd2[k]) for k in sd)
 
 
+@pytest.mark.slow  # in CI: test_launch.py (the slurm path), test_train_steps.py::test_two_processes_equal_one
 def test_two_process_run_through_the_slurm_code_path(teacher_root, tmp_path):
   wd = tmp_path / "mp"
   env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT}

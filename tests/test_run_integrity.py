@@ -53,7 +53,9 @@ def sigterm_after_lock(monkeypatch):
   monkeypatch.setattr(lock_lib, "acquire_for_job", acquire_then_sigterm)
 
 
-@pytest.mark.parametrize("objective", ["mae_pretrain", "distill", "finetune", "linprobe"])
+# finetune / linprobe: the same SIGTERM path as the other two, slow only (test_main covers their resume in CI)
+@pytest.mark.parametrize("objective", ["mae_pretrain", "distill", pytest.param("finetune", marks=pytest.mark.slow),
+                                       pytest.param("linprobe", marks=pytest.mark.slow)])
 def test_sigterm_then_the_same_command_resumes_every_objective(teacher_root, tmp_path, monkeypatch, objective):
   wd = str(tmp_path / objective)
   with monkeypatch.context() as m:
