@@ -23,7 +23,8 @@ def _compilation_cache():
   path = tempfile.mkdtemp(prefix="tinymim_test_jax_cache_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = path
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")  # the many small evals too
-  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  owner = os.getpid()  # a forked child inherits the handler: only the process that made the cache removes it
+  atexit.register(lambda: os.getpid() == owner and shutil.rmtree(path, ignore_errors=True))
 
 
 _compilation_cache()
