@@ -76,10 +76,14 @@ def pool(hidden, spec: FeatureSpec, num_prefix_tokens: int = 1):
 
   The first `num_prefix_tokens` tokens are CLS (then any registers); 'mean' averages the patch tokens after them.
   """
-  h = hidden.astype(jnp.float32)
-  if spec.norm:
-    h = losses.layer_norm(h, LN_EPS)
+  h = _normed(hidden, spec)
   return h[:, 0] if spec.pool == "cls" else h[:, num_prefix_tokens:].mean(axis=1)  # 'mean': the patch tokens
+
+
+def _normed(hidden, spec: FeatureSpec):
+  """(B, N, D) hidden states in float32, through the parameter-free LayerNorm per token when spec.norm."""
+  h = hidden.astype(jnp.float32)
+  return losses.layer_norm(h, LN_EPS) if spec.norm else h
 
 
 def patch_tokens(vit, images, spec: FeatureSpec):
@@ -91,10 +95,7 @@ def patch_tokens(vit, images, spec: FeatureSpec):
     hidden = vit.embed(images)
   else:
     hidden = vit(images, capture=(spec.block,), depth=spec.block)["blocks"][spec.block]["hidden"]
-  h = hidden.astype(jnp.float32)
-  if spec.norm:
-    h = losses.layer_norm(h, LN_EPS)
-  h = h[:, vit.num_prefix_tokens:]
+  h = _normed(hidden, spec)[:, vit.num_prefix_tokens:]
   return h.reshape(h.shape[0], vit.grid, vit.grid, h.shape[-1])
 
 
