@@ -65,13 +65,17 @@ def _options():
   return options
 
 
-def _try_map(ds, fn, fallback, num_parallel_calls):
+def _try_map(ds, fn, fallback, num_parallel_calls, can_fail=True):
   """ds.map(fn), except that an element whose fn raises comes out as fallback(element).
 
   Outputs get 'valid' (bool). Each element runs in its own one-element dataset whose errors are dropped,
   concatenated with its fallback; taking the first element is the try/except that tf.data lacks.
-  interleave with block_length 1 and deterministic=True keeps the input order.
+  interleave with block_length 1 and deterministic=True keeps the input order. can_fail=False (a split held
+  decoded in memory): a plain ordered map, the same elements without the guard's per-element datasets.
   """
+  if not can_fail:
+    return ds.map(lambda e: dict(fn(e), valid=True), num_parallel_calls=num_parallel_calls, deterministic=True)
+
   def one(element):
     good = tf.data.Dataset.from_tensors(element).map(lambda e: dict(fn(e), valid=True)).ignore_errors()
     return good.concatenate(tf.data.Dataset.from_tensors(dict(fallback(element), valid=False))).take(1)
@@ -280,7 +284,7 @@ def make_train_iterator(cfg, *, mode, global_batch_size, seed, start_step=0, pro
     return dict(augment(e['crop'], e['seed']), label=e['label'], key=e['key'], valid=e['valid'])
 
   ds = tf.data.Dataset.range(first_epoch, sys.maxsize).flat_map(epoch_examples)
-  ds = _try_map(ds, load_and_decode, failed, c.num_parallel_calls)
+  ds = _try_map(ds, load_and_decode, failed, c.num_parallel_calls, can_fail=not split.in_memory)
   ds = ds.map(views, num_parallel_calls=c.num_parallel_calls, deterministic=True)
   ds = ds.batch(batch, drop_remainder=True).prefetch(c.prefetch).with_options(_options())
   return TrainIterator(ds, steps_per_epoch=steps_per_epoch, num_classes=source.num_classes,
@@ -307,7 +311,7 @@ def make_eval_iterator(cfg, *, split='test', global_batch_size, process_index=No
   def failed(d):
     return _failed(data.key(d))
 
-  ds = _try_map(data.epoch(None, 0), load_and_decode, failed, c.num_parallel_calls)
+  ds = _try_map(data.epoch(None, 0), load_and_decode, failed, c.num_parallel_calls, can_fail=not data.in_memory)
   padding = dict(_failed(tf.constant('padding')), valid=False)
   ds = ds.concatenate(tf.data.Dataset.from_tensors(padding).repeat(num_batches * batch - data.num_local))
   ds = ds.map(lambda e: dict(augment(e['crop']), label=e['label'], key=e['key'], valid=e['valid']),

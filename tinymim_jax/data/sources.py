@@ -5,7 +5,9 @@ the order of one epoch (a permutation fixed by `seed`, or storage order for seed
 position `skip`, as small descriptors with their position 'pos'; `load(descriptor)` turns one into
 {'raw': encoded bytes or a uint8 image, 'label': int32, 'key': str}; `key(descriptor)` names the example
 (its path) without reading it, for the message about a skipped one. Loading runs inside the decode step, so
-that an unreadable file is counted as skipped rather than stopping the run.
+that an unreadable file is counted as skipped rather than stopping the run; a split whose examples are decoded
+arrays in memory (digits, Fashion-MNIST) says so (`in_memory`): nothing of it can fail to load, and the pipeline
+maps it without the per-example guard (half of a small image's input cost).
 
 Shares follow tfds.even_splits(drop_remainder=False): the first (n mod processes) processes hold one
 example more.
@@ -38,6 +40,7 @@ class Split:
   epoch: Callable
   load: Callable
   key: Callable  # descriptor -> tf.string: the example's path / name.
+  in_memory: bool = False  # load() slices decoded uint8 arrays held in memory: it cannot fail.
 
   def shares(self, process_count):
     """(fewest, most) examples any process holds."""
@@ -78,7 +81,7 @@ def _share(n, process_index, process_count):
   return bounds[process_index], bounds[process_index + 1]
 
 
-def _indexed_split(name, num_examples, process_index, process_count, load_index, key_index):
+def _indexed_split(name, num_examples, process_index, process_count, load_index, key_index, in_memory=False):
   """A split whose examples are addressed by index: exact shuffles, and skipping costs nothing."""
   start, end = _share(num_examples, process_index, process_count)
 
@@ -90,7 +93,7 @@ def _indexed_split(name, num_examples, process_index, process_count, load_index,
     return tf.data.Dataset.from_tensor_slices({'index': index[skip:], 'pos': pos[skip:]})
 
   return Split(name, num_examples, end - start, epoch, lambda d: load_index(d['index']),
-               lambda d: key_index(d['index']))
+               lambda d: key_index(d['index']), in_memory=in_memory)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -133,7 +136,7 @@ def _digits(c):
       return {'raw': image, 'label': split_labels[i], 'key': key(i)}
 
     split_name = f"digits '{'train' if name == 'train' else 'test'}'"
-    return _indexed_split(split_name, len(members), process_index, process_count, load, key)
+    return _indexed_split(split_name, len(members), process_index, process_count, load, key, in_memory=True)
 
   return Source('digits', 10, len(train), len(test), split)
 
@@ -256,7 +259,8 @@ def _fashion_mnist(c):
       image = tf.repeat(images_t[i][..., None], 3, axis=-1)
       return {'raw': image, 'label': labels_t[i], 'key': key(i)}
 
-    return _indexed_split(f"fashion_mnist '{split_name}'", len(labels), process_index, process_count, load, key)
+    return _indexed_split(f"fashion_mnist '{split_name}'", len(labels), process_index, process_count, load, key,
+                          in_memory=True)
 
   return Source('fashion_mnist', 10, len(arrays['train'][1]), len(arrays['test'][1]), split)
 
