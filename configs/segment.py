@@ -9,16 +9,18 @@ docs/method.md section 10.7):
   model=base       ViT-B from TinyMIM-B (init: its distilled workdir or file)     target 52.2 mIoU
   model=small      ViT-S from TinyMIM-S                                            target 48.4
   model=tiny       ViT-T from TinyMIM-T                                            target 44.0
-  model=tiny_star  ViT-T from TinyMIM*-T (its fine-tuned file; layer decay 0.8)    target 45.0
-                   (the authors' T* adapter, 4 x 192 channels and a conv stride-32 branch, is not built here:
-                   this row runs the standard adapter on the T* backbone)
+  model=tiny_star  TinyMIM*-T (its fine-tuned file TinyMIM-FT-Tstar.pth; layer decay 0.8)  target 45.0
+                   the authors' T* backbone and adapter: 12 heads, distillation token, the conv1x1 layer
+                   (1280), relative position bias over CLS + dist token, adapter levels 4 x 192 = 768 wide,
+                   the stride-32 level a 3x3 stride-2 conv on conv1x1's output (docs/method.md 10.2)
 
 GPU-hours from our measured throughput (BENCHMARKS.md, "Segment step"): 160,000 steps x batch 16 = 2.56M
-crops of 512 x 512. XLA counts 2.92 / 3.09 / 3.65 TFLOP per crop (train step, ViT-T / S / B with the 768-channel
-UPerHead; most of it the head's convolutions at stride 4), so 7.5e18 / 7.9e18 / 9.4e18 FLOP per run; at the
-295 TFLOP/s our distillation step reaches on one H200 (bf16) that is 2.56e6 x 2.92e12 / 2.95e14 / 3600 = 7.0
-GPU-hours for ViT-T and TinyMIM*-T, 7.4 for ViT-S and 8.8 for ViT-B, a lower bound (the segment step itself has
-not been timed on a GPU; evals every 16k steps add slide inference over 2,000 images).
+crops of 512 x 512. XLA counts 2.92 / 3.04 / 3.09 / 3.65 TFLOP per crop (train step, ViT-T / TinyMIM*-T / S / B
+with the 768-channel UPerHead; most of it the head's convolutions at stride 4), so 7.5e18 / 7.8e18 / 7.9e18 /
+9.4e18 FLOP per run; at the 295 TFLOP/s our distillation step reaches on one H200 (bf16) that is
+2.56e6 x 2.92e12 / 2.95e14 / 3600 = 7.0 GPU-hours for ViT-T, 7.3 for TinyMIM*-T, 7.4 for ViT-S and 8.8 for ViT-B,
+a lower bound (the segment step itself has not been timed on a GPU; evals every 16k steps add slide inference
+over 2,000 images).
 
 The small task that runs here (digits scenes: sklearn's real 8x8 digit photos pasted on 64 x 64 canvases, 11
 classes; data/segmentation.digits_scenes):
@@ -44,9 +46,11 @@ MODELS = {
     "base": ("vit_base_patch16", 12, 0.75, 0.1, 768, True),
     "small": ("vit_small_patch16", 6, 0.75, 0.1, 768, True),    # S / T: ViT-B's values (unpublished)
     "tiny": ("vit_tiny_patch16", 3, 0.75, 0.1, 768, True),
-    "tiny_star": ("vit_tiny_patch16", 3, 0.8, 0.1, 768, True),
+    "tiny_star": ("vit_tiny_patch16", 12, 0.8, 0.1, 768, True),
     "demo": ("vit_tiny_patch16", 2, 0.75, 0.0, 64, False),
 }
+# TinyMIM*-T beyond its heads (Segmentation/TinyMIMstar-T: backbone/mae.py, configs/mae/upernet_mae_tiny_12_...).
+TINY_STAR = dict(dist_token=True, conv1x1_dim=1280)
 
 
 def segment_section() -> ml_collections.ConfigDict:
@@ -57,7 +61,7 @@ def segment_section() -> ml_collections.ConfigDict:
       num_train=1000, num_val=200, scene_size=64,                # 'digits_scenes' only
       crop=512, stride=341, scale=(2048, 512), ratio_range=(0.5, 2.0), cat_max_ratio=0.75, photometric=True,
       out_indices=(4, 6, 8, 12), channels=768, pool_scales=(1, 2, 3, 6), aux_channels=256, dropout_ratio=0.1,
-      aux_weight=0.4, ignore_index=255,
+      aux_weight=0.4, ignore_index=255, adapter="beit",           # adapter: 'beit' | 'tinymim_star'
       warmup_ratio=1e-6, power=1.0,
   ))
 
@@ -77,6 +81,10 @@ def get_config(arg=None):
   c.model.use_rel_pos_bias = beit
   c.model.init_values = 1.0 if beit else 0.0
   c.segment.channels = channels
+  if a.model == "tiny_star":
+    for k, v in TINY_STAR.items():
+      c.model[k] = v
+    c.segment.adapter = "tinymim_star"
 
   c.batch_size = 16
   c.total_steps = a.steps

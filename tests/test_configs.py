@@ -57,6 +57,11 @@ def test_config_builds_abstractly(name, arg):
   if c.objective == "segment":  # its optimizer (the Segmenter's layer ids): tests/segment/test_pieces.py
     assert model.decode_head.conv_seg.kernel.shape[-1] == 1000
     assert model.backbone.config.use_rel_pos_bias == c.model.use_rel_pos_bias
+    if arg == "model=tiny_star":  # SPEC 8-9: 12 heads, dist token, conv1x1 1280, the T* adapter
+      assert model.fpn4.kernel.shape == (3, 3, 1280, 768) and model.fpn3.kernel.shape == (1, 1, 192, 768)
+      g = model.backbone.grid
+      assert model.backbone.blocks[0].attn.relative_position_bias_table.shape == ((2 * g - 1) ** 2 + 6, 12)
+      assert model.decode_head.lateral_convs[0].conv.kernel.shape == (1, 1, 768, 768)
     return
   spec = None
   if c.objective == "distill":

@@ -15,11 +15,18 @@ CONFIG = os.path.join(ROOT, "configs", "fmnist_study.py")
 
 
 def test_plan_is_teacher_floors_then_seed_major():
+  """Teacher, floors, then the arms with every seed seed-major, then the side arms seed-major."""
   module = study.load_config_module(CONFIG)
   names = [n for n, _ in module.plan(False)]
   assert names[:3] == ["teacher", "teacher_eval", "floors"] and len(names) == len(set(names))
-  seeds = [int(n.split("/")[0][4:]) for n in names if n.startswith("seed")]
-  assert seeds == sorted(seeds) and set(seeds) == set(module.SEEDS)
+  core = {a for a, spec in module.ARMS.items() if spec[3] == module.SEEDS}
+  arms = [n.split("/")[1] for n in names[3:]]
+  n_core = sum(a in core for a in arms)
+  assert set(arms[:n_core]) == core and not core & set(arms[n_core:])
+  for group in (names[3:3 + n_core], names[3 + n_core:]):
+    seeds = [int(n.split("/")[0][4:]) for n in group]
+    assert seeds == sorted(seeds)
+  assert {int(n.split("/")[0][4:]) for n in names[3:]} == set(module.SEEDS)
   for arm, (_, _, change, arm_seeds, regimes) in module.ARMS.items():
     runs = [n for n in names if n.split("/")[1:2] == [arm]]
     stages = (() if change.get("control") else ("pretrain", "eval")) + tuple(regimes)
@@ -28,6 +35,32 @@ def test_plan_is_teacher_floors_then_seed_major():
   quick = [n for n, _ in module.plan(True)]
   assert quick[:3] == ["teacher", "teacher_eval", "floors"] and "seed0/control/ft" in quick
   assert not any(n.startswith("seed1") for n in quick)
+
+
+def test_a_run_stopped_by_sigterm_keeps_its_time(tmp_path, monkeypatch):
+  """A run preempted in one invocation and finished in the next is timed over both (study_times.json)."""
+  import time  # pylint: disable=g-import-not-at-top
+  from tinymim_jax import main as trainer  # pylint: disable=g-import-not-at-top
+  module = study.load_config_module(CONFIG)
+  monkeypatch.setattr(module, "plan", lambda quick=False: [("seed0/control/ft", "stage=ft,arm=control,seed=0")])
+  results = iter([{"preempted": True, "step": 3}, {"eval/top1": 0.5, "step": 6}])
+
+  def fake_run(config, workdir):
+    time.sleep(0.2)
+    res = next(results)
+    if not res.get("preempted"):
+      os.makedirs(workdir, exist_ok=True)
+      open(os.path.join(workdir, "done.json"), "w").write(json.dumps(res))
+    return res
+
+  monkeypatch.setattr(trainer, "train_and_evaluate", fake_run)
+  root = str(tmp_path / "study")
+  assert study.run_plan(module, root) is False
+  first = json.load(open(os.path.join(root, study_report.TIMES)))["seed0/control/ft"]
+  assert first["finished"] is False and first["wall_s"] >= 0.2
+  assert study.run_plan(module, root) is True
+  second = json.load(open(os.path.join(root, study_report.TIMES)))["seed0/control/ft"]
+  assert "finished" not in second and second["wall_s"] >= first["wall_s"] + 0.2
 
 
 def test_design_text_matches_the_configs():

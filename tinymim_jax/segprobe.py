@@ -16,7 +16,7 @@ its ADE20K linear config), as far as it carries over to a cached probe:
     of batch 16, linear warmup over 1,500 steps from 1e-6 x lr then poly(1.0) to 0 (mmcv's PolyLrUpdaterHook:
     objectives/segment/optim.warmup_poly_schedule);
   - val: the test path (resize to fit segprobe.scale), sliding crop windows with overlap averaging, logits back
-    to the annotation's size (objectives/segment/inference.slide_inference); mIoU / mAcc / aAcc over the whole
+    to the annotation's size (objectives/segment/inference.slide_areas); mIoU / mAcc / aAcc over the whole
     val set as mmseg defines them (objectives/segment/metrics).
 Differences, so the backbone runs once per train image: no augmentation (DINOv2 trains on mmseg's random
 rescale, crop, flip and photometric distortion); each train image goes the test path (resized to fit
@@ -48,9 +48,9 @@ from tinymim_jax import config_base, convert, features
 from tinymim_jax.linprobe import CacheIterator
 from tinymim_jax.models import vit as vit_lib
 from tinymim_jax.models.segmentation import resize
-from tinymim_jax.objectives.segment.inference import slide_inference, window_starts
+from tinymim_jax.objectives.segment.inference import slide_areas, window_starts
 from tinymim_jax.objectives.segment.losses import cross_entropy
-from tinymim_jax.objectives.segment.metrics import area_metrics, intersect_and_union
+from tinymim_jax.objectives.segment.metrics import area_metrics
 from tinymim_jax.objectives.segment.optim import warmup_poly_schedule
 
 BN_EPS = 1e-5       # torch BatchNorm2d / SyncBatchNorm
@@ -219,15 +219,15 @@ def evaluate(section, vit: vit_lib.ViT, spec: features.FeatureSpec, *, data_dir=
   del feats
 
   @jax.jit
-  def areas_of(image, label):
-    def forward(windows):
-      return apply_probe(params, consts, features.patch_tokens(nnx.merge(graphdef, state), windows, spec),
+  def window_logits(windows):  # the probe's logits resized to the window, as slide inference does
+    logits = apply_probe(params, consts, features.patch_tokens(nnx.merge(graphdef, state), windows, spec),
                          train=False)[0]
-    logits = slide_inference(forward, image[None], crop=s.crop, stride=s.stride, out_size=label.shape)
-    return intersect_and_union(jnp.argmax(logits, axis=-1), label[None], num_classes, ignore_index=s.ignore_index)
+    return resize(logits.astype(jnp.float32), windows.shape[1:3])
 
   areas = np.zeros((4, num_classes), np.int64)
-  for ex in seg_data.eval_examples(val, scale=tuple(s.scale)):
-    areas += np.asarray(areas_of(ex["image"], ex["label"]), np.int64)
+  for ex in seg_data.eval_examples(val, scale=tuple(s.scale)):  # one compiled forward for every image size
+    areas += np.asarray(slide_areas(window_logits, ex["image"][None], ex["label"][None], crop=s.crop,
+                                    stride=s.stride, num_classes=num_classes, chunk=s.batch_size,
+                                    ignore_index=s.ignore_index), np.int64)
   m = area_metrics(areas)
   return {"eval/segprobe_miou": m["mIoU"], "eval/segprobe_macc": m["mAcc"], "eval/segprobe_aacc": m["aAcc"]}

@@ -122,12 +122,18 @@ def _run_plan(module, root: str, sigterm: _Sigterm, *, base_arg: str, quick: boo
       print(f"== [{i + 1}/{len(runs)}] {name}: {config.objective} ({config.model.embed_dim}-wide, "
             f"{config.model.depth} blocks)", flush=True)
       res = trainer.train_and_evaluate(config, workdir)
-    if res.get("preempted"):
-      print(f"SIGTERM: stopped during {name} (saved); rerun the same command to resume", flush=True)
-      return False
     seconds = time.time() - t
     times = _read_json(times_path, {})
-    times[name] = {"wall_s": seconds, "cpu_s": time.process_time() - cpu}
+    # A run stopped by SIGTERM keeps its time so far ("finished": false); the invocation that finishes it adds
+    # its own, so a study resumed across sessions is timed whole (a SIGKILLed invocation's time is lost).
+    before = times.get(name, {}) if times.get(name, {}).get("finished") is False else {}
+    times[name] = {"wall_s": before.get("wall_s", 0.0) + seconds,
+                   "cpu_s": before.get("cpu_s", 0.0) + time.process_time() - cpu}
+    if res.get("preempted"):
+      times[name]["finished"] = False
+      _write_json(times_path, times)
+      print(f"SIGTERM: stopped during {name} (saved); rerun the same command to resume", flush=True)
+      return False
     _write_json(times_path, times)
     shown = {k: round(v, 4) for k, v in res.items() if k.startswith("eval/") and "seconds" not in k}
     print(f"   done in {seconds:.0f}s: {shown}", flush=True)

@@ -23,7 +23,7 @@ import numpy as np
 from tinymim_jax import environment
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMES = "study_times.json"    # run name -> {wall_s, cpu_s} of the invocation that finished it
+TIMES = "study_times.json"    # run name -> {wall_s, cpu_s} over its invocations ("finished": false: stopped)
 FLOORS = "floors"             # the run (stage) name of a study's pixel floors (tinymim_jax/floors.py)
 TEACHER_EVAL = "teacher_eval"  # the run (if planned) that scores the teacher's frozen features
 
@@ -347,7 +347,7 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
         ""]
 
   # Time.
-  times = _read_json(os.path.join(root, TIMES), {})
+  times = {n: t for n, t in _read_json(os.path.join(root, TIMES), {}).items() if t.get("finished", True)}
   L += ["## Wall time", ""]
   per_stage: dict = {}
   for name, t in times.items():
@@ -364,8 +364,8 @@ def write_report(module, root: str, path: str, *, quick: bool = False, config_pa
   L += ["", "Wall time depends on what else the machine runs; CPU time (user + system, all threads) much less.", ""]
   if wall_s is not None:
     load = f" (1-minute load average at its end: {os.getloadavg()[0]:.1f})" if hasattr(os, "getloadavg") else ""
-    L += [f"This invocation of the runner: {_fmt_time(wall_s)} of wall time{load}. Stage times are those of the "
-          "invocation that finished each run.", ""]
+    L += [f"This invocation of the runner: {_fmt_time(wall_s)} of wall time{load}. Stage times are each finished "
+          "run's, over every invocation that worked on it (a run stopped by SIGTERM and resumed counts both).", ""]
   L += ["## Design and hyper-parameters (fixed before the first run, the same for every arm)", "",
         f"From `{config_path}` (DESIGN):", "", "```", _design(module), "```", ""]
   text = "\n".join(L)

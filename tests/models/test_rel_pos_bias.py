@@ -100,8 +100,52 @@ def test_default_off_and_zero_init():
   model = create_model("vit_tiny_patch16", **SHAPE, use_rel_pos_bias=True)
   table = model.blocks[1].attn.relative_position_bias_table[...]
   assert table.shape == ((2 * 4 - 1) ** 2 + 3, 4) and not np.any(table)
-  with pytest.raises(ValueError, match="only prefix token"):
+  with pytest.raises(ValueError, match="not registers"):
     create_model("vit_tiny_patch16", **SHAPE, use_rel_pos_bias=True, reg_tokens=2)
+
+
+def authors_star_index(grid):
+  """TinyMIM*-T's index (Segmentation/TinyMIMstar-T/backbone/mae.py, Attention.__init__), transcribed in torch:
+  CLS at 0, the distillation token at 1, six extra table rows."""
+  num_relative_distance = (2 * grid - 1) ** 2 + 6
+  coords = torch.stack(torch.meshgrid([torch.arange(grid), torch.arange(grid)], indexing="ij"))
+  coords_flatten = torch.flatten(coords, 1)
+  relative_coords = (coords_flatten[:, :, None] - coords_flatten[:, None, :]).permute(1, 2, 0).contiguous()
+  relative_coords[:, :, 0] += grid - 1
+  relative_coords[:, :, 1] += grid - 1
+  relative_coords[:, :, 0] *= 2 * grid - 1
+  index = torch.zeros(size=(grid * grid + 2,) * 2, dtype=relative_coords.dtype)
+  index[2:, 2:] = relative_coords.sum(-1)
+  index[1, 0:] = num_relative_distance - 6
+  index[0:, 1] = num_relative_distance - 5
+  index[1, 1] = num_relative_distance - 4
+  index[0, 0:] = num_relative_distance - 3
+  index[0:, 0] = num_relative_distance - 2
+  index[0, 0] = num_relative_distance - 1
+  return index.numpy()
+
+
+@pytest.mark.parametrize("grid", [1, 3, 4])
+def test_index_with_distillation_token_matches_the_authors(grid):
+  np.testing.assert_array_equal(vit_lib.relative_position_index(grid, 2), authors_star_index(grid))
+  with pytest.raises(ValueError, match="3 prefix tokens"):
+    vit_lib.relative_position_index(grid, 3)
+
+
+def test_distillation_token_bias():
+  """TinyMIM*-T's backbone: CLS + dist token + patches, a table of (2 g - 1)^2 + 6 rows; the bias each token pair
+  gets is the table row the authors' index names (distinct rows make any misplacement visible)."""
+  model = create_model("vit_tiny_patch16", **SHAPE, use_rel_pos_bias=True, dist_token=True)
+  attn = model.blocks[0].attn
+  rows = (2 * 4 - 1) ** 2 + 6
+  assert attn.relative_position_bias_table[...].shape == (rows, 4)
+  table = np.arange(rows * 4, dtype=np.float32).reshape(rows, 4)
+  attn.relative_position_bias_table[...] = table
+  bias = np.asarray(attn.position_bias())[0]          # (H, N, N), N = 2 + 16
+  index = authors_star_index(4)
+  np.testing.assert_array_equal(bias, table[index].transpose(2, 0, 1))
+  x = np.random.RandomState(0).randn(2, 32, 32, 3).astype(np.float32)
+  assert model(x)["tokens"].shape == (2, 18, 64)
 
 
 def test_feature_maps():

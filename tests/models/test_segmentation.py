@@ -2,6 +2,7 @@
 written here (mmseg/models/decode_heads/{uper_head,psp_head,fcn_head,decode_head}.py, mmcv ConvModule, BEiT's
 semantic_segmentation/backbone/beit.py fpn1..fpn4), with the same weights, in train and eval mode."""
 
+import dataclasses
 import functools
 import re
 
@@ -92,10 +93,34 @@ class TUperNet(nn.Module):
     return self.decode_head(levels), self.auxiliary_head(levels[2])
 
 
+C1 = 24  # the conv1x1 width (TinyMIM*-T: 1280)
+
+
+class TStarUperNet(TUperNet):
+  """TinyMIM*-T's adapter (Segmentation/TinyMIMstar-T/backbone/mae.py, patch 16 branch; SyncBN as BatchNorm2d,
+  the batch being one process's): levels 4 D wide, fpn4 a 3x3 stride-2 conv on conv1x1 of the last block."""
+
+  def __init__(self, drop=0.1):
+    super().__init__(drop)
+    self.fpn1 = nn.Sequential(nn.ConvTranspose2d(D, D * 2, 2, 2), nn.BatchNorm2d(D * 2), nn.GELU(),
+                              nn.ConvTranspose2d(D * 2, D * 4, 2, 2))
+    self.fpn2 = nn.Sequential(nn.ConvTranspose2d(D, D * 4, 2, 2))
+    self.fpn3 = nn.Conv2d(D, D * 4, kernel_size=1)
+    self.fpn4 = nn.Sequential(nn.Conv2d(C1, D * 4, kernel_size=3, padding=1, stride=2))
+    self.decode_head = TUPerHead([D * 4] * 4, CH, NC, drop=drop)
+    self.auxiliary_head = TFCNHead(D * 4, AUX, NC, drop=drop)
+    self.conv1x1 = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, C1), nn.GELU())  # torch's eps 1e-5
+
+  def forward(self, maps):
+    last = self.conv1x1(maps[3].permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # per token, NCHW back
+    return super().forward(list(maps[:3]) + [last])
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Weights torch -> ours.
 # ------------------------------------------------------------------------------------------------------------
-_RENAME = {"fpn1.0": "fpn1.deconv1", "fpn1.1": "fpn1.bn", "fpn1.3": "fpn1.deconv2", "fpn2.0": "fpn2.deconv"}
+_RENAME = {"fpn1.0": "fpn1.deconv1", "fpn1.1": "fpn1.bn", "fpn1.3": "fpn1.deconv2", "fpn2.0": "fpn2.deconv",
+           "fpn4.0": "fpn4", "conv1x1.0": "backbone.conv1x1.norm", "conv1x1.1": "backbone.conv1x1.fc"}
 _LEAF = {"running_mean": "mean", "running_var": "var"}
 
 
@@ -106,7 +131,7 @@ def our_path(name, ndim):
   name = re.sub(r"psp_modules\.(\d+)\.1\.", r"psp_modules.\1.", name)  # psp_modules.i.1: the conv after the pool
   *mod, leaf = name.split(".")
   if leaf == "weight":
-    leaf = "kernel" if ndim == 4 else "scale"
+    leaf = "kernel" if ndim in (2, 4) and not mod[-1] == "norm" else "scale"
   return tuple(int(p) if p.isdigit() else p for p in mod) + (_LEAF.get(leaf, leaf),)
 
 
@@ -120,7 +145,7 @@ def load(model, tmodel):
     x = v.detach().numpy()
     # Conv (O, I, kh, kw) and ConvTranspose (I, O, kh, kw) both go to (kh, kw, I, O) / (kh, kw, O, I): the
     # same transpose (transpose_kernel=True keeps torch's order, no flip).
-    x = x.transpose(2, 3, 1, 0) if x.ndim == 4 else x
+    x = x.transpose(2, 3, 1, 0) if x.ndim == 4 else x.T if x.ndim == 2 else x
     assert path in flat, f"{name} -> {path} not in our model"
     assert flat[path].shape == x.shape, (name, flat[path].shape, x.shape)
     flat[path] = jnp.asarray(x)
@@ -143,11 +168,13 @@ def randomize(tmodel, seed):
 
 
 @functools.lru_cache(maxsize=None)
-def case():
+def case(adapter="beit"):
   torch.manual_seed(0)
-  tmodel = TUperNet(drop=0.0)
+  star = adapter == "tinymim_star"
+  tmodel = (TStarUperNet if star else TUperNet)(drop=0.0)
   randomize(tmodel, 1)
-  model = seg_lib.Segmenter(create_model("vit_tiny_patch16", **BACKBONE), CFG, rngs=nnx.Rngs(0))
+  backbone = create_model("vit_tiny_patch16", **BACKBONE, **(dict(conv1x1_dim=C1) if star else {}))
+  model = seg_lib.Segmenter(backbone, dataclasses.replace(CFG, adapter=adapter), rngs=nnx.Rngs(0))
   load(model, tmodel)
   images = np.random.RandomState(0).randn(2, 128, 128, 3).astype(np.float32)
   return model, tmodel, images
@@ -170,9 +197,10 @@ def close(ours, ref, tol=1e-5):
   assert err <= tol * max(1.0, np.max(np.abs(ref))), f"max abs err {err:.3g}, ref max {np.max(np.abs(ref)):.3g}"
 
 
+@pytest.mark.parametrize("adapter", ["beit", "tinymim_star"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_matches_mmseg_rederivation(train):
-  model, tmodel, images = case()
+def test_matches_mmseg_rederivation(train, adapter):
+  model, tmodel, images = case(adapter)
   model = nnx.clone(model)
   maps, out = run(model, images, train)
   tmodel = tmodel.train(train)
@@ -188,6 +216,10 @@ def test_matches_mmseg_rederivation(train):
                                tmodel.decode_head.bottleneck.bn.running_mean.numpy(), atol=1e-5)
   tmodel.eval()
   case.cache_clear() if train else None
+  if adapter == "tinymim_star":  # every level 4 D wide, the stride-32 one from conv1x1's 24 channels
+    levels = nnx.jit(lambda m, x: m.features(x))(model, images)
+    assert [l.shape for l in levels] == [(2, 32, 32, 4 * D), (2, 16, 16, 4 * D), (2, 8, 8, 4 * D),
+                                         (2, 4, 4, 4 * D)]
 
 
 def test_batch_norm_is_global_under_sharding():
@@ -223,6 +255,13 @@ def test_config_errors():
   vit = create_model("vit_tiny_patch16", **BACKBONE)
   with pytest.raises(ValueError, match="four 1-based blocks"):
     seg_lib.Segmenter(vit, seg_lib.SegmenterConfig(out_indices=(1, 2, 9, 4)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="conv1x1_dim > 0"):  # T*'s adapter without its conv1x1 layer
+    seg_lib.Segmenter(vit, dataclasses.replace(CFG, adapter="tinymim_star"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="ending at block 4"):
+    seg_lib.Segmenter(create_model("vit_tiny_patch16", **BACKBONE, conv1x1_dim=C1),
+                      dataclasses.replace(CFG, adapter="tinymim_star", out_indices=(1, 2, 3, 3)), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="adapter must be"):
+    seg_lib.Segmenter(vit, dataclasses.replace(CFG, adapter="vitdet"), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="divisible by 4"):
     seg_lib.Segmenter(create_model("vit_tiny_patch16", img_size=36, patch_size=6, embed_dim=D, depth=4,
                                    num_heads=2), CFG, rngs=nnx.Rngs(0))

@@ -146,6 +146,30 @@ def test_slide_matches_mmseg_loop():
                                                                             (20, 28))), atol=1e-5)
 
 
+def test_slide_areas_compiles_one_forward_and_equals_the_one_jit_path():
+  """inference.slide_areas (windows in fixed groups, host-driven) gives the areas of jitting slide_inference +
+  intersect_and_union on the batch, for sizes needing 12 windows per image (24: groups of 5, the last one
+  zero-filled), one window, and an image smaller than the crop; its forward compiles once for all of them."""
+  rng = np.random.RandomState(5)
+  calls = []
+  fwd = jax.jit(lambda w: seg_lib.resize(window_forward(w), (16, 16)))
+
+  def window_logits(windows):
+    calls.append(windows.shape)
+    return fwd(windows)
+
+  for shape, label_shape in (((2, 40, 30, 3), (50, 37)), ((3, 16, 16, 3), (16, 16)), ((1, 12, 20, 3), (9, 20))):
+    img = rng.randn(*shape).astype(np.float32)
+    labels = labels_with_ignore(rng, (shape[0],) + label_shape, 3).astype(np.int32)
+    valid = np.arange(shape[0]) < max(shape[0] - 1, 1)  # the last of a batch padded (counts nothing)
+    ref = jax.jit(lambda x, y, v: segment.intersect_and_union(jnp.argmax(segment.slide_inference(
+        window_forward, x, crop=16, stride=11, out_size=y.shape[1:3]), axis=-1), y, 3, valid=v))(img, labels, valid)
+    got = inference.slide_areas(window_logits, img, labels, crop=16, stride=11, num_classes=3, chunk=5, valid=valid)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert np.asarray(got)[3].sum() == np.sum((labels != 255) & valid[:, None, None])
+  assert set(calls) == {(5, 16, 16, 3)} and len(calls) == 5 + 1 + 1 and fwd._cache_size() == 1  # 24, 3, 2 windows
+
+
 def test_slide_one_window_equals_whole_image_forward():
   backbone = create_model("vit_tiny_patch16", img_size=64, patch_size=16, embed_dim=32, depth=4, num_heads=2)
   model = seg_lib.Segmenter(backbone, seg_lib.SegmenterConfig(num_classes=3, out_indices=(1, 2, 3, 4), channels=8,
@@ -176,12 +200,17 @@ def beit_layer_id(var_name, num_max_layer):
     return num_max_layer - 1
 
 
-def test_layer_decay_table_matches_authors_rule():
+@pytest.mark.parametrize("star", [False, True], ids=["vit", "tinymim_star"])
+def test_layer_decay_table_matches_authors_rule(star):
+  """TinyMIM*-T: its dist_token and conv1x1 fall in the rule's last group (scale 1), unlike MAE's fine-tuning."""
   depth = 4
+  extra = dict(dist_token=True, conv1x1_dim=16) if star else {}
   backbone = create_model("vit_tiny_patch16", img_size=64, patch_size=16, embed_dim=32, depth=depth, num_heads=2,
-                          use_rel_pos_bias=True, init_values=1.0, pos_embed="learn")
+                          use_rel_pos_bias=True, init_values=1.0, pos_embed="learn", **extra)
   model = seg_lib.Segmenter(backbone, seg_lib.SegmenterConfig(num_classes=3, out_indices=(1, 2, 3, 4), channels=8,
-                                                              aux_channels=4), rngs=nnx.Rngs(0))
+                                                              aux_channels=4,
+                                                              adapter="tinymim_star" if star else "beit"),
+                            rngs=nnx.Rngs(0))
   params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
   table = segment.lr_scales(params, 0.75, depth)
   num_layers = depth + 2  # paramwise_cfg num_layers + 2
@@ -190,9 +219,11 @@ def test_layer_decay_table_matches_authors_rule():
     torch_name = re.sub(r"/(\d+)/", r".\1.", name.replace("/", ".")).replace("backbone.patch_embed.kernel",
                                                                             "backbone.patch_embed.proj.weight")
     assert scale == 0.75 ** (num_layers - beit_layer_id(torch_name, num_layers) - 1), name
+  last_group = ("backbone/norm/", "backbone/dist_token", "backbone/conv1x1/")
   assert {n for n, s in zip(names, jax.tree.leaves(table)) if s == 1.0} == {n for n in names
                                                                             if not n.startswith("backbone/")
-                                                                            or n.startswith("backbone/norm/")}
+                                                                            or n.startswith(last_group)}
+  assert star == ("backbone/dist_token" in names and "fpn4/kernel" in names)
   # The optimizer applies it: one SGD-like step's relative size per layer (Adam normalises the gradient).
   sched = segment.warmup_poly_schedule(lr=1e-3, total_steps=10, warmup_steps=0)
   tx = segment.make_optimizer(params, schedule=sched, depth=depth, weight_decay=0.0)

@@ -57,6 +57,36 @@ def test_digits_scenes_from_the_command_line_resume_and_export(tmp_path):
   np.testing.assert_allclose(again["eval/mIoU"], done["eval/mIoU"], rtol=1e-5)
 
 
+def test_tinymim_star_file_into_its_segmenter(tmp_path):
+  """configs/segment.py:model=tiny_star (shrunk) from a file in TinyMIM*-T's fine-tuned layout: the distillation
+  token and conv1x1 load, the classifier heads are left out, the relative position bias covers CLS + dist token,
+  the T* adapter's conv levels train and export."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from tinymim_jax import convert, create_model  # pylint: disable=g-import-not-at-top
+  shape = dict(img_size=64, patch_size=4, embed_dim=32, depth=2, num_heads=4, conv1x1_dim=24, dist_token=True)
+  clf = create_model("vit_tiny_patch16", **shape, pooling="avg", pos_embed="learn", num_classes=7)
+  sd = convert.export_pytorch_weights(clf)
+  assert {"dist_token", "conv1x1.1.weight", "head_dist.weight"} <= set(sd)
+  torch.save({"model": {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}}, tmp_path / "Tstar.pth")
+  c = load_config_module(CONFIG).get_config(f"model=tiny_star,dataset=digits_scenes,steps=2,init={tmp_path}/Tstar.pth")
+  assert (c.model.num_heads, c.model.dist_token, c.model.conv1x1_dim, c.segment.adapter) == (12, True, 1280,
+                                                                                              "tinymim_star")
+  c.update_from_flattened_dict({**TINY, **{f"model.{k}": v for k, v in shape.items() if k != "img_size"},
+                                "segment.crop": 64, "segment.stride": 48, "segment.scale": (128, 64),
+                                "segment.num_classes": 11, "segment.reduce_zero_label": False, "model.drop_path": 0.0})
+  wd = str(tmp_path / "wd")
+  res = trainer.train_and_evaluate(config_base.finalize(c), wd)
+  assert res["step"] == 2 and np.isfinite(res["eval/mIoU"])
+  whole = load_file(os.path.join(wd, segment.SEGMENTER_EXPORT))
+  assert whole["fpn3.kernel"].shape == (1, 1, 32, 128) and whole["fpn4.kernel"].shape == (3, 3, 24, 128)
+  assert whole["backbone.blocks.0.attn.relative_position_bias_table"].shape == ((2 * 16 - 1) ** 2 + 6, 4)
+  # Loaded, then moved by two AdamW steps of lr <= 1e-4 (a fresh draw would be ~0.02 away).
+  np.testing.assert_allclose(whole["backbone.dist_token"].reshape(-1), np.asarray(sd["dist_token"]).reshape(-1),
+                             atol=5e-4)
+  backbone = load_file(os.path.join(wd, "model.safetensors"))  # timm / the authors' names
+  assert {"dist_token", "conv1x1.0.weight", "blocks.1.attn.relative_position_bias_table"} <= set(backbone)
+
+
 def write_ade(root):
   """ADEChallengeData2016 with 8 training and 3 validation pairs (labels 0..150) and one bad training mask."""
   from tinymim_jax.data._tf import tf  # pylint: disable=g-import-not-at-top

@@ -78,11 +78,13 @@ def test_nonfinite_step_leaves_state(setup):
 
 
 def test_eval_fn(setup):
+  """The evaluator's path: the Segmenter's eval-mode logits per window (SegmentEvaluator), slide_areas."""
   graphdef, state0, batch, _ = setup
-  evaluate = jax.jit(segment.make_eval_fn(graphdef, num_classes=NC, crop=32, stride=21))
+  fwd = jax.jit(lambda st, w: seg_lib.resize(segment.merge(graphdef, st)(w, train=False)["logits"], (32, 32)))
   images = np.concatenate([batch["image"], batch["image"][:, :, :16]], axis=2)  # 32 x 48: two windows
   labels = np.concatenate([batch["label"], batch["label"][:, :, :16]], axis=2)
-  areas = np.asarray(evaluate(state0, {"image": images, "label": labels}))
+  areas = np.asarray(segment.slide_areas(lambda w: fwd(state0, w), images, labels, crop=32, stride=21,
+                                         num_classes=NC, chunk=4))
   assert areas.shape == (4, NC) and areas[3].sum() == np.sum(labels != 255)
   metrics = segment.area_metrics(areas)
   assert 0.0 <= metrics["mIoU"] <= 1.0 and 0.0 <= metrics["aAcc"] <= 1.0

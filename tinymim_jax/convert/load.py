@@ -165,9 +165,9 @@ def _runs(name: str, depth: int | None) -> bool:
   return not (name.split(".")[0] in ("conv1x1", "norm", "fc_norm", "head", "head_dist") or DECODER_RE.match(name))
 
 
-def _same_rel_pos_index(arr, grid: int) -> bool:
+def _same_rel_pos_index(arr, grid: int, num_prefix_tokens: int) -> bool:
   from tinymim_jax.models.vit import relative_position_index  # pylint: disable=g-import-not-at-top
-  ours = relative_position_index(grid)
+  ours = relative_position_index(grid, num_prefix_tokens)
   return tuple(arr.shape) == ours.shape and np.array_equal(np.asarray(arr), ours)
 
 
@@ -229,10 +229,11 @@ def _load(model, ckpt: Checkpoint, *, skip=(), allow_missing=(), strict=True, de
         report.skipped[name] = "pretrain final norm (the 'avg' layout starts a fresh fc_norm)"
       elif REL_POS_INDEX_RE.match(name) and name.replace("_index", "_bias_table") in target:
         grid = enc.img_size // enc.patch_size
-        if _same_rel_pos_index(arr, grid):
+        if _same_rel_pos_index(arr, grid, enc.num_prefix_tokens):
           report.skipped[name] = "fixed index of the relative position bias (the model computes the same)"
         else:
-          mismatched.append(f"{name}: differs from BEiT's index for the model's {grid}^2 grid + CLS")
+          mismatched.append(f"{name}: differs from BEiT's index for the model's {grid}^2 grid + "
+                            f"{'CLS + dist token' if enc.num_prefix_tokens == 2 else 'CLS'}")
           mismatched_names.append(name)
       elif not strict:
         report.skipped[name] = "not in the model (strict=False)"

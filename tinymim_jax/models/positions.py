@@ -51,22 +51,40 @@ def dinov3_rope(grid: int, head_dim: int, temperature: float = 100.0) -> tuple[n
   return np.concatenate([sin, sin], -1), np.concatenate([cos, cos], -1)
 
 
-@functools.lru_cache(maxsize=None)
-def relative_position_index(grid: int) -> np.ndarray:
-  """BEiT's (1 + grid^2, 1 + grid^2) int32 index into a relative position bias table, CLS first.
+# Rows after the (2 grid - 1)^2 offsets in a relative position bias table, by prefix-token count: BEiT's CLS
+# (3: CLS -> patch, patch -> CLS, CLS -> CLS) and TinyMIM*-T's CLS + distillation token (6).
+REL_POS_EXTRA_ROWS = {1: 3, 2: 6}
 
-  Patch pairs index the (2 grid - 1)^2 relative offsets (dy, dx) row-major; the last three rows of the
-  table are CLS -> patch, patch -> CLS and CLS -> CLS (the authors' Segmentation/TinyMIM backbone/mae.py,
-  microsoft/unilm beit/semantic_segmentation/backbone/beit.py).
+
+@functools.lru_cache(maxsize=None)
+def relative_position_index(grid: int, num_prefix_tokens: int = 1) -> np.ndarray:
+  """BEiT's (P + grid^2, P + grid^2) int32 index into a relative position bias table, the P prefix tokens first.
+
+  Patch pairs index the (2 grid - 1)^2 relative offsets (dy, dx) row-major. P = 1 (CLS): the last three rows
+  of the table are CLS -> patch, patch -> CLS and CLS -> CLS (the authors' Segmentation/TinyMIM backbone/mae.py,
+  microsoft/unilm beit/semantic_segmentation/backbone/beit.py). P = 2 (CLS, then the distillation token:
+  TinyMIM*-T, Segmentation/TinyMIMstar-T/backbone/mae.py): the last six rows are dist -> any, any -> dist,
+  dist -> dist, CLS -> any, any -> CLS, CLS -> CLS, written in that order so that the CLS rows win where they
+  overlap (CLS -> dist is the CLS -> any row, dist -> CLS the any -> CLS row).
+  Raises ValueError for another P.
   """
+  if num_prefix_tokens not in REL_POS_EXTRA_ROWS:
+    raise ValueError(f"a relative position bias table covers CLS or CLS + distillation token as prefix, got "
+                     f"{num_prefix_tokens} prefix tokens")
   num_distance = (2 * grid - 1) ** 2
   ys, xs = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
   ys, xs = ys.reshape(-1), xs.reshape(-1)
   dy = ys[:, None] - ys[None, :] + grid - 1
   dx = xs[:, None] - xs[None, :] + grid - 1
-  index = np.zeros((grid * grid + 1,) * 2, np.int32)
-  index[1:, 1:] = dy * (2 * grid - 1) + dx
-  index[0, :] = num_distance
-  index[:, 0] = num_distance + 1
-  index[0, 0] = num_distance + 2
+  p = num_prefix_tokens
+  index = np.zeros((grid * grid + p,) * 2, np.int32)
+  index[p:, p:] = dy * (2 * grid - 1) + dx
+  if p == 2:
+    index[1, :] = num_distance
+    index[:, 1] = num_distance + 1
+    index[1, 1] = num_distance + 2
+  last = num_distance + REL_POS_EXTRA_ROWS[p]
+  index[0, :] = last - 3
+  index[:, 0] = last - 2
+  index[0, 0] = last - 1
   return index

@@ -9,9 +9,17 @@ segmentation code builds them (mmseg 0.11; docs/method.md section 10). Layout NH
 The adapter (BEiT's fpn1..fpn4 in the backbone, for patch 16; any patch p divisible by 4 gives strides p/4..2p)
 turns the (B, G, G, D) token maps of blocks
 `out_indices` into strides 4, 8, 16, 32: fpn1 = ConvTranspose 2x2/2 -> BatchNorm -> GELU -> ConvTranspose 2x2/2,
-fpn2 = ConvTranspose 2x2/2, fpn3 = identity, fpn4 = MaxPool 2x2/2. Module names follow mmseg / BEiT; where a
-torch nn.Sequential index has no Flax equivalent the names map as
+fpn2 = ConvTranspose 2x2/2, fpn3 = identity, fpn4 = MaxPool 2x2/2.
+
+adapter='tinymim_star' is TinyMIM*-T's (Segmentation/TinyMIMstar-T/backbone/mae.py): every level 4 D wide
+(768 for D 192), fpn1 = ConvTranspose(D -> 2D) -> BatchNorm(2D) -> GELU -> ConvTranspose(2D -> 4D), fpn2 =
+ConvTranspose(D -> 4D), fpn3 = Conv 1x1 (D -> 4D), and fpn4 = Conv 3x3 stride 2 padding 1 on the backbone's
+conv1x1 output (LayerNorm -> Linear(D -> 1280) -> GELU on the last block's tokens; the backbone needs
+conv1x1_dim > 0 and the last out index its last block).
+
+Module names follow mmseg / BEiT; where a torch nn.Sequential index has no Flax equivalent the names map as
   fpn1.0 -> fpn1.deconv1, fpn1.1 -> fpn1.bn, fpn1.3 -> fpn1.deconv2, fpn2.0 -> fpn2.deconv,
+  fpn3 -> fpn3, fpn4.0 -> fpn4 (tinymim_star),
   decode_head.psp_modules.{i}.1 -> decode_head.psp_modules.{i}, auxiliary_head.convs.{i} (the same).
 
 BatchNorm is mmseg's SyncBN: in train mode the statistics are over the whole (global) batch, which is what a
@@ -47,6 +55,7 @@ class SegmenterConfig:
   aux_in_index: int = 2                          # the adapter level the FCNHead reads (0-based: stride 16)
   aux_num_convs: int = 1
   dropout_ratio: float = 0.1                     # Dropout2d before each classifier
+  adapter: str = "beit"                          # 'beit' (D wide levels) | 'tinymim_star' (4 D wide, see above)
 
 
 def resize(x, size: Sequence[int]):
@@ -171,33 +180,36 @@ class FCNHead(_DecodeHead):
 
 
 class Fpn1(nnx.Module):
-  """Stride 4 from stride 16: ConvTranspose 2x2/2 -> BatchNorm -> GELU -> ConvTranspose 2x2/2 (BEiT's fpn1)."""
+  """Stride 4 from stride 16: ConvTranspose 2x2/2 -> BatchNorm -> GELU -> ConvTranspose 2x2/2 (BEiT's fpn1),
+  dim -> mid -> out channels (BEiT: all D; TinyMIM*-T: D -> 2D -> 4D)."""
 
-  def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, dim: int, mid: int | None = None, out: int | None = None, *, dtype, param_dtype,
+               rngs: nnx.Rngs):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.deconv1 = _deconv2x2(dim, **kw)
-    self.bn = _batch_norm(dim, **kw)
-    self.deconv2 = _deconv2x2(dim, **kw)
+    mid, out = mid or dim, out or dim
+    self.deconv1 = _deconv2x2(dim, mid, **kw)
+    self.bn = _batch_norm(mid, **kw)
+    self.deconv2 = _deconv2x2(mid, out, **kw)
 
   def __call__(self, x, *, train: bool):
     return self.deconv2(vit_lib.gelu(self.bn(self.deconv1(x), use_running_average=not train)))
 
 
 class Fpn2(nnx.Module):
-  """Stride 8 from stride 16: one ConvTranspose 2x2/2 (BEiT's fpn2)."""
+  """Stride 8 from stride 16: one ConvTranspose 2x2/2 (BEiT's fpn2), dim -> out channels."""
 
-  def __init__(self, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
-    self.deconv = _deconv2x2(dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, dim: int, out: int | None = None, *, dtype, param_dtype, rngs: nnx.Rngs):
+    self.deconv = _deconv2x2(dim, out or dim, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x, *, train: bool):
     del train
     return self.deconv(x)
 
 
-def _deconv2x2(dim, *, dtype, param_dtype, rngs):
+def _deconv2x2(cin, cout, *, dtype, param_dtype, rngs):
   # transpose_kernel=True: the kernel is torch ConvTranspose2d's weight (in, out, kh, kw) transposed to
   # (kh, kw, out, in), no spatial flip (tests/models/test_segmentation.py).
-  return nnx.ConvTranspose(dim, dim, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, dtype=dtype,
+  return nnx.ConvTranspose(cin, cout, (2, 2), strides=(2, 2), padding="VALID", transpose_kernel=True, dtype=dtype,
                            param_dtype=param_dtype, kernel_init=_torch_default, rngs=rngs)
 
 
@@ -227,17 +239,36 @@ class Segmenter(nnx.Module):
     d = bc.embed_dim
     kw = dict(dtype=bc.dtype, param_dtype=bc.param_dtype, rngs=rngs)
     self.backbone = backbone
-    self.fpn1 = Fpn1(d, **kw)
-    self.fpn2 = Fpn2(d, **kw)
-    self.decode_head = UPerHead([d] * 4, c.channels, c.num_classes, pool_scales=c.pool_scales,
+    if c.adapter == "beit":
+      width = d
+      self.fpn1, self.fpn2 = Fpn1(d, **kw), Fpn2(d, **kw)
+      self.fpn3 = self.fpn4 = None
+    elif c.adapter == "tinymim_star":
+      if not bc.conv1x1_dim or c.out_indices[-1] != bc.depth:
+        raise ValueError(f"adapter='tinymim_star' reads the stride-32 level from the backbone's conv1x1 layer on its "
+                         f"last block: it needs a backbone with conv1x1_dim > 0 (TinyMIM*-T: 1280, got "
+                         f"{bc.conv1x1_dim}) and out_indices ending at block {bc.depth} (got {tuple(c.out_indices)})")
+      width = 4 * d
+      self.fpn1, self.fpn2 = Fpn1(d, 2 * d, width, **kw), Fpn2(d, width, **kw)
+      self.fpn3 = nnx.Conv(d, width, (1, 1), kernel_init=_torch_default, **kw)
+      self.fpn4 = nnx.Conv(bc.conv1x1_dim, width, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)),
+                           kernel_init=_torch_default, **kw)
+    else:
+      raise ValueError(f"adapter must be 'beit' or 'tinymim_star', got {c.adapter!r}")
+    self.decode_head = UPerHead([width] * 4, c.channels, c.num_classes, pool_scales=c.pool_scales,
                                 dropout_ratio=c.dropout_ratio, **kw)
-    self.auxiliary_head = FCNHead(d, c.aux_channels, c.num_classes, num_convs=c.aux_num_convs,
+    self.auxiliary_head = FCNHead(width, c.aux_channels, c.num_classes, num_convs=c.aux_num_convs,
                                   dropout_ratio=c.dropout_ratio, **kw)
 
   def features(self, images, *, train: bool = False, rng=None) -> list[Any]:
-    """The adapter's four NHWC levels, strides 4, 8, 16, 32, each (B, ., ., embed_dim)."""
+    """The adapter's four NHWC levels, strides 4, 8, 16, 32, each (B, ., ., embed_dim) ('beit') or
+    (B, ., ., 4 embed_dim) ('tinymim_star')."""
     maps = self.backbone.feature_maps(images, self.config.out_indices, rng=rng)
-    return [self.fpn1(maps[0], train=train), self.fpn2(maps[1], train=train), maps[2], max_pool2x2(maps[3])]
+    levels = [self.fpn1(maps[0], train=train), self.fpn2(maps[1], train=train)]
+    if self.fpn3 is None:
+      return levels + [maps[2], max_pool2x2(maps[3])]
+    # conv1x1 acts per token, so on the patch tokens alone it is the authors' layer on all tokens, then sliced.
+    return levels + [self.fpn3(maps[2]), self.fpn4(self.backbone.conv1x1(maps[3]))]
 
   def __call__(self, images, *, train: bool = False, rng=None) -> dict[str, Any]:
     """images (B, H, W, 3) normalised float -> {'logits' (B, H/4, W/4, C), 'aux_logits' (B, H/16, W/16, C)} in

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tinymim_jax.models.positions import dinov3_rope, relative_position_index, sincos_pos_embed
+from tinymim_jax.models.positions import (REL_POS_EXTRA_ROWS, dinov3_rope, relative_position_index,
+                                          sincos_pos_embed)
 from tinymim_jax.models.variants import VARIANTS
 
 
@@ -107,17 +108,18 @@ def linear(layer: nnx.Linear, x):
 class Attention(nnx.Module):
 
   def __init__(self, dim: int, num_heads: int, *, dtype, rngs: nnx.Rngs, impl: str = "default",
-               param_dtype=jnp.float32, qkv_bias: bool = True, rel_pos_grid: int = 0):
+               param_dtype=jnp.float32, qkv_bias: bool = True, rel_pos_grid: int = 0, rel_pos_prefix: int = 1):
     if dim % num_heads:
       raise ValueError(f"embed_dim {dim} is not divisible by num_heads {num_heads}")
     self.num_heads = num_heads
     self.impl = impl
-    # BEiT's per-block relative position bias over a rel_pos_grid^2 patch grid + CLS; zero init (the authors'
-    # segmentation backbone). Off (None) when rel_pos_grid is 0.
-    self.rel_pos_grid = rel_pos_grid
+    # BEiT's per-block relative position bias over a rel_pos_grid^2 patch grid + CLS (+ the distillation token:
+    # rel_pos_prefix 2, TinyMIM*-T); zero init (the authors' segmentation backbones). Off (None) when rel_pos_grid
+    # is 0.
+    self.rel_pos_grid, self.rel_pos_prefix = rel_pos_grid, rel_pos_prefix
     if rel_pos_grid:
       self.relative_position_bias_table = nnx.Param(
-          jnp.zeros(((2 * rel_pos_grid - 1) ** 2 + 3, num_heads), param_dtype))
+          jnp.zeros(((2 * rel_pos_grid - 1) ** 2 + REL_POS_EXTRA_ROWS[rel_pos_prefix], num_heads), param_dtype))
     else:
       self.relative_position_bias_table = None
     self.qkv = nnx.Linear(dim, 3 * dim, dtype=dtype, param_dtype=param_dtype, kernel_init=xavier_uniform,
@@ -140,7 +142,7 @@ class Attention(nnx.Module):
     """(1, H, N, N) float32 (param dtype) bias added to the attention logits, or None without one."""
     if self.relative_position_bias_table is None:
       return None
-    index = relative_position_index(self.rel_pos_grid)
+    index = relative_position_index(self.rel_pos_grid, self.rel_pos_prefix)
     bias = self.relative_position_bias_table[...][index.reshape(-1)]
     return jnp.transpose(bias.reshape(index.shape + (self.num_heads,)), (2, 0, 1))[None]
 
@@ -148,8 +150,8 @@ class Attention(nnx.Module):
     b, h, n, dh = q.shape
     bias = self.position_bias()
     if bias is not None and bias.shape[-1] != n:
-      raise ValueError(f"the relative position bias covers {bias.shape[-1]} tokens (CLS + {self.rel_pos_grid}^2 "
-                       f"patches), the attention got {n}: it needs every patch token and CLS alone as prefix")
+      raise ValueError(f"the relative position bias covers {bias.shape[-1]} tokens ({self.rel_pos_prefix} prefix + "
+                       f"{self.rel_pos_grid}^2 patches), the attention got {n}: it needs every patch token")
     if self.impl != "default":  # a fused kernel (cuDNN flash attention on GPUs) or jax's reference form
       # cuDNN's training kernels want an even length (ViTs have 1 + grid^2 tokens): pad to a multiple of 8
       # and mask the padded keys out through the sequence lengths; padded query rows are dropped.
@@ -258,7 +260,7 @@ class Block(nnx.Module):
     self.num_prefix_tokens = num_prefix_tokens
     self.norm1 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
     self.attn = Attention(dim, num_heads, dtype=dtype, rngs=rngs, impl=attention, param_dtype=param_dtype,
-                          qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid)
+                          qkv_bias=qkv_bias, rel_pos_grid=rel_pos_grid, rel_pos_prefix=num_prefix_tokens)
     self.norm2 = layer_norm(dim, dtype, rngs, param_dtype, norm_eps)
     if mlp_type == "swiglu":
       self.mlp = SwiGLU(dim, int(dim * mlp_ratio), dtype=dtype, rngs=rngs, param_dtype=param_dtype)
@@ -392,8 +394,8 @@ class ViT(nnx.Module):
     for i in list(c.head_overrides) + list(c.drop_path_overrides):
       if not 1 <= i <= c.depth:
         raise ValueError(f"per-block override names block {i}, but the model has blocks 1..{c.depth}")
-    if c.use_rel_pos_bias and c.num_prefix_tokens != 1:
-      raise ValueError(f"use_rel_pos_bias needs CLS as the only prefix token, got dist_token={c.dist_token}, "
+    if c.use_rel_pos_bias and c.reg_tokens:
+      raise ValueError(f"use_rel_pos_bias covers CLS and the distillation token as prefix, not registers: got "
                        f"reg_tokens={c.reg_tokens}")
     d, p = c.embed_dim, c.patch_size
     self.grid = c.img_size // p

@@ -5,13 +5,12 @@ The model is models/segmentation.Segmenter; the data (ADE20K, image / mask folde
 tinymim_jax/data/segmentation.py.
 """
 
-from tinymim_jax.objectives.segment.inference import slide_inference
+from tinymim_jax.objectives.segment.inference import slide_areas, slide_inference
 from tinymim_jax.objectives.segment.losses import cross_entropy, segment_loss
 from tinymim_jax.objectives.segment.metrics import area_metrics, intersect_and_union
 from tinymim_jax.objectives.segment.optim import layer_id, lr_scales, make_optimizer, warmup_poly_schedule
-from tinymim_jax.objectives.segment.step import init_state, make_eval_fn, make_train_step, merge
+from tinymim_jax.objectives.segment.step import init_state, make_train_step, merge
 
-__all__ = ["slide_inference", "cross_entropy", "segment_loss", "area_metrics", "intersect_and_union", "layer_id",
-           "lr_scales", "make_optimizer", "warmup_poly_schedule", "init_state", "make_eval_fn", "make_train_step",
-           "merge"]
+__all__ = ["slide_areas", "slide_inference", "cross_entropy", "segment_loss", "area_metrics", "intersect_and_union",
+           "layer_id", "lr_scales", "make_optimizer", "warmup_poly_schedule", "init_state", "make_train_step", "merge"]
 from tinymim_jax.objectives.segment.objective import SEGMENTER_EXPORT, CLASSES_FILE, Segment, SegmentEvaluator, segmenter_tensors  # noqa: E402  (registers objective 'segment')

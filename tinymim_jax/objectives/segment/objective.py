@@ -18,6 +18,7 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -25,7 +26,9 @@ from tinymim_jax import builders, config_base, features, paths
 from tinymim_jax import sharding as sh
 from tinymim_jax import train_steps as ts
 from tinymim_jax.models import segmentation as seg_lib
+from tinymim_jax.models.segmentation import resize
 from tinymim_jax.objectives import Objective, Setup, register
+from tinymim_jax.objectives.segment import inference as seg_inference
 from tinymim_jax.objectives.segment import metrics as metrics_lib
 from tinymim_jax.objectives.segment import optim as seg_optim
 from tinymim_jax.objectives.segment import step as seg_step
@@ -63,7 +66,7 @@ def segmenter_config(config, num_classes: int) -> seg_lib.SegmenterConfig:
   s = _section(config)
   return seg_lib.SegmenterConfig(num_classes=num_classes, out_indices=tuple(s.out_indices), channels=s.channels,
                                  pool_scales=tuple(s.pool_scales), aux_channels=s.aux_channels,
-                                 dropout_ratio=s.dropout_ratio)
+                                 dropout_ratio=s.dropout_ratio, adapter=s.get("adapter", "beit"))
 
 
 class Segment(Objective):
@@ -106,10 +109,10 @@ class Segment(Objective):
     if config.init:
       # A distilled / MAE encoder has no relative position bias or layer scale: they start as the authors'
       # (zero table, gamma 1.0); its final norm is dropped for the 'avg' layout's fresh fc_norm, and a
-      # classifier's head has no place in a segmenter.
+      # classifier's heads (head, and TinyMIM*-T's / DeiT's head_dist) have no place in a segmenter.
       report = builders.load_weights(
-          backbone, config.init, skip=tuple(config.init_skip) + (r"head\..*",), ema=config.init_ema,
-          prefix=config.init_prefix,
+          backbone, config.init, skip=tuple(config.init_skip) + (r"head\..*", r"head_dist\..*"),
+          ema=config.init_ema, prefix=config.init_prefix,
           allow_missing=(r"fc_norm\..*", r"blocks\.\d+\.attn\.relative_position_bias_table",
                          r"blocks\.\d+\.ls[12]\.gamma"), hint_context=builders.INIT_OPTIONS)
       logging.info("init from %s:\n%s", config.init, report)
@@ -161,8 +164,9 @@ class SegmentEvaluator:
   """mIoU / mAcc / aAcc of the model over the whole val set (mmseg's metrics: areas summed over every example,
   metrics.area_metrics), by slide inference at config.segment's crop and stride on the test path's images.
 
-  Examples of one shape are batched (config.batch_size, the last padded with valid=False, which counts nothing);
-  a batch is sharded over (data, fsdp) like a train batch. Every process reads the whole val set. Writes the
+  Consecutive examples of one size are grouped (up to config.batch_size) and their windows run through one
+  compiled forward in groups of config.batch_size windows, sharded over (data, fsdp) like a train batch
+  (inference.slide_areas: no recompilation per image size). Every process reads the whole val set. Writes the
   per-class IoU and Acc to <workdir>/segment_classes.json (process 0).
   """
 
@@ -170,15 +174,17 @@ class SegmentEvaluator:
     s = _section(config)
     self.config, self.mesh, self.num_classes, self.workdir = config, mesh, num_classes, workdir
     self.keys = ("params", "batch_stats", "consts")
-    fn = seg_step.make_eval_fn(graphdef, num_classes=num_classes, crop=s.crop, stride=s.stride,
-                               ignore_index=s.ignore_index)
-    self.batch_sharding = sh.batch_sharding(mesh)
-    self.fn = jax.jit(fn, in_shardings=({k: state_sharding[k] for k in self.keys}, self.batch_sharding),
-                      out_shardings=sh.replicated(mesh))
+    self.batch_sharding, self.replicated = sh.batch_sharding(mesh), sh.replicated(mesh)
+    crop = (s.crop, s.crop)
 
-  def _global(self, batch):
-    return {k: jax.make_array_from_callback(v.shape, self.batch_sharding, lambda idx, v=v: v[idx])
-            for k, v in batch.items()}
+    def window_logits(sub, windows):  # eval mode; logits resized to the window, as slide inference does
+      return resize(seg_step.merge(graphdef, sub)(windows, train=False)["logits"].astype(jnp.float32), crop)
+
+    self.fn = jax.jit(window_logits, in_shardings=({k: state_sharding[k] for k in self.keys}, self.batch_sharding),
+                      out_shardings=self.replicated)
+
+  def _global(self, x, sharding):
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
   def _batches(self):
     from tinymim_jax.data import segmentation as seg_data  # pylint: disable=g-import-not-at-top
@@ -186,24 +192,30 @@ class SegmentEvaluator:
     _, val, _ = _sources(self.config)
     if isinstance(val, list):
       val = (lambda pairs: ([p[0] for p in pairs], [p[1] for p in pairs]))(val)
+    # Consecutive examples of one image and label size, up to a batch; the windows are what the forward batches.
     n = self.config.batch_size
     group: list[dict] = []
     for ex in seg_data.eval_examples(val, scale=tuple(s.scale)):
       if group and (ex["image"].shape != group[0]["image"].shape or ex["label"].shape != group[0]["label"].shape):
-        yield _pad(group, n)
+        yield _stack(group)
         group = []
       group.append(ex)
       if len(group) == n:
-        yield _pad(group, n)
+        yield _stack(group)
         group = []
     if group:
-      yield _pad(group, n)
+      yield _stack(group)
 
   def __call__(self, state, **_) -> dict[str, float]:
     sub = {k: state[k] for k in self.keys}
+    s = _section(self.config)
     areas = np.zeros((4, self.num_classes), np.int64)
     for batch in self._batches():
-      areas += np.asarray(jax.device_get(self.fn(sub, self._global(batch))), np.int64)
+      # One compiled forward over fixed-size groups of windows, whatever the image size (slide_areas).
+      areas += np.asarray(jax.device_get(seg_inference.slide_areas(
+          lambda w: self.fn(sub, self._global(w, self.batch_sharding)), batch["image"], batch["label"],
+          crop=s.crop, stride=s.stride, num_classes=self.num_classes, chunk=self.config.batch_size,
+          ignore_index=s.ignore_index, put=lambda x: self._global(x, self.replicated))), np.int64)
     m = metrics_lib.area_metrics(areas)
     if jax.process_index() == 0 and self.workdir:
       per_class = {"IoU": _json_floats(m["IoU"]), "Acc": _json_floats(m["Acc"]),
@@ -212,12 +224,9 @@ class SegmentEvaluator:
     return {"eval/mIoU": m["mIoU"], "eval/mAcc": m["mAcc"], "eval/aAcc": m["aAcc"]}
 
 
-def _pad(group, n):
-  """One batch of n: the group's examples, then copies of the first with valid=False."""
-  pad = n - len(group)
-  return {"image": np.stack([g["image"] for g in group] + [group[0]["image"]] * pad).astype(np.float32),
-          "label": np.stack([g["label"] for g in group] + [group[0]["label"]] * pad).astype(np.int32),
-          "valid": np.array([True] * len(group) + [False] * pad)}
+def _stack(group):
+  return {"image": np.stack([g["image"] for g in group]).astype(np.float32),
+          "label": np.stack([g["label"] for g in group]).astype(np.int32)}
 
 
 def _json_floats(x):

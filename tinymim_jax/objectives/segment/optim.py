@@ -14,8 +14,12 @@ def layer_id(name: str, depth: int) -> int:
   """Layer id of a Segmenter param ('/'-joined name): BEiT's get_num_layer_for_vit with num_layers = depth + 2.
 
   backbone cls_token / pos_embed / patch_embed -> 0, backbone block i (0-based) -> i + 1, everything else
-  (the rest of the backbone, adapter fpn1..fpn4, decode and auxiliary heads) -> depth + 1.
+  (the rest of the backbone, adapter fpn1..fpn4, decode and auxiliary heads) -> depth + 1. That includes
+  TinyMIM*-T's dist_token and conv1x1 (BEiT's get_num_layer_for_vit names only cls_token, mask_token and
+  pos_embed), where MAE's fine-tuning rule (optim.layer_id) puts dist_token at 0.
   """
+  if name == "backbone/dist_token":
+    return depth + 1
   if name.startswith("backbone/"):
     return optim_lib.layer_id(name[len("backbone/"):], depth)
   return depth + 1

@@ -1,4 +1,4 @@
-"""The segment train step and the eval forward, pure functions of a state of nested dicts (jit at the call
+"""The segment train step, a pure function of a state of nested dicts (jit at the call
 site, e.g. with tinymim_jax.sharding: state by rule, batch over ('data', 'fsdp'))."""
 
 from __future__ import annotations
@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tinymim_jax.objectives.segment.inference import slide_inference
 from tinymim_jax.objectives.segment.losses import segment_loss
 from tinymim_jax.objectives.segment.metrics import intersect_and_union
 
@@ -75,22 +74,3 @@ def make_train_step(graphdef, tx, schedule, *, aux_weight: float = 0.4, ignore_i
     return new, metrics
 
   return step
-
-
-def make_eval_fn(graphdef, *, num_classes: int, crop: int, stride: int, ignore_index: int = 255) -> Callable:
-  """(state, batch) -> (4, num_classes) int32 areas (intersect_and_union) of one batch, eval mode.
-
-  batch: {'image' (B, H, W, 3), 'label' (B, H0, W0) at the annotation's size, optional 'valid' (B,)}: slide
-  inference with crop x crop windows at `stride`, logits resized to (H0, W0), argmax. Sum the areas over the
-  set on the host and call metrics.area_metrics.
-  """
-
-  def evaluate(state, batch):
-    model = merge(graphdef, state)
-    labels = batch["label"]
-    logits = slide_inference(lambda x: model(x, train=False)["logits"], batch["image"], crop=crop,
-                             stride=stride, out_size=labels.shape[1:3])
-    return intersect_and_union(jnp.argmax(logits, axis=-1), labels, num_classes, ignore_index=ignore_index,
-                               valid=batch.get("valid"))
-
-  return evaluate
