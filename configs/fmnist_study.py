@@ -29,11 +29,12 @@ PRETRAIN_LR = 1e-3                # peak lrs; base_lr = peak x 256 / BATCH
 FINETUNE_LR = 2e-3
 DISTILL_DROP_PATH = 0.1
 # Fine-tuning label regimes: name -> (fraction of the train labels (class-balanced), epochs over that subset).
-# Steps: 100% 2.5 x 468 = 1170; 1% 30 x 4 = 120 (600 images, 4 batches of 128 per pass). 2.5 epochs: a 4-epoch
+# Steps: 100% 4 x 468 = 1872; 1% 30 x 4 = 120 (600 images, 4 batches of 128 per pass). 4 epochs: a 4-epoch
 # fine-tune of the earlier design's seed-0 TinyMIM student was at 77.8 / 83.1 / 84.4 / 85.3% after epochs 1-4,
-# and its 1.5-epoch fine-tune at 80.0%, below the pixel logistic regression (83.6%). A 10% regime was cut to fit
-# the 3-hour budget (BENCHMARKS.md, "Study runs": the projection from measured step times).
-REGIMES = {"ft": (1.0, 2.5), "ft1": (0.01, 30.0)}
+# its 1.5-epoch fine-tune at 80.0%, and this design's first version (2.5 epochs) gave 83.35% on seed 0, below the
+# pixel logistic regression (83.56%): its fine-tuning runs were discarded, the rest kept (RESULTS.md, "Design").
+# A 10% regime was cut to fit the 3-hour budget (BENCHMARKS.md, "Study runs": the projection from measured times).
+REGIMES = {"ft": (1.0, 4.0), "ft1": (0.01, 30.0)}
 SEEDS = (0, 1, 2, 3, 4)
 KNN_TRAIN = 10_000                # k-NN neighbours and few-shot shots come from the first 10k train images
 # The probe on cached features: configs/linprobe.py's small-data recipe (batch 256, base lr 25), 10 epochs of 60k.
@@ -41,7 +42,7 @@ PROBE = dict(batch_size=256, base_lr=25.0, epochs=10.0, warmup_epochs=1.0)
 
 # name: (label, paper's prediction against arm 1, what is changed, seeds, fine-tuning regimes)
 CORE = (SEEDS, tuple(REGIMES))
-SIDE = (SEEDS[:2], ("ft",))
+SIDE = (SEEDS[:1], ("ft",))       # one seed: the 4-epoch fine-tune leaves no budget for more (no interval)
 ARMS = {
     "tinymim": ("1. relation, teacher block 4 of 6 (TinyMIM)", None, {}, *CORE),
     "rel_last": ("2. relation, teacher's last block (6)", "lower", {"teacher_block": 6}, *SIDE),
@@ -111,11 +112,17 @@ steps), teacher {TEACHER_EPOCHS:g} epochs;
     ft 100% of the labels, {REGIMES['ft'][1]:g} epochs; ft1 1% (60 per class), {REGIMES['ft1'][1]:g} epochs
   frozen-feature evals: main's 'eval' objective on the pretrained student, on the features its workdir
     recorded (a distilled student: the relation block's input; MAE: the last block; the teacher: block
-    {TEACHER_BLOCK}, the one arm 1 distils; mean of the patch tokens, parameter-free LayerNorm): k-NN (k 20, T 0.07) and few-shot (1/5/10/25 shots, 3 draws) with the
-    neighbours / shots from the first 10,000 train images; a linear probe (BatchNorm + Linear, LARS) on the
+    {TEACHER_BLOCK}, the one arm 1 distils; mean of the patch tokens, parameter-free LayerNorm): k-NN (k 20,
+    T 0.07) and few-shot (1/5/10/25 shots, 3 draws) with the neighbours / shots from the first 10,000 train images; a linear probe (BatchNorm + Linear, LARS) on the
     cached features of all 60k train images: batch 256, base lr 25, 10 epochs, 1 warmup, no augmentation
   floors: the same k-NN, few-shot and probe on the normalised pixels (784 values), and a multinomial logistic
     regression (scikit-learn, standardised pixels, L2 C=1); fine-tuning's floor is arm 6
+
+Changed once, after seed 0's first fine-tunes and before any other: the full-label fine-tune from 2.5 to 4
+epochs (at 2.5 the TinyMIM student reached 83.35%, below the pixel logistic regression's 83.56%, the floor this
+design must clear) and arms 2-4 from 2 seeds to 1 (the budget). The 2.5-epoch runs (seed 0: TinyMIM, MAE and the
+control's, stopped) were deleted; the teacher, the floors and seed 0's pretraining, evals and 1% fine-tunes
+were kept: their configs did not change.
 
 The regime gate: a comparison gets a verdict on a metric only where the teacher (its frozen-feature eval; for
 fine-tuning its linear probe) and both arms compared clear that metric's floor (frozen metrics: the pixel floor;
