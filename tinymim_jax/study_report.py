@@ -196,11 +196,9 @@ def gate(module, c: dict, col: Column, arms: Sequence[str]) -> str | None:
 
 
 def _arms(module, quick: bool) -> list[str]:
-  seen = []
-  for name, _ in module.plan(quick):
-    if name.startswith("seed") and name.split("/")[1] not in seen:
-      seen.append(name.split("/")[1])
-  return seen
+  """The planned arms in the config's ARMS order (the plan may run them in another)."""
+  planned = {name.split("/")[1] for name, _ in module.plan(quick) if name.startswith("seed")}
+  return [arm for arm in module.ARMS if arm in planned]
 
 
 def _pct(v: float) -> str:
