@@ -348,8 +348,8 @@ class ViTConfig:
   qkv_bias: bool = True
   mlp_type: str = "mlp"
   # BEiT's per-block relative position bias (blocks.i.attn.relative_position_bias_table, zero init), as the
-  # authors' segmentation backbone has it (docs/method.md section 10.1; their `use_rel_pos_bias`). Needs CLS as the
-  # only prefix token and every patch token (no keep_ids).
+  # authors' segmentation backbones have it (docs/method.md section 10.1; their `use_rel_pos_bias`). Needs CLS, or
+  # CLS + the distillation token (TinyMIM*-T), as prefix, no registers, and every patch token (no keep_ids).
   use_rel_pos_bias: bool = False
 
   @property
