@@ -220,8 +220,8 @@ def evaluate(section, vit: vit_lib.ViT, spec: features.FeatureSpec, *, data_dir=
 
   @jax.jit
   def window_logits(windows):  # the probe's logits resized to the window, as slide inference does
-    logits = apply_probe(params, consts, features.patch_tokens(nnx.merge(graphdef, state), windows, spec),
-                         train=False)[0]
+    tokens = features.patch_tokens(nnx.merge(graphdef, state), windows, spec)
+    logits = apply_probe(params, consts, tokens, train=False)[0]
     return resize(logits.astype(jnp.float32), windows.shape[1:3])
 
   areas = np.zeros((4, num_classes), np.int64)
