@@ -22,6 +22,11 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
   return [max(min(i * stride + crop, size) - crop, 0) for i in range(grids)]
 
 
+def _hw(size: int | Sequence[int]) -> tuple[int, int]:
+  """A crop or stride given as one int or as (height, width)."""
+  return (size, size) if isinstance(size, int) else tuple(size)
+
+
 def window_boxes(height: int, width: int, crop: tuple[int, int], stride: tuple[int, int]):
   """(padded height, padded width, [(y, x) window starts]) of slide_inference for an image of (height, width)."""
   ph, pw = max(height, crop[0]), max(width, crop[1])  # an image smaller than the crop is padded up to it
@@ -40,8 +45,7 @@ def slide_inference(forward: Callable, images, *, crop: int | Sequence[int], str
   out_size: the annotation's (H0, W0) to resize the averaged logits to (rescale=True), or None to keep (H, W).
   Returns (B, H0, W0, C) float32 logits.
   """
-  ch, cw = (crop, crop) if isinstance(crop, int) else crop
-  sh, sw = (stride, stride) if isinstance(stride, int) else stride
+  (ch, cw), (sh, sw) = _hw(crop), _hw(stride)
   b, h, w, _ = images.shape
   ph, pw, boxes = window_boxes(h, w, (ch, cw), (sh, sw))
   if (ph, pw) != (h, w):
@@ -94,8 +98,7 @@ def slide_areas(window_logits: Callable, images, labels, *, crop: int | Sequence
   functions. Returns (4, num_classes) int32 areas, equal to jitting slide_inference + intersect_and_union on the
   batch (tests/segment/test_pieces.py).
   """
-  ch, cw = (crop, crop) if isinstance(crop, int) else crop
-  sh, sw = (stride, stride) if isinstance(stride, int) else stride
+  (ch, cw), (sh, sw) = _hw(crop), _hw(stride)
   images = np.asarray(images)
   b, h, w, _ = images.shape
   ph, pw, boxes = window_boxes(h, w, (ch, cw), (sh, sw))
