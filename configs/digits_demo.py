@@ -50,7 +50,7 @@ def plan(quick=False):
   return [(stage, f"stage={stage}") for stage in STAGES]
 IMG, PATCH = 16, 4
 # Of configs/segment.py:model=demo's 600 steps of 16: its step costs ~1.4 CPU-s per 8 crops on these cores
-# (BENCHMARKS.md "Segment step"), so both segmentation stages together stay near 2 minutes on 2 idle cores.
+# (BENCHMARKS.md "Segment step"), so each of the three segmentation stages stays near a minute on 2 idle cores.
 SEGMENT_STEPS, SEGMENT_BATCH = 40, 8
 # The eval stages' linear segmentation probe (config.eval.segprobe; segprobe.py) on the same digits scenes at 64 px:
 # DINOv2's recipe (lr 1e-3, batch 16) shortened to 500 steps (8 epochs of the scenes' 1,000 windows).

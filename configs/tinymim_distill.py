@@ -29,7 +29,7 @@ Ablation axes, as config arguments (comma-separated key=value after the ':'):
       --config.teacher.source=dinov2_reg_base.safetensors --config.data.data_dir=$TFDS --workdir wd/s_dinov2
                                 The teacher reads 196 px (14 x 14 patches of 14, the student's grid) resized from
                                 the student's crop, normalised with its own mean / std (CLIP: OpenAI's), and its
-                                register tokens take no part in the relations (train_steps.drop_registers).
+                                register tokens take no part in the relations (objectives/distill/teachers.drop_registers).
   teacher=dinov3_base|dinov3_small_plus_qkvb|...  DINOv3 (S, S+, B, L, H+, each also '_qkvb') by timm's
                                 weights, the original hub file (dinov3_vitb16_pretrain_lvd1689m-*.pth) or a hub
                                 folder; rotary positions, so no table is resampled; storage tokens left out of the
