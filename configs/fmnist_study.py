@@ -36,8 +36,8 @@ DISTILL_DROP_PATH = 0.1
 # A 10% regime was cut to fit the 3-hour budget (BENCHMARKS.md, "Study runs": the projection from measured times).
 REGIMES = {"ft": (1.0, 4.0), "ft1": (0.01, 30.0)}
 SEEDS = (0, 1, 2, 3, 4)
-# The full-label fine-tune (~6 min a run, 5/6 of the study's time with every seed) runs on the first 3 seeds; every
-# other stage of arms 1, 5, 6 on all 5. The 62-run design with it on 5 seeds measured ~3.2 h (RESULTS.md, "Design").
+# The full-label fine-tune (~6.5 min a run; 84 of the 62-run design's first 141 minutes) runs on the first 3 seeds,
+# every other stage of arms 1, 5, 6 on all 5: the 62-run design, with it on 5, measured ~3.2 h (DESIGN, below).
 REGIME_SEEDS = {"ft": SEEDS[:3]}
 KNN_TRAIN = 10_000                # k-NN neighbours and few-shot shots come from the first 10k train images
 # The probe on cached features: configs/linprobe.py's small-data recipe (batch 256, base lr 25), 10 epochs of 60k.
