@@ -126,7 +126,7 @@ were kept: their configs did not change.
 Changed again before the clean run (none of whose runs had started): arms 2-4 from the full-label to the 1%
 fine-tune (the budget: the 62-run design with them measured 2:21 wall for its first 43 runs, ~3.2 h projected).
 The clean run first ran the full-label fine-tune on seeds 0-2 only (56 runs, 2:03 wall); its seeds 3-4 were then
-run on the same workdir, no other run repeated or changed: 62 runs, ~2:45 projected. No recipe changed.
+run on the same workdir, no other run repeated or changed: 62 runs, 2:43 wall measured. No recipe changed.
 
 The regime gate: a comparison gets a verdict on a metric only where the teacher (its frozen-feature eval; for
 fine-tuning its linear probe) and both arms compared clear that metric's floor (frozen metrics: the pixel floor;
