@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job on the embedded default data (scikit-learn digits): MAE teacher -> TinyMIM student ->
-# fine-tune, against an MAE-from-scratch baseline, plus floors and segmentation. ~9 minutes on 2 idle CPU cores (plus the first install).
+# fine-tune, against an MAE-from-scratch baseline, plus floors and segmentation. ~8 minutes on 2 idle CPU cores (plus the first install).
 # Extra args go to the demo (e.g. --workdir DIR). A rerun skips finished stages and resumes an interrupted one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
